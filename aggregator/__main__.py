@@ -1,0 +1,43 @@
+"""`python -m aggregator` / `llm-aggregator`: run the aggregation service."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import structlog
+from prometheus_client import disable_created_metrics
+
+from . import logs
+from .config import parse_aggregator_args
+from .service import Aggregator
+
+
+async def _serve(aggregator: Aggregator) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await aggregator.run(stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_aggregator_args(argv)
+    try:
+        logs.configure()
+    except ValueError as error:
+        sys.exit(f"aggregator: error: {error}")
+    # `_created` series double the series count and Prometheus < 2.55 stores them as plain gauges.
+    disable_created_metrics()
+    aggregator = Aggregator(args)
+    try:
+        asyncio.run(_serve(aggregator))
+    except OSError as error:  # the HTTP port could not be bound
+        structlog.get_logger("aggregator").error("cannot serve HTTP", host=args.host, port=args.port,
+                                                 error=str(error))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

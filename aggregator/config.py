@@ -1,0 +1,126 @@
+"""Command-line flags with environment-variable defaults, validated at start.
+
+One way to configure: every setting is a flag; its default comes from an environment
+variable (Dynamo's name where Dynamo had one, AGGREGATOR_* otherwise), and an invalid
+value, from either source, stops the program with one line naming the flag and the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import sys
+from urllib.parse import urlsplit
+
+from . import protocol
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NATS_SCHEMES = {"nats", "tls", "ws", "wss"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag or variable in one line instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def env_flag(parser: argparse.ArgumentParser, flag: str, env: str | None, default, type, help: str, **kw):
+    """Add `flag` whose default is `$env` (if set) else `default`; argparse validates both."""
+    raw = os.environ.get(env) if env else None
+    where = f" (env {env})" if env else ""
+
+    def checked(value: str):
+        try:
+            return type(value)
+        except (ValueError, TypeError) as error:
+            raise argparse.ArgumentTypeError(f"{error}{where}") from None
+
+    checked.__name__ = getattr(type, "__name__", "value")
+    parser.add_argument(flag, default=raw if raw is not None else default, type=checked,
+                        help=f"{help}{where}; default {default!r}", **kw)
+
+
+def nats_token(value: str) -> str:
+    if not _TOKEN.match(value):
+        raise ValueError(f"{value!r} must be 1-64 letters, digits, '_' or '-' (one NATS subject token)")
+    return value
+
+
+def label_value(value: str) -> str:
+    if not value or len(value) > protocol.MAX_LABEL_LENGTH:
+        raise ValueError(f"must be 1-{protocol.MAX_LABEL_LENGTH} characters")
+    return value
+
+
+def nats_urls(value: str) -> str:
+    urls = [u.strip() for u in value.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("no NATS URL given")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in _NATS_SCHEMES or not parts.hostname:
+            raise ValueError(f"{url!r} is not a NATS URL like nats://host:4222")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError(f"{url!r} has an invalid port") from None
+    return ",".join(urls)
+
+
+def ip_address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+    return value
+
+
+def port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"{number} is not a port (0-65535; 0 picks a free one)")
+    return number
+
+
+def bounded(kind, low, high):
+    def parse(value: str):
+        number = kind(value)
+        if not (low <= number <= high) or number != number:
+            raise ValueError(f"{value} is outside {low}..{high}")
+        return number
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def aggregator_parser() -> OneLineParser:
+    parser = OneLineParser(
+        prog="aggregator",
+        description="Aggregates LLM worker metrics from NATS and exports them for Prometheus.",
+    )
+    env_flag(parser, "--nats-url", "NATS_SERVER", "nats://localhost:4222", nats_urls,
+             "NATS server URL(s), comma-separated")
+    env_flag(parser, "--namespace", "DYN_NAMESPACE", protocol.DEFAULT_NAMESPACE, nats_token, "Dynamo namespace")
+    env_flag(parser, "--component", "AGGREGATOR_COMPONENT", protocol.DEFAULT_COMPONENT, nats_token,
+             "component label for namespace-level subjects (namespace.{ns}.kv_metrics, .kv-hit-rate)")
+    env_flag(parser, "--endpoint", "AGGREGATOR_ENDPOINT", protocol.DEFAULT_ENDPOINT, label_value,
+             "endpoint label for hit-rate events of workers that never reported load")
+    env_flag(parser, "--host", "AGGREGATOR_HOST", "0.0.0.0", ip_address, "HTTP bind address")
+    env_flag(parser, "--port", "AGGREGATOR_PORT", 9091, port, "HTTP port for /metrics, /health, /live")
+    env_flag(parser, "--stale-after", "AGGREGATOR_STALE_AFTER", 10.0, bounded(float, 0.1, 86400.0),
+             "seconds of silence after which a worker and all its series are dropped")
+    env_flag(parser, "--max-message-bytes", "AGGREGATOR_MAX_MESSAGE_BYTES", 256 * 1024,
+             bounded(int, 256, 64 * 1024 * 1024), "larger messages are rejected (reason=oversized)")
+    env_flag(parser, "--max-workers", "AGGREGATOR_MAX_WORKERS", 100_000, bounded(int, 1, 10_000_000),
+             "live workers kept at most; new ones past it are refused (reason=worker_limit)")
+    env_flag(parser, "--pending-msgs-limit", "AGGREGATOR_PENDING_MSGS_LIMIT", 512 * 1024,
+             bounded(int, 1, 100_000_000), "per-subscription NATS buffer, messages; past it NATS drops (counted)")
+    return parser
+
+
+def parse_aggregator_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return aggregator_parser().parse_args(argv)

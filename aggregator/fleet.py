@@ -1,0 +1,163 @@
+"""Per-worker state of the fleet, with expiry. No I/O: time comes in as a number.
+
+A worker is one data-parallel rank of one worker process on one component endpoint:
+`WorkerKey(component, endpoint, worker_id, dp_rank)`. Every message from it refreshes
+all of its series together, and when it falls silent for `stale_after` seconds all of
+them go together, so a live worker's counters never reset and a dead one leaves nothing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .aggregate import hit_rate_percent, load_mean_std
+from .protocol import ForwardPassMetrics, KvHitRateEvent, LoadEvent
+
+
+class WorkerKey(NamedTuple):
+    component: str
+    endpoint: str
+    worker_id: int
+    dp_rank: int
+
+
+class GroupKey(NamedTuple):
+    component: str
+    endpoint: str
+
+
+@dataclass(slots=True)
+class WorkerState:
+    key: WorkerKey
+    last_seen: float
+    load: ForwardPassMetrics | None = None
+    isl_blocks: int = 0
+    overlap_blocks: int = 0
+
+
+@dataclass(slots=True)
+class GroupTotals:
+    """What a component endpoint accumulated over its lifetime, expired workers included."""
+
+    isl_blocks: int = 0
+    overlap_blocks: int = 0
+    expired: int = 0
+
+
+@dataclass(slots=True)
+class GroupStats:
+    key: GroupKey
+    live_workers: int
+    load_avg: float | None
+    load_std: float | None
+    hit_rate_percent: float | None
+    totals: GroupTotals = field(default_factory=GroupTotals)
+
+
+class LimitExceeded(Exception):
+    """A new worker or group would pass a configured cardinality limit."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Fleet:
+    def __init__(
+        self,
+        stale_after: float,
+        *,
+        max_workers: int = 100_000,
+        max_groups: int = 10_000,
+        default_endpoint: str = "generate",
+    ) -> None:
+        self.stale_after = stale_after
+        self.max_workers = max_workers
+        self.max_groups = max_groups
+        self.default_endpoint = default_endpoint
+        # Ordered by last update, oldest first, so expiry only looks at the stale head.
+        self.workers: OrderedDict[WorkerKey, WorkerState] = OrderedDict()
+        self.groups: dict[GroupKey, GroupTotals] = {}
+        # Hit-rate events name no endpoint: they go to the endpoint the worker reports load on.
+        self._endpoint_of: dict[tuple[str, int, int], str] = {}
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def _touch(self, key: WorkerKey, now: float) -> WorkerState:
+        state = self.workers.get(key)
+        if state is not None:
+            state.last_seen = now
+            self.workers.move_to_end(key)
+            return state
+        if len(self.workers) >= self.max_workers:
+            raise LimitExceeded("worker_limit")
+        group = GroupKey(key.component, key.endpoint)
+        if group not in self.groups:
+            if len(self.groups) >= self.max_groups:
+                raise LimitExceeded("group_limit")
+            self.groups[group] = GroupTotals()
+        state = self.workers[key] = WorkerState(key, now)
+        return state
+
+    def observe_load(self, component: str, event: LoadEvent, now: float) -> WorkerState:
+        rank = event.data.worker_stats.data_parallel_rank or 0
+        key = WorkerKey(component, event.endpoint, event.worker_id, rank)
+        state = self._touch(key, now)
+        state.load = event.data
+        self._endpoint_of[(component, event.worker_id, rank)] = event.endpoint
+        return state
+
+    def observe_hit_rate(self, component: str, event: KvHitRateEvent, now: float) -> WorkerState:
+        rank = event.dp_rank or 0
+        endpoint = self._endpoint_of.get((component, event.worker_id, rank), self.default_endpoint)
+        key = WorkerKey(component, endpoint, event.worker_id, rank)
+        state = self._touch(key, now)
+        state.isl_blocks += event.isl_blocks
+        state.overlap_blocks += event.overlap_blocks
+        totals = self.groups[GroupKey(component, endpoint)]
+        totals.isl_blocks += event.isl_blocks
+        totals.overlap_blocks += event.overlap_blocks
+        return state
+
+    def expire(self, now: float) -> list[WorkerKey]:
+        """Drop every worker last seen more than `stale_after` seconds before `now`."""
+        expired: list[WorkerKey] = []
+        deadline = now - self.stale_after
+        while self.workers:
+            key, state = next(iter(self.workers.items()))
+            if state.last_seen > deadline:
+                break
+            del self.workers[key]
+            expired.append(key)
+            self.groups[GroupKey(key.component, key.endpoint)].expired += 1
+            index = (key.component, key.worker_id, key.dp_rank)
+            if self._endpoint_of.get(index) == key.endpoint:
+                del self._endpoint_of[index]
+        return expired
+
+    def group_stats(self) -> list[GroupStats]:
+        """Load mean/std over the live workers that reported load, per component endpoint."""
+        loads: dict[GroupKey, list[float]] = {group: [] for group in self.groups}
+        live: dict[GroupKey, int] = dict.fromkeys(self.groups, 0)
+        for key, state in self.workers.items():
+            group = GroupKey(key.component, key.endpoint)
+            live[group] += 1
+            if state.load is not None:
+                loads[group].append(float(state.load.kv_stats.kv_active_blocks))
+        stats = []
+        for group, totals in self.groups.items():
+            mean_std = load_mean_std(loads[group])
+            stats.append(
+                GroupStats(
+                    key=group,
+                    live_workers=live[group],
+                    load_avg=mean_std[0] if mean_std else None,
+                    load_std=mean_std[1] if mean_std else None,
+                    hit_rate_percent=hit_rate_percent(totals.overlap_blocks, totals.isl_blocks),
+                    totals=totals,
+                )
+            )
+        return stats

@@ -1,0 +1,281 @@
+"""The wire protocol: every message that travels between workers and the aggregator.
+
+Defined once, as msgspec structures, and used by both sides: the publisher library
+encodes them, the aggregator decodes them. The JSON is what NVIDIA Dynamo's workers
+and KV router put on core NATS, so real Dynamo publishers work unchanged.
+
+Decoding is strict about types and ranges (a negative block count, a fraction above 1,
+a string where a number belongs are all rejected) and lenient about unknown fields,
+because Dynamo added fields over time and an older aggregator must keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final
+
+import msgspec
+from msgspec import Meta, Struct
+
+# Subjects -----------------------------------------------------------------------------
+
+KV_METRICS: Final = "kv_metrics"
+KV_HIT_RATE: Final = "kv-hit-rate"
+
+DEFAULT_NAMESPACE: Final = "dynamo"
+DEFAULT_COMPONENT: Final = "backend"
+DEFAULT_ENDPOINT: Final = "generate"
+
+
+def namespace_subject(namespace: str, event: str) -> str:
+    """Dynamo's `Namespace.publish(event)` subject."""
+    return f"namespace.{namespace}.{event}"
+
+
+def component_subject(namespace: str, component: str, event: str) -> str:
+    """Dynamo's `Component.publish(event)` subject."""
+    return f"namespace.{namespace}.component.{component}.{event}"
+
+
+def component_of(subject: str) -> str | None:
+    """The component token of a `namespace.{ns}.component.{component}.{event}` subject."""
+    parts = subject.split(".")
+    if len(parts) == 5 and parts[2] == "component":
+        return parts[3]
+    return None
+
+
+# Value types --------------------------------------------------------------------------
+
+# Beyond 2**40 blocks or slots no engine exists; such a value is a bug or an attack.
+MAX_COUNT: Final = 2**40
+MAX_LABEL_LENGTH: Final = 128
+
+Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
+Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
+# Dynamo's worker id is an etcd lease id (i64, later u64); exported in decimal.
+# msgspec cannot bound ints beyond int64, so the u64 ceiling is checked after decoding.
+MAX_WORKER_ID: Final = 2**64 - 1
+WorkerId = Annotated[int, Meta(ge=0)]
+Rank = Annotated[int, Meta(ge=0, le=65535)]
+EndpointName = Annotated[str, Meta(min_length=1, max_length=MAX_LABEL_LENGTH)]
+
+
+# ForwardPassMetrics (the nested shape Dynamo has sent since July 2025) ----------------
+
+
+class WorkerStats(Struct):
+    request_active_slots: Count
+    request_total_slots: Count
+    num_requests_waiting: Count | None = None
+    data_parallel_rank: Rank | None = None
+
+
+class KvStats(Struct):
+    kv_active_blocks: Count
+    kv_total_blocks: Count
+    gpu_cache_usage_perc: Fraction | None = None
+    gpu_prefix_cache_hit_rate: Fraction | None = None
+
+
+class SpecDecodeStats(Struct):
+    num_spec_tokens: Count | None = None
+    num_drafts: Count | None = None
+    num_draft_tokens: Count | None = None
+    num_accepted_tokens: Count | None = None
+    num_accepted_tokens_per_pos: list[Count] | None = None
+
+
+class ForwardPassMetrics(Struct):
+    worker_stats: WorkerStats
+    kv_stats: KvStats
+    spec_decode_stats: SpecDecodeStats | None = None
+
+
+class LoadEvent(Struct):
+    """KV and slot stats of one worker (one data-parallel rank of it)."""
+
+    worker_id: WorkerId
+    data: ForwardPassMetrics
+    endpoint: EndpointName = DEFAULT_ENDPOINT
+
+
+class KvHitRateEvent(Struct):
+    """The KV router's estimate of prefix reuse for one routed request."""
+
+    worker_id: WorkerId
+    isl_blocks: Count
+    overlap_blocks: Count
+    dp_rank: Rank | None = None
+
+
+# Decoding -----------------------------------------------------------------------------
+
+# Reasons a message is rejected; each is a label value of the rejected-messages counter.
+OVERSIZED: Final = "oversized"
+NOT_JSON: Final = "not_json"
+MISSING_FIELD: Final = "missing_field"
+WRONG_TYPE: Final = "wrong_type"
+OUT_OF_RANGE: Final = "out_of_range"
+INCONSISTENT: Final = "inconsistent"
+REJECT_REASONS: Final = (OVERSIZED, NOT_JSON, MISSING_FIELD, WRONG_TYPE, OUT_OF_RANGE, INCONSISTENT)
+
+
+class MessageRejected(Exception):
+    """A message that cannot be used; `reason` is one of REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class _AnyForwardPassMetrics(Struct):
+    """Every field of the three shapes Dynamo has sent, so one decode pass reads any of them."""
+
+    # flat (Feb-July 2025)
+    request_active_slots: Count | None = None
+    request_total_slots: Count | None = None
+    kv_active_blocks: Count | None = None
+    kv_total_blocks: Count | None = None
+    num_requests_waiting: Count | None = None
+    gpu_cache_usage_perc: Fraction | None = None
+    gpu_prefix_cache_hit_rate: Fraction | None = None
+    data_parallel_rank: Rank | None = None
+    # nested (July 2025 on)
+    worker_stats: WorkerStats | None = None
+    kv_stats: KvStats | None = None
+    spec_decode_stats: SpecDecodeStats | None = None
+    # wrapped in LoadMetrics::EngineLoadMetrics
+    engine_load_metrics: ForwardPassMetrics | None = None
+
+
+class _AnyLoadEvent(Struct):
+    worker_id: WorkerId
+    data: _AnyForwardPassMetrics
+    endpoint: EndpointName = DEFAULT_ENDPOINT
+
+
+_FLAT_REQUIRED: Final = ("request_active_slots", "request_total_slots", "kv_active_blocks", "kv_total_blocks")
+
+_load_decoder = msgspec.json.Decoder(_AnyLoadEvent)
+_hit_rate_decoder = msgspec.json.Decoder(KvHitRateEvent)
+_forward_pass_decoder = msgspec.json.Decoder(_AnyForwardPassMetrics)
+_encoder = msgspec.json.Encoder()
+
+
+def _classify(error: msgspec.DecodeError) -> MessageRejected:
+    text = str(error)
+    if not isinstance(error, msgspec.ValidationError):
+        return MessageRejected(NOT_JSON, text)
+    if "missing required field" in text:
+        return MessageRejected(MISSING_FIELD, text)
+    # msgspec words range failures as "Expected `int` >= 0", "... of length <= 128".
+    if ">=" in text or "<=" in text or "length" in text or "out of range" in text:
+        return MessageRejected(OUT_OF_RANGE, text)
+    return MessageRejected(WRONG_TYPE, text)
+
+
+def _decode(decoder: msgspec.json.Decoder, payload: bytes, max_bytes: int):
+    if len(payload) > max_bytes:
+        raise MessageRejected(OVERSIZED, f"{len(payload)} bytes > limit {max_bytes}")
+    try:
+        return decoder.decode(payload)
+    except msgspec.DecodeError as error:
+        raise _classify(error) from None
+    except RecursionError:
+        raise MessageRejected(NOT_JSON, "nesting too deep") from None
+
+
+def _check_worker_id(worker_id: int) -> None:
+    if worker_id > MAX_WORKER_ID:
+        raise MessageRejected(OUT_OF_RANGE, f"worker_id {worker_id} does not fit in 64 bits")
+
+
+def _normalise(data: _AnyForwardPassMetrics) -> ForwardPassMetrics:
+    if data.engine_load_metrics is not None:
+        metrics = data.engine_load_metrics
+    elif data.worker_stats is not None or data.kv_stats is not None:
+        if data.worker_stats is None or data.kv_stats is None:
+            missing = "worker_stats" if data.worker_stats is None else "kv_stats"
+            raise MessageRejected(MISSING_FIELD, f"nested ForwardPassMetrics without `{missing}`")
+        metrics = ForwardPassMetrics(data.worker_stats, data.kv_stats, data.spec_decode_stats)
+    else:
+        for name in _FLAT_REQUIRED:
+            if getattr(data, name) is None:
+                raise MessageRejected(MISSING_FIELD, f"ForwardPassMetrics missing field `{name}`")
+        metrics = ForwardPassMetrics(
+            WorkerStats(
+                request_active_slots=data.request_active_slots,
+                request_total_slots=data.request_total_slots,
+                num_requests_waiting=data.num_requests_waiting,
+                data_parallel_rank=data.data_parallel_rank,
+            ),
+            KvStats(
+                kv_active_blocks=data.kv_active_blocks,
+                kv_total_blocks=data.kv_total_blocks,
+                gpu_cache_usage_perc=data.gpu_cache_usage_perc,
+                gpu_prefix_cache_hit_rate=data.gpu_prefix_cache_hit_rate,
+            ),
+        )
+    check_forward_pass_metrics(metrics)
+    return metrics
+
+
+def check_forward_pass_metrics(metrics: ForwardPassMetrics) -> None:
+    """Reject stats that contradict themselves; a worker cannot use more than it has."""
+    w, kv = metrics.worker_stats, metrics.kv_stats
+    if w.request_active_slots > w.request_total_slots:
+        raise MessageRejected(
+            INCONSISTENT, f"request_active_slots {w.request_active_slots} > request_total_slots {w.request_total_slots}"
+        )
+    if kv.kv_active_blocks > kv.kv_total_blocks:
+        raise MessageRejected(
+            INCONSISTENT, f"kv_active_blocks {kv.kv_active_blocks} > kv_total_blocks {kv.kv_total_blocks}"
+        )
+
+
+def decode_load_event(payload: bytes, max_bytes: int) -> LoadEvent:
+    """A LoadEvent in any of Dynamo's ForwardPassMetrics shapes, normalised to the nested one."""
+    raw = _decode(_load_decoder, payload, max_bytes)
+    _check_worker_id(raw.worker_id)
+    return LoadEvent(worker_id=raw.worker_id, data=_normalise(raw.data), endpoint=raw.endpoint)
+
+
+def decode_forward_pass_metrics(payload: bytes, max_bytes: int) -> ForwardPassMetrics:
+    """A bare ForwardPassMetrics (any shape), as a NATS service's stats handler returns it."""
+    return _normalise(_decode(_forward_pass_decoder, payload, max_bytes))
+
+
+def decode_hit_rate_event(payload: bytes, max_bytes: int) -> KvHitRateEvent:
+    event = _decode(_hit_rate_decoder, payload, max_bytes)
+    _check_worker_id(event.worker_id)
+    if event.overlap_blocks > event.isl_blocks:
+        raise MessageRejected(
+            INCONSISTENT, f"overlap_blocks {event.overlap_blocks} > isl_blocks {event.isl_blocks}"
+        )
+    return event
+
+
+def encode(message: Struct) -> bytes:
+    """JSON as Dynamo's serde writes it (absent optionals as null)."""
+    return _encoder.encode(message)
+
+
+def encode_json(value: object) -> bytes:
+    """Any mix of dicts, lists and the structures above, as JSON."""
+    return _encoder.encode(value)
+
+
+def flat_forward_pass_metrics(metrics: ForwardPassMetrics) -> dict:
+    """The flat shape Dynamo's workers sent from February to July 2025."""
+    w, kv = metrics.worker_stats, metrics.kv_stats
+    return {
+        "data_parallel_rank": w.data_parallel_rank,
+        "request_active_slots": w.request_active_slots,
+        "request_total_slots": w.request_total_slots,
+        "kv_active_blocks": kv.kv_active_blocks,
+        "kv_total_blocks": kv.kv_total_blocks,
+        "num_requests_waiting": w.num_requests_waiting,
+        "gpu_cache_usage_perc": kv.gpu_cache_usage_perc,
+        "gpu_prefix_cache_hit_rate": kv.gpu_prefix_cache_hit_rate,
+    }

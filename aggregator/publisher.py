@@ -1,0 +1,79 @@
+"""Worker-side publisher library: what an inference worker imports to report to the aggregator.
+
+    nc = await nats.connect("nats://nats:4222")
+    publisher = WorkerPublisher(nc, namespace="dynamo", component="backend", worker_id=lease_id)
+    await publisher.publish_load(ForwardPassMetrics(WorkerStats(...), KvStats(...)))
+    await publisher.publish_hit_rate(isl_blocks=12, overlap_blocks=8)
+
+Messages are the typed structures of `aggregator.protocol`, sent as Dynamo sends them
+(JSON on core NATS, fire-and-forget), so the aggregator cannot tell this library from a
+Dynamo worker. `run_periodically` publishes a sampled value on an interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client
+
+from . import protocol
+from .protocol import ForwardPassMetrics, KvHitRateEvent, LoadEvent
+
+
+class WorkerPublisher:
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        namespace: str = protocol.DEFAULT_NAMESPACE,
+        component: str = protocol.DEFAULT_COMPONENT,
+        endpoint: str = protocol.DEFAULT_ENDPOINT,
+        worker_id: int,
+        hit_rate_on_namespace: bool = False,
+    ) -> None:
+        self.nc = nc
+        self.namespace = namespace
+        self.component = component
+        self.endpoint = endpoint
+        self.worker_id = worker_id
+        self.load_subject = protocol.component_subject(namespace, component, protocol.KV_METRICS)
+        # Dynamo's KV router publishes hit-rate events on the namespace-level subject.
+        self.hit_rate_subject = (
+            protocol.namespace_subject(namespace, protocol.KV_HIT_RATE)
+            if hit_rate_on_namespace
+            else protocol.component_subject(namespace, component, protocol.KV_HIT_RATE)
+        )
+
+    def subject(self, event: str) -> str:
+        return protocol.component_subject(self.namespace, self.component, event)
+
+    async def publish_load(self, metrics: ForwardPassMetrics) -> None:
+        protocol.check_forward_pass_metrics(metrics)
+        event = LoadEvent(worker_id=self.worker_id, data=metrics, endpoint=self.endpoint)
+        await self.nc.publish(self.load_subject, protocol.encode(event))
+
+    async def publish_hit_rate(self, isl_blocks: int, overlap_blocks: int, dp_rank: int | None = None) -> None:
+        event = KvHitRateEvent(self.worker_id, isl_blocks, overlap_blocks, dp_rank)
+        await self.nc.publish(self.hit_rate_subject, protocol.encode(event))
+
+    async def publish_raw(self, event: str, payload: bytes) -> None:
+        await self.nc.publish(self.subject(event), payload)
+
+
+async def run_periodically(
+    interval: float, tick: Callable[[], Awaitable[None]], stop: asyncio.Event
+) -> None:
+    """Call `tick` every `interval` seconds (on a fixed schedule, not drifting) until `stop`."""
+    loop = asyncio.get_running_loop()
+    next_at = loop.time()
+    while not stop.is_set():
+        await tick()
+        next_at += interval
+        delay = next_at - loop.time()
+        if delay < 0:  # fell behind: skip the missed ticks rather than bursting
+            next_at = loop.time()
+            delay = 0
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)

@@ -1,0 +1,138 @@
+"""The NATS edge: connect (and keep reconnecting), subscribe, hand messages to `Ingest`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.errors import SlowConsumerError
+
+from .ingest import Ingest
+from .logs import LogLimiter
+from .telemetry import Telemetry
+
+log = structlog.get_logger("aggregator.nats")
+
+
+class NatsSubscriber:
+    def __init__(
+        self,
+        url: str,
+        ingest: Ingest,
+        telemetry: Telemetry,
+        *,
+        connect_options: dict | None = None,
+        pending_msgs_limit: int = 512 * 1024,
+        pending_bytes_limit: int = 128 * 1024 * 1024,
+        name: str = "llm-aggregator",
+    ) -> None:
+        self.servers = [u.strip() for u in url.split(",") if u.strip()]
+        self.ingest = ingest
+        self.telemetry = telemetry
+        self.connect_options = connect_options or {}
+        self.pending_msgs_limit = pending_msgs_limit
+        self.pending_bytes_limit = pending_bytes_limit
+        self.name = name
+        self.nc: Client | None = None
+        self.subscribed = False
+        self._closing = False
+        self._error_log = LogLimiter(interval=10.0)
+
+    @property
+    def healthy(self) -> bool:
+        return self.nc is not None and self.nc.is_connected and self.subscribed
+
+    async def _on_disconnected(self) -> None:
+        self.telemetry.nats_connected.set(0)
+        if self._closing:
+            return
+        self.telemetry.nats_disconnects.inc()
+        log.warning("disconnected from NATS")
+
+    async def _on_reconnected(self) -> None:
+        self.telemetry.nats_connected.set(1)
+        self.telemetry.nats_reconnects.inc()
+        log.info("reconnected to NATS", server=str(self.nc.connected_url.netloc if self.nc else ""))
+
+    async def _on_error(self, error: Exception) -> None:
+        # Awaited inline by nats-py's reader (once per dropped message on a slow consumer):
+        # count, and log rarely, so an overload is not made worse by logging.
+        self.telemetry.nats_errors.inc()
+        key = type(error).__name__
+        suppressed = self._error_log.allow(key)
+        if suppressed is not None:
+            if isinstance(error, SlowConsumerError):
+                log.warning("slow consumer: messages dropped", subject=error.subject,
+                            suppressed_since_last=suppressed)
+            else:
+                log.warning("NATS error", error=str(error) or key, suppressed_since_last=suppressed)
+
+    async def connect(self, stop: asyncio.Event) -> bool:
+        """Connect, retrying until NATS is up or `stop` is set; then subscribe."""
+        delay = 0.2
+        attempt = 0
+        while not stop.is_set():
+            attempt += 1
+            try:
+                self.nc = await nats.connect(
+                    servers=self.servers,
+                    name=self.name,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    connect_timeout=2,
+                    ping_interval=5,
+                    max_outstanding_pings=2,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    error_cb=self._on_error,
+                    **self.connect_options,
+                )
+                break
+            except Exception as error:  # noqa: BLE001 - any failure to connect means "try again"
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning("NATS not reachable yet; retrying", servers=self.servers,
+                                error=str(error) or type(error).__name__, attempt=attempt)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(delay * 2, 5.0)
+        if self.nc is None:
+            return False
+        await self.subscribe(self.ingest.routes)
+        self.telemetry.nats_connected.set(1)
+        log.info("connected to NATS", server=str(self.nc.connected_url.netloc), subjects=sorted(self.ingest.routes))
+        return True
+
+    async def subscribe(self, patterns: Iterable[str]) -> None:
+        assert self.nc is not None
+        for pattern in patterns:
+            await self.nc.subscribe(
+                pattern,
+                cb=self._callback(pattern),
+                pending_msgs_limit=self.pending_msgs_limit,
+                pending_bytes_limit=self.pending_bytes_limit,
+            )
+        await self.nc.flush()
+        self.subscribed = True
+
+    def _callback(self, pattern: str):
+        handle = self.ingest.handle
+
+        async def on_message(msg) -> None:
+            handle(pattern, msg.subject, msg.data)
+
+        return on_message
+
+    async def close(self) -> None:
+        self._closing = True
+        self.telemetry.nats_connected.set(0)
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 5)
+            except Exception:  # noqa: BLE001 - closing anyway
+                await self.nc.close()

@@ -1,0 +1,1 @@
+"""Simulated inference workers that publish realistic Dynamo-shaped metrics over NATS."""

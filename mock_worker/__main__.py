@@ -1,0 +1,77 @@
+"""`python -m mock_worker` / `llm-mock-worker`: simulate a fleet of inference workers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import nats
+import structlog
+
+from aggregator import logs, protocol
+from aggregator.config import OneLineParser, bounded, env_flag, label_value, nats_token, nats_urls
+
+from .fleet import SHAPES, MockFleet
+
+log = structlog.get_logger("mock_worker")
+
+
+def parser() -> OneLineParser:
+    p = OneLineParser(prog="mock_worker", description="Simulated LLM inference workers publishing over NATS.")
+    env_flag(p, "--nats-url", "NATS_SERVER", "nats://localhost:4222", nats_urls, "NATS server URL(s)")
+    env_flag(p, "--namespace", "DYN_NAMESPACE", protocol.DEFAULT_NAMESPACE, nats_token, "Dynamo namespace")
+    env_flag(p, "--component", "MOCK_WORKER_COMPONENT", protocol.DEFAULT_COMPONENT, nats_token, "component name")
+    env_flag(p, "--endpoint", "MOCK_WORKER_ENDPOINT", protocol.DEFAULT_ENDPOINT, label_value, "endpoint name")
+    env_flag(p, "--workers", "MOCK_WORKER_COUNT", 4, bounded(int, 1, 100_000), "simulated workers in this process")
+    env_flag(p, "--dp-ranks", "MOCK_WORKER_DP_RANKS", 1, bounded(int, 1, 64), "data-parallel ranks per worker")
+    env_flag(p, "--interval", "MOCK_WORKER_INTERVAL", 1.0, bounded(float, 0.01, 3600.0),
+             "seconds between stats messages (simulated time advances by the same amount)")
+    env_flag(p, "--seed", "MOCK_WORKER_SEED", None, int, "random seed; the same seed gives the same run")
+    p.add_argument("--shape", choices=SHAPES, default="nested",
+                   help="ForwardPassMetrics shape to send (all three are Dynamo's); default nested")
+    p.add_argument("--hit-rate-on-namespace", action="store_true",
+                   help="publish hit-rate events on namespace.{ns}.kv-hit-rate as Dynamo's router does")
+    env_flag(p, "--duration", "MOCK_WORKER_DURATION", 0.0, bounded(float, 0.0, 10_000_000.0),
+             "stop after this many seconds (0 = run until interrupted)")
+    return p
+
+
+async def run(args) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    if args.duration:
+        loop.call_later(args.duration, stop.set)
+    servers = args.nats_url.split(",")
+    while not stop.is_set():
+        try:
+            nc = await nats.connect(servers=servers, name="mock-worker", max_reconnect_attempts=-1,
+                                    reconnect_time_wait=1)
+            break
+        except Exception as error:  # noqa: BLE001 - NATS not up yet: keep trying
+            log.warning("NATS not reachable yet; retrying", servers=servers, error=str(error) or type(error).__name__)
+            await asyncio.sleep(1)
+    else:
+        return
+    fleet = MockFleet(nc, workers=args.workers, namespace=args.namespace, component=args.component,
+                      endpoint=args.endpoint, seed=args.seed, dp_ranks=args.dp_ranks, shape=args.shape,
+                      hit_rate_on_namespace=args.hit_rate_on_namespace)
+    try:
+        await fleet.run(args.interval, stop)
+    finally:
+        await nc.drain()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        logs.configure()
+    except ValueError as error:
+        sys.exit(f"mock_worker: error: {error}")
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Many simulated workers in one process, each publishing through the publisher library."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+
+import structlog
+from nats.aio.client import Client
+
+from aggregator import protocol
+from aggregator.publisher import WorkerPublisher, run_periodically
+
+from .engine import EngineConfig, SimulatedEngine
+
+log = structlog.get_logger("mock_worker")
+
+SHAPES = ("nested", "flat", "wrapped")
+
+
+@dataclass
+class SimulatedWorker:
+    worker_id: int
+    engines: list[SimulatedEngine]  # one per data-parallel rank
+    publisher: WorkerPublisher
+
+
+def worker_ids(count: int, rng: random.Random) -> list[int]:
+    """Lease-like 63-bit ids, as Dynamo's etcd leases are; distinct for a seed."""
+    ids: set[int] = set()
+    while len(ids) < count:
+        ids.add(rng.getrandbits(62) | (1 << 62))
+    return sorted(ids)
+
+
+class MockFleet:
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        workers: int,
+        namespace: str = protocol.DEFAULT_NAMESPACE,
+        component: str = protocol.DEFAULT_COMPONENT,
+        endpoint: str = protocol.DEFAULT_ENDPOINT,
+        seed: int | None = None,
+        dp_ranks: int = 1,
+        shape: str = "nested",
+        hit_rate_on_namespace: bool = False,
+        config: EngineConfig | None = None,
+    ) -> None:
+        if shape not in SHAPES:
+            raise ValueError(f"shape must be one of {SHAPES}")
+        self.rng = random.Random(seed)
+        self.shape = shape
+        config = config or EngineConfig()
+        self.workers = [
+            SimulatedWorker(
+                worker_id,
+                [SimulatedEngine(config, random.Random(self.rng.getrandbits(64))) for _ in range(dp_ranks)],
+                WorkerPublisher(nc, namespace=namespace, component=component, endpoint=endpoint,
+                                worker_id=worker_id, hit_rate_on_namespace=hit_rate_on_namespace),
+            )
+            for worker_id in worker_ids(workers, self.rng)
+        ]
+        self.dp_ranks = dp_ranks
+
+    def _payload(self, worker: SimulatedWorker, metrics: protocol.ForwardPassMetrics) -> bytes:
+        if self.shape == "flat":
+            data = protocol.flat_forward_pass_metrics(metrics)
+        elif self.shape == "wrapped":
+            data = {"engine_load_metrics": metrics}
+        else:
+            data = metrics
+        return protocol.encode_json({"worker_id": worker.worker_id, "endpoint": worker.publisher.endpoint,
+                                     "data": data})
+
+    async def tick(self, dt: float) -> None:
+        """Advance every engine by `dt` and publish its load and hit-rate events."""
+        for worker in self.workers:
+            for rank, engine in enumerate(worker.engines):
+                samples, _ = engine.step(dt)
+                dp_rank = rank if self.dp_ranks > 1 else None
+                for sample in samples:
+                    await worker.publisher.publish_hit_rate(sample.isl_blocks, sample.overlap_blocks, dp_rank)
+                metrics = engine.metrics(dp_rank)
+                if self.shape == "nested":
+                    await worker.publisher.publish_load(metrics)
+                else:
+                    await worker.publisher.publish_raw(protocol.KV_METRICS, self._payload(worker, metrics))
+
+    async def run(self, interval: float, stop: asyncio.Event) -> None:
+        log.info("publishing", workers=len(self.workers), dp_ranks=self.dp_ranks, interval=interval,
+                 shape=self.shape, subject=self.workers[0].publisher.load_subject if self.workers else None)
+        await run_periodically(interval, lambda: self.tick(interval), stop)
