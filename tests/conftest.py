@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+
+from aggregator.embedded_nats import NatsServer
+
+from .support import AggregatorProcess, Process
+
+
+@pytest.fixture
+def nats_server():
+    """A real nats-server on a free loopback port, stopped after the test."""
+    server = NatsServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def processes():
+    """Start child processes through this; every one is stopped after the test."""
+    started: list[Process] = []
+
+    class Starter:
+        def aggregator(self, nats_url: str, *extra: str, env: dict | None = None) -> AggregatorProcess:
+            process = AggregatorProcess(nats_url, *extra, env=env)
+            started.append(process)
+            return process.wait_live()
+
+        def add(self, process: Process) -> Process:
+            started.append(process)
+            return process
+
+    yield Starter()
+    for process in reversed(started):
+        process.stop()
