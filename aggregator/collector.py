@@ -129,5 +129,6 @@ class FleetCollector(Collector):
         yield from (live, avg, std, fleet_rate, fleet_isl, fleet_overlap, expired)
 
     def describe(self) -> Iterator[Metric]:
-        # Names only, so registration checks for clashes without reading the state.
-        return iter(())
+        # The families of an empty fleet: every name this collector yields, without reading the
+        # live state, so registration catches name clashes and `/metrics?name[]=` can select them.
+        return FleetCollector(Fleet(stale_after=1.0)).collect()

@@ -33,7 +33,10 @@ def build_app(
     async def metrics(request: web.Request) -> web.Response:
         started = time.perf_counter()
         before_scrape()
-        body, content_type = render_metrics(registry, request.headers.get("Accept", ""))
+        # `?name[]=a&name[]=b` restricts the output to those families, as prometheus_client's own server does.
+        names = request.query.getall("name[]", [])
+        source = registry.restricted_registry(names) if names else registry
+        body, content_type = render_metrics(source, request.headers.get("Accept", ""))
         headers = {"Content-Type": content_type}
         if "gzip" in request.headers.get("Accept-Encoding", ""):
             body = gzip.compress(body, compresslevel=GZIP_LEVEL)

@@ -1,0 +1,453 @@
+"""`python -m bench`: ingest, freshness, scrape cost and memory of the aggregator, side by side
+with the bare nats-py ceiling and a real Prometheus Pushgateway, all in one run on loopback.
+
+Every figure is a median over repeats with its (min..max) spread; ratios compare figures of
+the same run, because these machines are noisy. The table is printed and written to
+bench/RESULTS.md (or --output). `--quick` runs everything at toy size (the test suite's
+smoke test), so the benchmark cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+from prometheus_client.parser import text_string_to_metric_families
+
+from aggregator import __version__
+from aggregator.embedded_nats import NatsServer, free_port, wait_for_port
+
+from . import payloads
+
+ROOT = Path(__file__).resolve().parent.parent
+OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+
+
+@dataclass
+class Sizes:
+    ingest_workers: tuple[int, ...]
+    ingest_messages: int
+    repeats: int
+    freshness_rate: int
+    freshness_workers: int
+    freshness_seconds: float
+    scrape_workers: tuple[int, ...]
+    scrape_repeats: int
+    churn_workers: int
+    churn_wave: int
+    push_groups: int
+    push_seconds: float
+    push_max: int
+
+
+FULL = Sizes((100, 1000, 10_000), 200_000, 3, 10_000, 1000, 8.0, (100, 1000, 10_000), 5, 100_000, 10_000,
+             1000, 20.0, 20_000)
+QUICK = Sizes((10, 50), 2000, 2, 500, 20, 1.5, (10, 50), 2, 2000, 500, 50, 1.0, 200)
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+class Child:
+    """A benchmark child process speaking line by line on stdin/stdout."""
+
+    def __init__(self, *args: str) -> None:
+        self.popen = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def expect(self, word: str) -> None:
+        line = self.popen.stdout.readline().strip()
+        if line != word:
+            raise RuntimeError(f"{self.popen.args}: expected {word!r}, got {line!r}")
+
+    def go(self) -> float:
+        started = time.time()
+        self.popen.stdin.write("go\n")
+        self.popen.stdin.flush()
+        return started
+
+    def result(self, timeout: float = 180) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.popen.stdout.readline()
+            if not line:
+                break
+            if line.startswith("{"):
+                self.popen.wait(30)
+                return json.loads(line)
+        raise RuntimeError(f"{self.popen.args}: no result")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+class AggregatorUnderTest:
+    def __init__(self, nats_url: str, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "aggregator", "--nats-url", nats_url, "--host", "127.0.0.1",
+             "--port", str(self.port), "--stale-after", "3600", *extra],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "DYN_LOG": "warn"},
+        )
+        wait_for_port("127.0.0.1", self.port, 15)
+        deadline = time.monotonic() + 15
+        while self.health() != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("aggregator never became ready")
+            time.sleep(0.05)
+
+    def health(self) -> int:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                return response.status
+        except Exception:  # noqa: BLE001 - not up yet
+            return 0
+
+    def get(self, query: str = "", accept: str = "", gzip: bool = False) -> tuple[float, bytes]:
+        headers = {"Accept": accept} if accept else {}
+        if gzip:
+            headers["Accept-Encoding"] = "gzip"
+        started = time.perf_counter()
+        with urllib.request.urlopen(urllib.request.Request(f"{self.url}/metrics{query}", headers=headers),
+                                    timeout=60) as response:
+            body = response.read()
+        return time.perf_counter() - started, body
+
+    def accepted(self) -> float:
+        _, body = self.get("?name[]=llm_aggregator_messages_accepted_total")
+        total = 0.0
+        for family in text_string_to_metric_families(body.decode()):
+            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+        return total
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def wait_accepted(self, target: float, timeout: float = 300, poll: float = 0.01) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.accepted() >= target:
+                return time.time()
+            time.sleep(poll)
+        raise RuntimeError(f"aggregator accepted fewer than {target} messages in {timeout}s")
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+def publish_all(nats_url: str, workers: int, messages: int, rate: float = 0.0) -> tuple[Child, float]:
+    publisher = Child("bench.publisher", nats_url, "--workers", str(workers), "--messages", str(messages),
+                      "--rate", str(rate))
+    publisher.expect("ready")
+    return publisher, publisher.go()
+
+
+# -- statistics -----------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    values: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def fmt(self, unit: str = "", scale: float = 1.0, digits: int = 0) -> str:
+        m, lo, hi = (v * scale for v in (self.median, min(self.values), max(self.values)))
+        return f"{m:,.{digits}f}{unit} ({lo:,.{digits}f}..{hi:,.{digits}f})"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+# -- measurements ---------------------------------------------------------------------------
+
+
+def bare_ceiling(nats_url: str, workers: int, messages: int) -> float:
+    subscriber = Child("bench.counting_subscriber", nats_url, str(messages))
+    try:
+        subscriber.expect("ready")
+        publisher, started = publish_all(nats_url, workers, messages)
+        publisher.result()
+        result = subscriber.result()
+    finally:
+        subscriber.stop()
+    if result["received"] < messages:
+        raise RuntimeError(f"bare subscriber got {result['received']} of {messages}")
+    return messages / (result["last"] - started)
+
+
+def aggregator_ingest(nats_url: str, aggregator: AggregatorUnderTest, workers: int, messages: int) -> float:
+    before = aggregator.accepted()
+    publisher, started = publish_all(nats_url, workers, messages)
+    finished = aggregator.wait_accepted(before + messages)
+    publisher.result()
+    return messages / (finished - started)
+
+
+def check_markers(aggregator: AggregatorUnderTest, workers: int, marker: int = 4000) -> None:
+    _, body = aggregator.get("?name[]=llm_kv_blocks_active")
+    values = [s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples]
+    if len(values) != workers or any(v != marker for v in values):
+        raise RuntimeError(f"expected {workers} workers at the final value, saw {len(values)}")
+
+
+async def freshness(nats_url: str, aggregator: AggregatorUnderTest, sizes: Sizes) -> list[float]:
+    """Publish-to-visible delay of a probe worker while the fleet sends `freshness_rate` msg/s."""
+    messages = int(sizes.freshness_rate * (sizes.freshness_seconds + 1))
+    background, _ = await asyncio.to_thread(publish_all, nats_url, sizes.freshness_workers, messages,
+                                         sizes.freshness_rate)
+    nc = await nats.connect(nats_url)
+    delays: list[float] = []
+    probe_id = payloads.WORKER_ID_BASE + 10_000_000
+    deadline = time.monotonic() + sizes.freshness_seconds
+    seq = 0
+    try:
+        await asyncio.sleep(0.3)
+        while time.monotonic() < deadline:
+            seq += 1
+            payload = payloads.load_event(10_000_000, seq)
+            sent = time.perf_counter()
+            await nc.publish(payloads.SUBJECT, payload)
+            await nc.flush()
+            wanted = f'worker_id="{probe_id}"'
+            for _ in range(2000):
+                _, body = await asyncio.to_thread(aggregator.get, "?name[]=llm_kv_blocks_active")
+                line = next((ln for ln in body.decode().splitlines() if wanted in ln), "")
+                if line and float(line.rsplit(" ", 1)[1]) == seq:
+                    delays.append(time.perf_counter() - sent)
+                    break
+            await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+        await asyncio.to_thread(background.result)
+    return delays
+
+
+def populate(nats_url: str, aggregator: AggregatorUnderTest, workers: int) -> None:
+    before = aggregator.accepted()
+    publisher, _ = publish_all(nats_url, workers, workers)
+    aggregator.wait_accepted(before + workers)
+    publisher.result()
+
+
+def scrape_cost(aggregator: AggregatorUnderTest, repeats: int) -> dict:
+    out = {}
+    for label, accept, gz in (("text", "", False), ("openmetrics+gzip", OPENMETRICS, True)):
+        times, size = [], 0
+        for _ in range(repeats):
+            seconds, body = aggregator.get(accept=accept, gzip=gz)
+            times.append(seconds)
+            size = len(body)
+        out[label] = (Figure(times), size)
+    return out
+
+
+def ingest_during_scrapes(nats_url: str, aggregator: AggregatorUnderTest, workers: int, messages: int) -> float:
+    """Ingest rate while another thread scrapes /metrics back to back."""
+    import threading
+
+    stop = threading.Event()
+
+    def scrape_loop() -> None:
+        while not stop.is_set():
+            aggregator.get(accept=OPENMETRICS, gzip=True)
+
+    thread = threading.Thread(target=scrape_loop, daemon=True)
+    thread.start()
+    try:
+        return aggregator_ingest(nats_url, aggregator, workers, messages)
+    finally:
+        stop.set()
+        thread.join(120)
+
+
+def pushgateway(sizes: Sizes) -> tuple[float, Figure, int]:
+    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
+    if binary is None:
+        raise RuntimeError("prometheus-pushgateway not installed (apt-get install prometheus-pushgateway)")
+    port = free_port()
+    gateway = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, 15)
+        url = f"http://127.0.0.1:{port}"
+        client = Child("bench.push_client", url, "--groups", str(sizes.push_groups), "--pushes",
+                       str(sizes.push_max), "--seconds", str(sizes.push_seconds))
+        client.expect("ready")
+        client.go()
+        result = client.result()
+        times, size = [], 0
+        for _ in range(sizes.scrape_repeats):
+            started = time.perf_counter()
+            with urllib.request.urlopen(f"{url}/metrics", timeout=60) as response:
+                size = len(response.read())
+            times.append(time.perf_counter() - started)
+        return result["pushes"] / result["seconds"], Figure(times), size
+    finally:
+        gateway.terminate()
+        gateway.wait(10)
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    from importlib.metadata import version
+
+    versions = ", ".join(f"{p} {version(p)}" for p in ("nats-py", "prometheus-client", "msgspec", "aiohttp"))
+    nats_version = subprocess.run([shutil.which("nats-server") or "nats-server", "--version"], capture_output=True,
+                                  text=True).stdout.strip()
+    return (f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, aggregator {__version__}, {nats_version}, {versions}")
+
+
+def run(sizes: Sizes, output: Path) -> str:
+    rows: list[tuple[str, str, str]] = []  # (measure, figure, comparison)
+    with NatsServer() as server:
+        url = server.url
+        # 1 + 2: bare ceiling and aggregator ingest, interleaved per repeat.
+        for workers in sizes.ingest_workers:
+            aggregator = AggregatorUnderTest(url)
+            try:
+                bare, ours = [], []
+                for _ in range(sizes.repeats):
+                    bare.append(bare_ceiling(url, workers, sizes.ingest_messages))
+                    ours.append(aggregator_ingest(url, aggregator, workers, sizes.ingest_messages))
+                check_markers(aggregator, workers)
+            finally:
+                aggregator.stop()
+            ratio = Figure([o / b for o, b in zip(ours, bare)])
+            rows.append((f"bare nats-py ceiling, {workers:,} workers", Figure(bare).fmt(" msg/s"), ""))
+            rows.append((f"aggregator ingest, {workers:,} workers", Figure(ours).fmt(" msg/s"),
+                         f"{ratio.fmt(' ', 100)}% of bare (target >= 60 % at 1,000)".replace("  ", " ")))
+            if workers == 1000 or workers == sizes.ingest_workers[-1]:
+                ingest_1k = Figure(ours)
+
+        # 3: freshness
+        aggregator = AggregatorUnderTest(url)
+        try:
+            populate(url, aggregator, sizes.freshness_workers)
+            delays = asyncio.run(freshness(url, aggregator, sizes))
+        finally:
+            aggregator.stop()
+        rows.append((f"freshness at {sizes.freshness_rate:,} msg/s ({sizes.freshness_workers:,} workers), "
+                     f"{len(delays)} probes",
+                     f"p50 {percentile(delays, 50) * 1000:.1f} ms, p99 {percentile(delays, 99) * 1000:.1f} ms",
+                     "target p99 < 50 ms"))
+
+        # 4: scrape cost, and ingest while scraping
+        ours_1k_scrape = None
+        for workers in sizes.scrape_workers:
+            aggregator = AggregatorUnderTest(url)
+            try:
+                populate(url, aggregator, workers)
+                cost = scrape_cost(aggregator, sizes.scrape_repeats)
+                for label, (figure, size) in cost.items():
+                    rows.append((f"/metrics {label}, {workers:,} workers", figure.fmt(" ms", 1000, 1),
+                                 f"{size:,} bytes"))
+                if workers == sizes.scrape_workers[-1]:
+                    quiet, busy = [], []
+                    for _ in range(sizes.repeats):
+                        quiet.append(aggregator_ingest(url, aggregator, workers, sizes.ingest_messages))
+                        busy.append(ingest_during_scrapes(url, aggregator, workers, sizes.ingest_messages))
+                    stall = Figure([b / q for b, q in zip(busy, quiet)])
+                    rows.append((f"ingest during back-to-back scrapes, {workers:,} workers", Figure(busy).fmt(" msg/s"),
+                                 f"{stall.fmt('', 100)}% of ingest without scrapes ({Figure(quiet).fmt(' msg/s')})"))
+                if workers == sizes.push_groups:
+                    ours_1k_scrape = cost["text"][0]
+            finally:
+                aggregator.stop()
+
+        # 5: memory per live worker, and after churn
+        aggregator = AggregatorUnderTest(url, "--stale-after", "1")
+        try:
+            base = aggregator.rss_kib()
+            populate(url, aggregator, sizes.churn_wave)
+            live = aggregator.rss_kib()
+            per_worker = (live - base) * 1024 / sizes.churn_wave
+            rows.append((f"RSS per live worker ({sizes.churn_wave:,} live)", f"{per_worker:,.0f} bytes",
+                         f"baseline {base / 1024:.1f} MiB, with workers {live / 1024:.1f} MiB; target < 4 KiB"))
+            for first in range(sizes.churn_wave, sizes.churn_workers, sizes.churn_wave):
+                publisher = Child("bench.publisher", url, "--workers", str(sizes.churn_wave), "--messages",
+                                  str(sizes.churn_wave), "--first-id", str(first))
+                publisher.expect("ready")
+                publisher.go()
+                publisher.result()
+                time.sleep(1.3)
+            time.sleep(2.0)
+            after = aggregator.rss_kib()
+            rows.append((f"RSS after {sizes.churn_workers:,} distinct workers came and expired",
+                         f"{after / 1024:.1f} MiB", f"{after / live * 100:.0f}% of the RSS with "
+                                                   f"{sizes.churn_wave:,} live (flat = no growth)"))
+        finally:
+            aggregator.stop()
+
+    # 6: the peer
+    pushes, gateway_scrape, gateway_size = pushgateway(sizes)
+    rows.append((f"Pushgateway pushes/s, {sizes.push_groups:,} groups, 1 client process", f"{pushes:,.0f} pushes/s",
+                 f"aggregator ingest at 1,000 workers is {ingest_1k.median / pushes:,.0f}x (target >= 10x)"))
+    comparison = ""
+    if ours_1k_scrape is not None:
+        comparison = (f"aggregator /metrics with {sizes.push_groups:,} workers: "
+                      f"{ours_1k_scrape.median / gateway_scrape.median:.2f}x the Pushgateway's time")
+    rows.append((f"Pushgateway /metrics, {sizes.push_groups:,} groups", gateway_scrape.fmt(" ms", 1000, 1),
+                 f"{gateway_size:,} bytes; {comparison}"))
+
+    table = ["| measure | median (min..max) | comparison |", "|---|---|---|"]
+    table += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    text = (f"# Benchmark results\n\nMachine: {machine()}\n\nRun: `python -m bench"
+            f"{' --quick' if sizes is QUICK else ''}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+            f"{sizes.repeats} repeats per ingest figure, {sizes.scrape_repeats} per scrape figure.\n\n"
+            + "\n".join(table) + "\n")
+    output.write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="toy sizes (seconds), for the smoke test")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = parser.parse_args()
+    print(run(QUICK if args.quick else FULL, args.output))
+
+
+if __name__ == "__main__":
+    main()

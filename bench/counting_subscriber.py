@@ -1,0 +1,42 @@
+"""The bare nats-py ceiling: a subscriber that only counts (`python -m bench.counting_subscriber URL N`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import nats
+
+from .payloads import SUBJECT
+
+
+async def main() -> None:
+    url, expected = sys.argv[1], int(sys.argv[2])
+    done = asyncio.Event()
+    count = 0
+    first = last = 0.0
+
+    async def on_message(msg) -> None:
+        nonlocal count, first, last
+        count += 1
+        if count == 1:
+            first = time.time()
+        if count >= expected:
+            last = time.time()
+            done.set()
+
+    nc = await nats.connect(url)
+    await nc.subscribe(SUBJECT, cb=on_message, pending_msgs_limit=2_000_000, pending_bytes_limit=0)
+    await nc.flush()
+    print("ready", flush=True)
+    try:
+        await asyncio.wait_for(done.wait(), 120)
+    finally:
+        print(json.dumps({"received": count, "first": first, "last": last}), flush=True)
+        await nc.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,57 @@
+"""Publisher process: prepares its messages, says `ready`, publishes on `go`, reports when flushed.
+
+`python -m bench.publisher URL --workers W --messages N [--rate R] [--first-id K]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+import nats
+
+from .payloads import SUBJECT, round_robin
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--messages", type=int, required=True)
+    parser.add_argument("--rate", type=float, default=0.0, help="messages/s; 0 = as fast as possible")
+    parser.add_argument("--marker", type=int, default=4000)
+    parser.add_argument("--subject", default=SUBJECT)
+    parser.add_argument("--first-id", type=int, default=0, help="offset of the worker ids (churn runs)")
+    args = parser.parse_args()
+    payloads = round_robin(args.workers, args.messages, args.marker, args.first_id)
+    nc = await nats.connect(args.url, pending_size=64 * 1024 * 1024)
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    started = time.time()
+    publish = nc.publish
+    if args.rate <= 0:
+        for i, payload in enumerate(payloads):
+            await publish(args.subject, payload)
+            if i % 2000 == 1999:
+                await asyncio.sleep(0)  # let the flusher run; keeps memory flat
+    else:
+        batch = max(1, int(args.rate / 200))  # 5 ms batches
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for start in range(0, len(payloads), batch):
+            for payload in payloads[start:start + batch]:
+                await publish(args.subject, payload)
+            due = t0 + (start + batch) / args.rate
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+    await nc.flush(timeout=60)
+    print(json.dumps({"started": started, "flushed": time.time(), "sent": len(payloads)}), flush=True)
+    await nc.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,28 @@
+"""The benchmark runs end to end at toy size, so it cannot rot (its figures are not judged here)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from .support import ROOT
+
+
+@pytest.mark.skipif(shutil.which("prometheus-pushgateway") is None,
+                    reason="the Pushgateway peer is installed by .ci/run (Debian prometheus-pushgateway)")
+@pytest.mark.timeout(240)
+def test_quick_benchmark_writes_every_row(tmp_path):
+    output = tmp_path / "RESULTS.md"
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--output", str(output)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=230)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in output.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    measures = [row.split("|")[1].strip() for row in rows[1:]]
+    for prefix in ("bare nats-py ceiling", "aggregator ingest", "freshness", "/metrics text", "/metrics openmetrics",
+                   "ingest during back-to-back scrapes", "RSS per live worker", "RSS after", "Pushgateway pushes/s",
+                   "Pushgateway /metrics"):
+        assert any(m.startswith(prefix) for m in measures), (prefix, measures)
+    assert "x the Pushgateway's time" in output.read_text()
