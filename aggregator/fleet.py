@@ -86,12 +86,14 @@ class Fleet:
     def __len__(self) -> int:
         return len(self.workers)
 
-    def _touch(self, key: WorkerKey, now: float) -> WorkerState:
+    def _touch(self, key: tuple[str, str, int, int], now: float) -> WorkerState:
+        # `key` may be a plain tuple (hot path): it hashes and compares equal to its WorkerKey.
         state = self.workers.get(key)
         if state is not None:
             state.last_seen = now
             self.workers.move_to_end(key)
             return state
+        key = WorkerKey(*key)
         if len(self.workers) >= self.max_workers:
             raise LimitExceeded("worker_limit")
         group = GroupKey(key.component, key.endpoint)
@@ -104,8 +106,7 @@ class Fleet:
 
     def observe_load(self, component: str, event: LoadEvent, now: float) -> WorkerState:
         rank = event.data.worker_stats.data_parallel_rank or 0
-        key = WorkerKey(component, event.endpoint, event.worker_id, rank)
-        state = self._touch(key, now)
+        state = self._touch((component, event.endpoint, event.worker_id, rank), now)
         state.load = event.data
         self._endpoint_of[(component, event.worker_id, rank)] = event.endpoint
         return state
@@ -113,8 +114,7 @@ class Fleet:
     def observe_hit_rate(self, component: str, event: KvHitRateEvent, now: float) -> WorkerState:
         rank = event.dp_rank or 0
         endpoint = self._endpoint_of.get((component, event.worker_id, rank), self.default_endpoint)
-        key = WorkerKey(component, endpoint, event.worker_id, rank)
-        state = self._touch(key, now)
+        state = self._touch((component, endpoint, event.worker_id, rank), now)
         state.isl_blocks += event.isl_blocks
         state.overlap_blocks += event.overlap_blocks
         totals = self.groups[GroupKey(component, endpoint)]
