@@ -93,6 +93,10 @@ class StatsScraper:
 
         async def on_reply(msg) -> None:
             nonlocal replies, last_reply
+            if not msg.data:
+                # nats-server's "no responders" status (503) when no instance is subscribed;
+                # Dynamo skips empty payloads too. Not a reply: the scrape ends as a timeout.
+                return
             replies += 1
             last_reply = loop.time()
             telemetry.replies[service].inc()
