@@ -119,8 +119,73 @@ def aggregator_parser() -> OneLineParser:
              "live workers kept at most; new ones past it are refused (reason=worker_limit)")
     env_flag(parser, "--pending-msgs-limit", "AGGREGATOR_PENDING_MSGS_LIMIT", 512 * 1024,
              bounded(int, 1, 100_000_000), "per-subscription NATS buffer, messages; past it NATS drops (counted)")
+    add_scrape_flags(parser)
     return parser
 
 
 def parse_aggregator_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return aggregator_parser().parse_args(argv)
+    parser = aggregator_parser()
+    return check_scrape_args(parser, parser.parse_args(argv))
+
+
+# Pull mode (NATS service stats) ---------------------------------------------------------
+
+MIN_POLL_INTERVAL = 0.1
+_SCRAPE_ENV = "AGGREGATOR_SCRAPE"
+
+
+def scrape_target(value: str):
+    from .service_stats import ScrapeTarget
+
+    component, slash, endpoint = value.strip().partition("/")
+    if not slash:
+        raise ValueError(f"{value!r} is not COMPONENT/ENDPOINT (e.g. backend/generate)")
+    return ScrapeTarget(nats_token(component), nats_token(endpoint))
+
+
+def _scrape_flag(value: str):
+    try:
+        return scrape_target(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_scrape_flags(parser: argparse.ArgumentParser) -> None:
+    # Repeatable, so the env default is applied after parsing (argparse would append flags to it).
+    parser.add_argument(
+        "--scrape", action="append", type=_scrape_flag, default=None, metavar="COMPONENT/ENDPOINT",
+        help=f"poll the NATS service stats of this component's workers, Dynamo-style (repeatable; "
+             f"env {_SCRAPE_ENV}, comma-separated); default none",
+    )
+    env_flag(parser, "--poll-interval", "AGGREGATOR_POLL_INTERVAL", 1.0, bounded(float, MIN_POLL_INTERVAL, 3600.0),
+             "seconds between stats requests in pull mode")
+    env_flag(parser, "--scrape-timeout", "AGGREGATOR_SCRAPE_TIMEOUT", None, bounded(float, 0.01, 3600.0),
+             "seconds to collect stats replies, below --poll-interval; None means 0.8 x --poll-interval")
+
+
+def check_scrape_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the env default of --scrape and check the pull-mode settings against each other."""
+    from .service_stats import plan_services
+
+    if args.scrape is None:
+        raw = os.environ.get(_SCRAPE_ENV, "")
+        targets = []
+        for item in (part for part in raw.split(",") if part.strip()):
+            try:
+                targets.append(scrape_target(item))
+            except ValueError as error:
+                parser.error(f"argument --scrape: {error} (env {_SCRAPE_ENV})")
+        args.scrape = targets
+    if args.scrape_timeout is None:
+        args.scrape_timeout = round(0.8 * args.poll_interval, 6)
+    if args.scrape_timeout >= args.poll_interval:
+        parser.error(f"argument --scrape-timeout: {args.scrape_timeout} must be below --poll-interval "
+                     f"{args.poll_interval}")
+    if args.scrape and args.poll_interval >= args.stale_after:
+        parser.error(f"argument --poll-interval: {args.poll_interval} must be below --stale-after "
+                     f"{args.stale_after}, or every scraped worker would expire between polls")
+    try:
+        plan_services(args.namespace, args.scrape)
+    except ValueError as error:
+        parser.error(f"argument --scrape: {error}")
+    return args

@@ -279,3 +279,59 @@ def flat_forward_pass_metrics(metrics: ForwardPassMetrics) -> dict:
         "gpu_cache_usage_perc": kv.gpu_cache_usage_perc,
         "gpu_prefix_cache_hit_rate": kv.gpu_prefix_cache_hit_rate,
     }
+
+
+# NATS service API stats (pull mode) ----------------------------------------------------
+#
+# Dynamo workers also expose their ForwardPassMetrics through the NATS service API: a
+# `$SRV.STATS.{service}` request is answered by every instance of the service with one
+# `io.nats.micro.v1.stats_response`, whose endpoints carry the metrics in `data`.
+# Only `subject` and `data` are used; the other fields are optional here so that a
+# framework that omits a counter does not cost us the load data.
+
+STATS_RESPONSE_TYPE: Final = "io.nats.micro.v1.stats_response"
+
+
+class StatsEndpoint(Struct):
+    """One endpoint of a stats reply; `data` is kept raw and decoded on its own."""
+
+    subject: str
+    name: str | None = None
+    # Raw, not Raw | None: msgspec would then only accept null. Absent reads as null.
+    data: msgspec.Raw = msgspec.Raw(b"null")
+    queue_group: str | None = None
+    num_requests: int | None = None
+    num_errors: int | None = None
+    last_error: str | None = None
+    processing_time: int | None = None
+    average_processing_time: int | None = None
+
+
+class StatsReply(Struct):
+    """A service instance's stats reply; endpoints are kept raw so one bad entry cannot spoil the others."""
+
+    endpoints: list[msgspec.Raw]
+    name: str | None = None
+    id: str | None = None
+    version: str | None = None
+    started: str | None = None
+    type: str | None = None
+
+
+_stats_reply_decoder = msgspec.json.Decoder(StatsReply)
+_stats_endpoint_decoder = msgspec.json.Decoder(StatsEndpoint)
+
+
+def decode_stats_reply(payload: bytes, max_bytes: int) -> StatsReply:
+    """The envelope of a `$SRV.STATS` reply; its endpoints stay undecoded (`decode_stats_endpoint`)."""
+    return _decode(_stats_reply_decoder, payload, max_bytes)
+
+
+def decode_stats_endpoint(raw: msgspec.Raw) -> StatsEndpoint:
+    """One endpoint entry of a stats reply (its `data` still raw)."""
+    try:
+        return _stats_endpoint_decoder.decode(raw)
+    except msgspec.DecodeError as error:
+        raise _classify(error) from None
+    except RecursionError:
+        raise MessageRejected(NOT_JSON, "nesting too deep") from None

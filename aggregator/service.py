@@ -14,8 +14,10 @@ from .collector import FleetCollector
 from .fleet import Fleet
 from .http import bound_port, build_app, start_server
 from .ingest import Ingest
+from .service_stats import ENDPOINT_REASONS, plan_services
+from .stats_scraper import StatsScraper
 from .transport import NatsSubscriber
-from .telemetry import Telemetry
+from .telemetry import StatsScrapeTelemetry, Telemetry
 
 log = structlog.get_logger("aggregator")
 
@@ -47,8 +49,19 @@ class Aggregator:
             connect_options=connect_options,
             pending_msgs_limit=args.pending_msgs_limit,
         )
+        self.scraper = self._stats_scraper(args)
         self.started = time.monotonic()
         self.port: int | None = None
+
+    def _stats_scraper(self, args: argparse.Namespace) -> StatsScraper | None:
+        """Pull mode, on the subscriber's connection (it polls only while that one is connected)."""
+        plans = plan_services(args.namespace, getattr(args, "scrape", None) or [])
+        if not plans:
+            return None
+        telemetry = StatsScrapeTelemetry(self.registry, [plan.service for plan in plans], ENDPOINT_REASONS)
+        return StatsScraper(plans, self.fleet, telemetry, connection=lambda: self.subscriber.nc,
+                            poll_interval=args.poll_interval, timeout=args.scrape_timeout,
+                            max_message_bytes=args.max_message_bytes)
 
     def expire_now(self) -> None:
         expired = self.fleet.expire(time.monotonic())
@@ -91,6 +104,8 @@ class Aggregator:
             asyncio.create_task(self._expire_periodically(stop), name="expiry"),
             asyncio.create_task(self.subscriber.connect(stop), name="nats-connect"),
         ]
+        if self.scraper is not None:
+            tasks.append(asyncio.create_task(self.scraper.run(stop), name="stats-scrape"))
         try:
             await stop.wait()
         finally:

@@ -99,3 +99,54 @@ class Telemetry:
         if tally is None:
             tally = self.rejected[(kind, reason)] = Tally()
         tally.inc()
+
+
+# Pull mode: scraping workers' NATS service stats ($SRV.STATS.{service}).
+SCRAPE_REPLY_REASONS = REJECT_REASONS
+SCRAPE_EDGE_REASONS = ("not_connected", "request_failed")
+
+
+class StatsScrapeTelemetry:
+    """`llm_aggregator_stats_scrape*`: one child per service, created up front so zeros are exported."""
+
+    def __init__(self, registry: CollectorRegistry, services, endpoint_reasons=()) -> None:
+        labels = ["service"]
+        scrapes = Counter("llm_aggregator_stats_scrapes", "Stats requests sent, by NATS service", labels,
+                          registry=registry)
+        duration = Histogram(
+            "llm_aggregator_stats_scrape_duration_seconds",
+            "Time from a stats request to the last reply received before the timeout "
+            "(the timeout itself when no instance answered)",
+            labels,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=registry,
+        )
+        replies = Counter("llm_aggregator_stats_scrape_replies", "Stats replies received (one per service instance)",
+                          labels, registry=registry)
+        timeouts = Counter("llm_aggregator_stats_scrape_timeouts",
+                           "Stats requests that no service instance answered before the timeout", labels,
+                           registry=registry)
+        endpoints = Counter("llm_aggregator_stats_scrape_endpoints",
+                            "Endpoint entries of stats replies applied to the fleet (outcome=accepted) or "
+                            "skipped as not asked for (outcome=ignored)", ["service", "outcome"], registry=registry)
+        errors = Counter("llm_aggregator_stats_scrape_errors",
+                         "Stats requests, replies and endpoint entries that could not be used, by reason",
+                         ["service", "reason"], registry=registry)
+        self.scrapes = {s: scrapes.labels(s) for s in services}
+        self.duration = {s: duration.labels(s) for s in services}
+        self.replies = {s: replies.labels(s) for s in services}
+        self.timeouts = {s: timeouts.labels(s) for s in services}
+        self.accepted = {s: endpoints.labels(s, "accepted") for s in services}
+        self.ignored = {s: endpoints.labels(s, "ignored") for s in services}
+        self._errors = errors
+        self.errors = {
+            (s, reason): errors.labels(s, reason)
+            for s in services
+            for reason in (*SCRAPE_EDGE_REASONS, *SCRAPE_REPLY_REASONS, *endpoint_reasons, *LIMIT_REASONS)
+        }
+
+    def error(self, service: str, reason: str) -> None:
+        child = self.errors.get((service, reason))
+        if child is None:
+            child = self.errors[(service, reason)] = self._errors.labels(service, reason)
+        child.inc()

@@ -12,7 +12,7 @@ import structlog
 from aggregator import logs, protocol
 from aggregator.config import OneLineParser, bounded, env_flag, label_value, nats_token, nats_urls
 
-from .fleet import SHAPES, MockFleet
+from .fleet import MODES, SHAPES, MockFleet
 
 log = structlog.get_logger("mock_worker")
 
@@ -32,9 +32,20 @@ def parser() -> OneLineParser:
                    help="ForwardPassMetrics shape to send (all three are Dynamo's); default nested")
     p.add_argument("--hit-rate-on-namespace", action="store_true",
                    help="publish hit-rate events on namespace.{ns}.kv-hit-rate as Dynamo's router does")
+    env_flag(p, "--mode", "MOCK_WORKER_MODE", "push", _mode,
+             "push: publish kv_metrics; pull: serve it as NATS micro service stats, Dynamo-style")
+    env_flag(p, "--freeze-after", "MOCK_WORKER_FREEZE_AFTER", 0, bounded(int, 0, 10**9),
+             "simulated steps after which the engines hold still and stop producing hit-rate events "
+             "(0 = never); a fixed state to compare runs by")
     env_flag(p, "--duration", "MOCK_WORKER_DURATION", 0.0, bounded(float, 0.0, 10_000_000.0),
              "stop after this many seconds (0 = run until interrupted)")
     return p
+
+
+def _mode(value: str) -> str:
+    if value not in MODES:
+        raise ValueError(f"{value!r} is not one of {', '.join(MODES)}")
+    return value
 
 
 async def run(args) -> None:
@@ -57,15 +68,20 @@ async def run(args) -> None:
         return
     fleet = MockFleet(nc, workers=args.workers, namespace=args.namespace, component=args.component,
                       endpoint=args.endpoint, seed=args.seed, dp_ranks=args.dp_ranks, shape=args.shape,
-                      hit_rate_on_namespace=args.hit_rate_on_namespace)
+                      hit_rate_on_namespace=args.hit_rate_on_namespace, freeze_after=args.freeze_after)
     try:
+        if args.mode == "pull":
+            await fleet.serve_stats()
         await fleet.run(args.interval, stop)
     finally:
         await nc.drain()
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.mode == "pull" and args.dp_ranks != 1:
+        p.error("argument --dp-ranks: pull mode serves one ForwardPassMetrics per worker endpoint; use 1")
     try:
         logs.configure()
     except ValueError as error:

@@ -1,10 +1,16 @@
-"""Many simulated workers in one process, each publishing through the publisher library."""
+"""Many simulated workers in one process, each publishing through the publisher library.
+
+In push mode every worker publishes its ForwardPassMetrics on `kv_metrics`. In pull mode
+(`serve_stats`) every worker instead runs a NATS micro service, as a Dynamo worker does,
+whose stats handler returns its current metrics; hit-rate events are still pushed, since
+in Dynamo the KV router publishes them, not the worker.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from nats.aio.client import Client
@@ -17,6 +23,7 @@ from .engine import EngineConfig, SimulatedEngine
 log = structlog.get_logger("mock_worker")
 
 SHAPES = ("nested", "flat", "wrapped")
+MODES = ("push", "pull")
 
 
 @dataclass
@@ -24,6 +31,7 @@ class SimulatedWorker:
     worker_id: int
     engines: list[SimulatedEngine]  # one per data-parallel rank
     publisher: WorkerPublisher
+    services: list = field(default_factory=list)  # nats.micro services, in pull mode
 
 
 def worker_ids(count: int, rng: random.Random) -> list[int]:
@@ -32,6 +40,18 @@ def worker_ids(count: int, rng: random.Random) -> list[int]:
     while len(ids) < count:
         ids.add(rng.getrandbits(62) | (1 << 62))
     return sorted(ids)
+
+
+def build_engines(
+    workers: int, seed: int | None, dp_ranks: int = 1, config: EngineConfig | None = None
+) -> list[tuple[int, list[SimulatedEngine]]]:
+    """(worker_id, one engine per rank) for each worker; the same seed gives the same fleet."""
+    rng = random.Random(seed)
+    config = config or EngineConfig()
+    return [
+        (worker_id, [SimulatedEngine(config, random.Random(rng.getrandbits(64))) for _ in range(dp_ranks)])
+        for worker_id in worker_ids(workers, rng)
+    ]
 
 
 class MockFleet:
@@ -48,22 +68,29 @@ class MockFleet:
         shape: str = "nested",
         hit_rate_on_namespace: bool = False,
         config: EngineConfig | None = None,
+        freeze_after: int = 0,
     ) -> None:
         if shape not in SHAPES:
             raise ValueError(f"shape must be one of {SHAPES}")
-        self.rng = random.Random(seed)
+        self.nc = nc
         self.shape = shape
-        config = config or EngineConfig()
+        self.namespace = namespace
+        self.component = component
+        self.endpoint = endpoint
         self.workers = [
             SimulatedWorker(
                 worker_id,
-                [SimulatedEngine(config, random.Random(self.rng.getrandbits(64))) for _ in range(dp_ranks)],
+                engines,
                 WorkerPublisher(nc, namespace=namespace, component=component, endpoint=endpoint,
                                 worker_id=worker_id, hit_rate_on_namespace=hit_rate_on_namespace),
             )
-            for worker_id in worker_ids(workers, self.rng)
+            for worker_id, engines in build_engines(workers, seed, dp_ranks, config)
         ]
         self.dp_ranks = dp_ranks
+        # After this many steps the engines hold still (0 = never): a fixed state to compare runs by.
+        self.freeze_after = freeze_after
+        self.steps = 0
+        self.pull = False
 
     def _payload(self, worker: SimulatedWorker, metrics: protocol.ForwardPassMetrics) -> bytes:
         if self.shape == "flat":
@@ -76,20 +103,44 @@ class MockFleet:
                                      "data": data})
 
     async def tick(self, dt: float) -> None:
-        """Advance every engine by `dt` and publish its load and hit-rate events."""
+        """Advance every engine by `dt` and publish its hit-rate events and (push mode) its load."""
+        frozen = bool(self.freeze_after) and self.steps >= self.freeze_after
+        self.steps += not frozen
         for worker in self.workers:
             for rank, engine in enumerate(worker.engines):
-                samples, _ = engine.step(dt)
                 dp_rank = rank if self.dp_ranks > 1 else None
-                for sample in samples:
-                    await worker.publisher.publish_hit_rate(sample.isl_blocks, sample.overlap_blocks, dp_rank)
+                if not frozen:
+                    samples, _ = engine.step(dt)
+                    for sample in samples:
+                        await worker.publisher.publish_hit_rate(sample.isl_blocks, sample.overlap_blocks, dp_rank)
+                if self.pull:
+                    continue  # the stats handler reports the load when asked
                 metrics = engine.metrics(dp_rank)
                 if self.shape == "nested":
                     await worker.publisher.publish_load(metrics)
                 else:
                     await worker.publisher.publish_raw(protocol.KV_METRICS, self._payload(worker, metrics))
 
+    async def serve_stats(self) -> None:
+        """Pull mode: run each worker as a NATS micro service with Dynamo's naming (see `stats_service`)."""
+        from .stats_service import start_worker_service
+
+        if self.dp_ranks != 1:
+            raise ValueError("pull mode reports one ForwardPassMetrics per worker endpoint: use one dp rank")
+        for worker in self.workers:
+            worker.services.append(await start_worker_service(
+                self.nc, namespace=self.namespace, component=self.component, endpoint=self.endpoint,
+                worker_id=worker.worker_id, engine=worker.engines[0]))
+        self.pull = True
+
     async def run(self, interval: float, stop: asyncio.Event) -> None:
-        log.info("publishing", workers=len(self.workers), dp_ranks=self.dp_ranks, interval=interval,
-                 shape=self.shape, subject=self.workers[0].publisher.load_subject if self.workers else None)
+        if self.pull:
+            from aggregator.service_stats import service_name, stats_subject
+
+            log.info("serving stats", workers=len(self.workers), interval=interval, freeze_after=self.freeze_after,
+                     stats_subject=stats_subject(service_name(self.namespace, self.component)))
+        else:
+            log.info("publishing", workers=len(self.workers), dp_ranks=self.dp_ranks, interval=interval,
+                     shape=self.shape, freeze_after=self.freeze_after,
+                     subject=self.workers[0].publisher.load_subject if self.workers else None)
         await run_periodically(interval, lambda: self.tick(interval), stop)
