@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .aggregate import hit_rate_percent, load_mean_std
-from .protocol import ForwardPassMetrics, KvHitRateEvent, LoadEvent
+from .protocol import MAX_LABEL_LENGTH, ForwardPassMetrics, KvHitRateEvent, LoadEvent
 
 
 class WorkerKey(NamedTuple):
@@ -94,6 +94,9 @@ class Fleet:
             return state
         if len(self.workers) >= self.max_workers:
             raise LimitExceeded("worker_limit")
+        # The endpoint is bounded by the decoder; the component comes from the subject.
+        if len(key.component) > MAX_LABEL_LENGTH:
+            raise LimitExceeded("label_limit")
         group = GroupKey(key.component, key.endpoint)
         if group not in self.groups:
             if len(self.groups) >= self.max_groups:

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from .protocol import REJECT_REASONS
 
 KINDS = ("kv_metrics", "kv_hit_rate")
-LIMIT_REASONS = ("worker_limit", "group_limit")
+LIMIT_REASONS = ("worker_limit", "group_limit", "label_limit")
 
 
 class Telemetry:
