@@ -125,6 +125,13 @@ class Fleet:
         totals.overlap_blocks += event.overlap_blocks
         return state
 
+    def restore_hit_rate(self, key: WorkerKey, isl_blocks: int, overlap_blocks: int, last_seen: float) -> None:
+        """Put back a worker's hit-rate sums from a snapshot; group totals are restored separately."""
+        state = self._touch(key, last_seen)
+        state.isl_blocks += isl_blocks
+        state.overlap_blocks += overlap_blocks
+        self._endpoint_of.setdefault((key.component, key.worker_id, key.dp_rank), key.endpoint)
+
     def expire(self, now: float) -> list[WorkerKey]:
         """Drop every worker last seen more than `stale_after` seconds before `now`."""
         expired: list[WorkerKey] = []

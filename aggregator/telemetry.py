@@ -51,6 +51,11 @@ class Telemetry:
         self.nats_errors = Counter(
             "llm_aggregator_nats_errors", "Asynchronous errors reported by the NATS client", registry=registry
         )
+        self.nats_slow_consumer_dropped = Counter(
+            "llm_aggregator_nats_slow_consumer_dropped",
+            "Messages dropped by the NATS client because a subscription's pending limits were reached",
+            registry=registry,
+        )
         self.scrape_duration = Histogram(
             "llm_aggregator_scrape_duration_seconds",
             "Time to collect and encode /metrics",
