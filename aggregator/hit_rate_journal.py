@@ -136,7 +136,7 @@ class HitRateJournal:
         self.patterns = {protocol.namespace_subject(ingest.namespace, protocol.KV_HIT_RATE),
                          protocol.component_subject(ingest.namespace, "*", protocol.KV_HIT_RATE)}
         self.last_seq = 0
-        self.written_seq = -1
+        self.written_seq = 0  # nothing applied, nothing to write
         self.subscription = None
 
     def load(self) -> None:

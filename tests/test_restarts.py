@@ -91,7 +91,8 @@ def test_sigkill_mid_stream_loses_no_hit_rate_history(jetstream_server, processe
     # Kill it mid-way: some events applied (and, with a snapshot, some written), more still coming.
     wait_until(lambda: sum(v[0] for v in exported_sums(first.url)[1].values()) > 0, 15, what="first events")
     if with_snapshot:
-        wait_until(snapshot.exists, 10, what="a snapshot written")
+        wait_until(lambda: snapshot.exists() and msgspec.json.decode(snapshot.read_bytes(), type=Snapshot).last_seq,
+                   10, what="a snapshot with events written")
     first.signal(signal.SIGKILL)
     first.popen.wait(10)
     assert sender.popen.wait(60) == 0, sender.output()  # the rest was published while no aggregator ran
