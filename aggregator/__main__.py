@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"aggregator: error: {error}")
     # `_created` series double the series count and Prometheus < 2.55 stores them as plain gauges.
     disable_created_metrics()
-    aggregator = Aggregator(args)
+    try:
+        aggregator = Aggregator(args)
+    except (OSError, ValueError) as error:  # an unreadable or corrupt hit-rate snapshot
+        sys.exit(f"aggregator: error: {error}")
     try:
         asyncio.run(_serve(aggregator))
     except OSError as error:  # the HTTP port could not be bound

@@ -120,12 +120,34 @@ def aggregator_parser() -> OneLineParser:
     env_flag(parser, "--pending-msgs-limit", "AGGREGATOR_PENDING_MSGS_LIMIT", 512 * 1024,
              bounded(int, 1, 100_000_000), "per-subscription NATS buffer, messages; past it NATS drops (counted)")
     add_scrape_flags(parser)
+    env_flag(parser, "--pending-bytes-limit", "AGGREGATOR_PENDING_BYTES_LIMIT", 128 * 1024 * 1024,
+             bounded(int, 1024, 64 * 1024**3), "per-subscription NATS buffer, bytes; past it NATS drops (counted)")
+    env_flag(parser, "--nats-ping-interval", "AGGREGATOR_NATS_PING_INTERVAL", 5.0, bounded(float, 0.2, 600.0),
+             "seconds between pings; 2 unanswered pings mark a frozen server as disconnected")
+    env_flag(parser, "--web-config-file", "AGGREGATOR_WEB_CONFIG_FILE", None, str,
+             "exporter-toolkit web config (YAML): TLS and basic auth for the HTTP endpoint")
+    from . import hit_rate_journal, nats_auth  # they import this module
+
+    nats_auth.add_flags(parser)
+    hit_rate_journal.add_flags(parser)
     return parser
 
 
 def parse_aggregator_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from . import nats_auth, web_config
+
     parser = aggregator_parser()
-    return check_scrape_args(parser, parser.parse_args(argv))
+    args = check_scrape_args(parser, parser.parse_args(argv))
+    problem = nats_auth.check(args)
+    if problem:
+        parser.error(problem)
+    args.web_config = web_config.WebConfig()
+    if args.web_config_file:
+        try:
+            args.web_config = web_config.load(args.web_config_file)
+        except web_config.WebConfigError as error:
+            parser.error(f"--web-config-file: {error}")
+    return args
 
 
 # Pull mode (NATS service stats) ---------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .aggregate import hit_rate_percent, load_mean_std
-from .protocol import ForwardPassMetrics, KvHitRateEvent, LoadEvent
+from .protocol import MAX_LABEL_LENGTH, ForwardPassMetrics, KvHitRateEvent, LoadEvent
 
 
 class WorkerKey(NamedTuple):
@@ -96,6 +96,9 @@ class Fleet:
         key = WorkerKey(*key)
         if len(self.workers) >= self.max_workers:
             raise LimitExceeded("worker_limit")
+        # The endpoint is bounded by the decoder; the component comes from the subject.
+        if len(key.component) > MAX_LABEL_LENGTH:
+            raise LimitExceeded("label_limit")
         group = GroupKey(key.component, key.endpoint)
         if group not in self.groups:
             if len(self.groups) >= self.max_groups:
@@ -121,6 +124,13 @@ class Fleet:
         totals.isl_blocks += event.isl_blocks
         totals.overlap_blocks += event.overlap_blocks
         return state
+
+    def restore_hit_rate(self, key: WorkerKey, isl_blocks: int, overlap_blocks: int, last_seen: float) -> None:
+        """Put back a worker's hit-rate sums from a snapshot; group totals are restored separately."""
+        state = self._touch(key, last_seen)
+        state.isl_blocks += isl_blocks
+        state.overlap_blocks += overlap_blocks
+        self._endpoint_of.setdefault((key.component, key.worker_id, key.dp_rank), key.endpoint)
 
     def expire(self, now: float) -> list[WorkerKey]:
         """Drop every worker last seen more than `stale_after` seconds before `now`."""

@@ -29,6 +29,7 @@ def build_app(
     *,
     health: Callable[[], dict],
     before_scrape: Callable[[], None] = lambda: None,
+    middlewares: tuple = (),
 ) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -52,17 +53,17 @@ def build_app(
     async def live(request: web.Request) -> web.Response:
         return web.json_response({"status": "live"})
 
-    app = web.Application()
+    app = web.Application(middlewares=list(middlewares))
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/health", health_route)
     app.router.add_get("/live", live)
     return app
 
 
-async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def start_server(app: web.Application, host: str, port: int, ssl_context=None) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
     await site.start()
     return runner
 

@@ -184,6 +184,8 @@ def _decode(decoder: msgspec.json.Decoder, payload: bytes, max_bytes: int):
         raise _classify(error) from None
     except RecursionError:
         raise MessageRejected(NOT_JSON, "nesting too deep") from None
+    except UnicodeDecodeError as error:  # msgspec raises it, not DecodeError, for bad UTF-8 in a string
+        raise MessageRejected(NOT_JSON, f"invalid UTF-8: {error}") from None
 
 
 def _check_worker_id(worker_id: int) -> None:

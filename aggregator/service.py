@@ -11,8 +11,11 @@ import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from .collector import FleetCollector
+from . import nats_auth
 from .fleet import Fleet
+from .hit_rate_journal import HitRateJournal
 from .http import bound_port, build_app, start_server
+from .web_config import basic_auth_middleware
 from .ingest import Ingest
 from .service_stats import ENDPOINT_REASONS, plan_services
 from .stats_scraper import StatsScraper
@@ -42,12 +45,19 @@ class Aggregator:
             default_component=args.component,
             max_message_bytes=args.max_message_bytes,
         )
+        # Opt-in: hit-rate events from a JetStream stream, sums restored from a snapshot.
+        self.journal = HitRateJournal(args, self.ingest) if getattr(args, "hit_rate_stream", None) else None
+        if self.journal is not None:
+            self.journal.load()
         self.subscriber = NatsSubscriber(
             args.nats_url,
             self.ingest,
             self.telemetry,
-            connect_options=connect_options,
+            connect_options={**nats_auth.connect_options(args), **(connect_options or {})},
             pending_msgs_limit=args.pending_msgs_limit,
+            pending_bytes_limit=args.pending_bytes_limit,
+            ping_interval=args.nats_ping_interval,
+            skip_patterns=self.journal.patterns if self.journal else (),
         )
         self.scraper = self._stats_scraper(args)
         self.started = time.monotonic()
@@ -81,7 +91,7 @@ class Aggregator:
             "nats": {
                 "connected": bool(nc is not None and nc.is_connected),
                 "subscribed": self.subscriber.subscribed,
-                "servers": self.subscriber.servers,
+                "servers": self.subscriber.display_servers,
             },
             "workers": len(self.fleet),
             "uptime_seconds": round(time.monotonic() - self.started, 3),
@@ -95,17 +105,23 @@ class Aggregator:
             self.expire_now()
 
     async def run(self, stop: asyncio.Event) -> None:
-        app = build_app(self.registry, self.telemetry, health=self.health, before_scrape=self.expire_now)
-        runner = await start_server(app, self.args.host, self.args.port)
+        web = self.args.web_config
+        middlewares = (basic_auth_middleware(web.users),) if web.users else ()
+        app = build_app(self.registry, self.telemetry, health=self.health, before_scrape=self.expire_now,
+                        middlewares=middlewares)
+        runner = await start_server(app, self.args.host, self.args.port, ssl_context=web.ssl_context)
         self.port = bound_port(runner)
-        log.info("serving metrics", url=f"http://{self.args.host}:{self.port}/metrics",
-                 namespace=self.args.namespace, stale_after=self.args.stale_after)
+        log.info("serving metrics", url=f"{web.scheme}://{self.args.host}:{self.port}/metrics",
+                 basic_auth=bool(web.users), namespace=self.args.namespace, stale_after=self.args.stale_after,
+                 nats_auth=nats_auth.describe(self.args))
         tasks = [
             asyncio.create_task(self._expire_periodically(stop), name="expiry"),
             asyncio.create_task(self.subscriber.connect(stop), name="nats-connect"),
         ]
         if self.scraper is not None:
             tasks.append(asyncio.create_task(self.scraper.run(stop), name="stats-scrape"))
+        if self.journal is not None:
+            tasks.append(asyncio.create_task(self.journal.run(self.subscriber, stop), name="hit-rate-journal"))
         try:
             await stop.wait()
         finally:
@@ -113,5 +129,8 @@ class Aggregator:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.journal is not None:
+                await self.journal.close()  # final snapshot before the connection goes
             await self.subscriber.close()
             await runner.cleanup()
+            log.info("stopped")

@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from .protocol import REJECT_REASONS
 
 KINDS = ("kv_metrics", "kv_hit_rate")
-LIMIT_REASONS = ("worker_limit", "group_limit")
+LIMIT_REASONS = ("worker_limit", "group_limit", "label_limit")
 
 
 class Tally:
@@ -79,6 +79,11 @@ class Telemetry:
         )
         self.nats_errors = Counter(
             "llm_aggregator_nats_errors", "Asynchronous errors reported by the NATS client", registry=registry
+        )
+        self.nats_slow_consumer_dropped = Counter(
+            "llm_aggregator_nats_slow_consumer_dropped",
+            "Messages dropped by the NATS client because a subscription's pending limits were reached",
+            registry=registry,
         )
         self.scrape_duration = Histogram(
             "llm_aggregator_scrape_duration_seconds",
