@@ -103,9 +103,14 @@ def _check_family(family) -> str | None:
     if family.type not in _TYPES:
         return f"type {family.type!r} is not re-exported"
     allowed = _sample_names(family)
+    seen = set()
     for sample in family.samples:
         if sample.name not in allowed:
             return f"sample {sample.name!r} does not belong to a {family.type} named {family.name!r}"
+        key = (sample.name, tuple(sorted(sample.labels.items())))
+        if key in seen:  # Prometheus would reject the whole scrape
+            return f"series {sample.name}{dict(key[1])} appears twice"
+        seen.add(key)
     if family.type == "histogram":
         series_with_inf = set()
         series = set()
@@ -140,6 +145,8 @@ def parse_snapshot(text: str, worker_id: int, limits: SnapshotLimits) -> tuple[W
                 raise MessageRejected(SERIES_LIMIT, f"more than {limits.max_series_per_worker} series in one "
                                                     "snapshot")
             name = parsed.name
+            if not parsed.samples:  # a HELP/TYPE without series (e.g. a vector no child was made of)
+                continue
             if name.startswith(RESERVED_PREFIXES):
                 problems.append((RESERVED_NAME, f"{name!r} is one of the aggregator's own names"))
                 continue
@@ -182,21 +189,32 @@ class _NameEntry:
 
 
 class ComponentMetricsIndex:
-    """Fleet-wide view of the workers' families: one type and HELP per name, and the series total."""
+    """Fleet-wide view of the workers' families: one type and HELP per name, and the series total.
+
+    Families clash not only by name: a counter `x` owns the sample name `x_total`, so a gauge
+    named `x_total` from another worker would write the same series name under two types.
+    """
 
     def __init__(self, max_series: int = 200_000) -> None:
         self.max_series = max_series
         self.names: dict[str, _NameEntry] = {}
+        self.owners: dict[str, str] = {}  # sample name -> the family name that writes it
         self.series = 0
 
     def conflicts(self, family: Family, previous: WorkerMetrics | None) -> str | None:
+        own = previous.families if previous is not None else {}
+        owners = (self.owners.get(sample_name) for sample_name in _sample_names(family))
+        clashes = {owner for owner in owners if owner is not None and owner != family.name}
         entry = self.names.get(family.name)
-        if entry is None or entry.type == family.type:
-            return None
-        own = previous.families.get(family.name) if previous is not None else None
-        if own is not None and entry.holders == 1 and own.type == entry.type:
-            return None  # this worker is the only holder: it may change its own mind
-        return f"{family.name!r} is a {family.type} here but a {entry.type} from other workers"
+        if entry is not None and entry.type != family.type:
+            clashes.add(family.name)
+        for name in clashes:
+            mine = own.get(name)
+            entry = self.names[name]
+            if mine is not None and entry.holders == 1 and mine.type == entry.type:
+                continue  # this worker is the only holder: it may change its own mind
+            return f"{family.name!r} ({family.type}) clashes with {name!r} ({entry.type}) from other workers"
+        return None
 
     def admit(self, new: WorkerMetrics, previous: WorkerMetrics | None) -> list[Problem]:
         """Drop the families of `new` that conflict; raise MessageRejected past the series total."""
@@ -217,6 +235,8 @@ class ComponentMetricsIndex:
             entry = self.names.get(family.name)
             if entry is None:
                 self.names[family.name] = _NameEntry(family.type, family.documentation, 1)
+                for sample_name in _sample_names(family):
+                    self.owners[sample_name] = family.name
             else:
                 entry.holders += 1
         self.series += metrics.series
@@ -227,6 +247,9 @@ class ComponentMetricsIndex:
             entry.holders -= 1
             if entry.holders == 0:
                 del self.names[family.name]
+                for sample_name in _sample_names(family):
+                    if self.owners.get(sample_name) == family.name:
+                        del self.owners[sample_name]
         self.series -= metrics.series
 
 
