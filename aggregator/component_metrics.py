@@ -195,7 +195,7 @@ class ComponentMetricsIndex:
     named `x_total` from another worker would write the same series name under two types.
     """
 
-    def __init__(self, max_series: int = 200_000) -> None:
+    def __init__(self, max_series: int = 100_000) -> None:
         self.max_series = max_series
         self.names: dict[str, _NameEntry] = {}
         self.owners: dict[str, str] = {}  # sample name -> the family name that writes it

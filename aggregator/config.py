@@ -140,7 +140,7 @@ def _component_metrics_flags(parser: argparse.ArgumentParser) -> None:
              bounded(int, 1024, 64 * 1024 * 1024), "larger snapshots are rejected (reason=oversized)")
     env_flag(parser, "--component-metrics-max-series-per-worker", "AGGREGATOR_COMPONENT_METRICS_MAX_SERIES_PER_WORKER",
              5_000, bounded(int, 1, 10_000_000), "a snapshot with more series is rejected (reason=series_limit)")
-    env_flag(parser, "--component-metrics-max-series", "AGGREGATOR_COMPONENT_METRICS_MAX_SERIES", 200_000,
+    env_flag(parser, "--component-metrics-max-series", "AGGREGATOR_COMPONENT_METRICS_MAX_SERIES", 100_000,
              bounded(int, 1, 100_000_000),
              "series of all workers' snapshots together; a snapshot past it is rejected (reason=series_limit)")
 

@@ -74,7 +74,7 @@ class Fleet:
         max_workers: int = 100_000,
         max_groups: int = 10_000,
         default_endpoint: str = "generate",
-        max_component_series: int = 200_000,
+        max_component_series: int = 100_000,
     ) -> None:
         self.stale_after = stale_after
         self.max_workers = max_workers

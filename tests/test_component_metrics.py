@@ -248,3 +248,15 @@ def test_promtool_accepts_the_merged_exposition():
     errors = [line for line in result.stdout.decode().splitlines() + result.stderr.decode().splitlines()
               if "dynamo_component" in line and "error" in line.lower()]
     assert not errors, errors
+
+
+def test_flags_validate_prefixes_and_limits(capsys):
+    from aggregator.config import parse_aggregator_args
+
+    args = parse_aggregator_args(["--component-metrics-prefixes", "dynamo_component_, dynamo_preprocessor_"])
+    assert args.component_metrics_prefixes == ("dynamo_component_", "dynamo_preprocessor_")
+    assert args.component_metrics_max_series == 100_000
+    for bad in (["--component-metrics-prefixes", "llm_"], ["--component-metrics-max-series-per-worker", "0"]):
+        with pytest.raises(SystemExit):
+            parse_aggregator_args(bad)
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
