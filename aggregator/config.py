@@ -15,6 +15,7 @@ import sys
 from urllib.parse import urlsplit
 
 from . import protocol
+from .component_metrics import DEFAULT_PREFIXES, check_prefix
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NATS_SCHEMES = {"nats", "tls", "ws", "wss"}
@@ -130,7 +131,29 @@ def aggregator_parser() -> OneLineParser:
 
     nats_auth.add_flags(parser)
     hit_rate_journal.add_flags(parser)
+    _component_metrics_flags(parser)
     return parser
+
+
+def prefixes(value: str) -> tuple[str, ...]:
+    items = tuple(p.strip() for p in value.split(",") if p.strip())
+    if not items:
+        raise ValueError("no prefix given")
+    return tuple(check_prefix(p) for p in items)
+
+
+def _component_metrics_flags(parser: argparse.ArgumentParser) -> None:
+    """Workers' MetricsRegistry snapshots (namespace.{ns}.component.{c}.metrics), re-exported."""
+    env_flag(parser, "--component-metrics-prefixes", "AGGREGATOR_COMPONENT_METRICS_PREFIXES",
+             ",".join(DEFAULT_PREFIXES), prefixes,
+             "comma-separated name prefixes a worker's metrics may use; others are rejected (reason=bad_name)")
+    env_flag(parser, "--component-metrics-max-bytes", "AGGREGATOR_COMPONENT_METRICS_MAX_BYTES", 1024 * 1024,
+             bounded(int, 1024, 64 * 1024 * 1024), "larger snapshots are rejected (reason=oversized)")
+    env_flag(parser, "--component-metrics-max-series-per-worker", "AGGREGATOR_COMPONENT_METRICS_MAX_SERIES_PER_WORKER",
+             5_000, bounded(int, 1, 10_000_000), "a snapshot with more series is rejected (reason=series_limit)")
+    env_flag(parser, "--component-metrics-max-series", "AGGREGATOR_COMPONENT_METRICS_MAX_SERIES", 100_000,
+             bounded(int, 1, 100_000_000),
+             "series of all workers' snapshots together; a snapshot past it is rejected (reason=series_limit)")
 
 
 def parse_aggregator_args(argv: list[str] | None = None) -> argparse.Namespace:

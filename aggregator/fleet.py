@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .aggregate import hit_rate_percent, load_mean_std
-from .protocol import MAX_LABEL_LENGTH, ForwardPassMetrics, KvHitRateEvent, LoadEvent
+from .component_metrics import ComponentMetricsIndex, Problem, WorkerMetrics
+from .protocol import MAX_LABEL_LENGTH, ForwardPassMetrics, KvHitRateEvent, LoadEvent, MetricsSnapshot
 
 
 class WorkerKey(NamedTuple):
@@ -35,6 +36,7 @@ class WorkerState:
     load: ForwardPassMetrics | None = None
     isl_blocks: int = 0
     overlap_blocks: int = 0
+    component_metrics: WorkerMetrics | None = None  # the worker's latest MetricsRegistry snapshot
 
 
 @dataclass(slots=True)
@@ -72,6 +74,7 @@ class Fleet:
         max_workers: int = 100_000,
         max_groups: int = 10_000,
         default_endpoint: str = "generate",
+        max_component_series: int = 100_000,
     ) -> None:
         self.stale_after = stale_after
         self.max_workers = max_workers
@@ -80,6 +83,7 @@ class Fleet:
         # Ordered by last update, oldest first, so expiry only looks at the stale head.
         self.workers: OrderedDict[WorkerKey, WorkerState] = OrderedDict()
         self.groups: dict[GroupKey, GroupTotals] = {}
+        self.component_metrics = ComponentMetricsIndex(max_component_series)
         # Hit-rate events name no endpoint: they go to the endpoint the worker reports load on.
         self._endpoint_of: dict[tuple[str, int, int], str] = {}
 
@@ -131,6 +135,23 @@ class Fleet:
         state.isl_blocks += isl_blocks
         state.overlap_blocks += overlap_blocks
         self._endpoint_of.setdefault((key.component, key.worker_id, key.dp_rank), key.endpoint)
+    def observe_component_metrics(self, component: str, snapshot: MetricsSnapshot, metrics: WorkerMetrics,
+                                  now: float) -> list[Problem]:
+        """Replace the worker's snapshot (`metrics`, parsed from `snapshot.text`).
+
+        Families whose type conflicts with other workers' are dropped and returned as
+        problems. Raises MessageRejected (series_limit) or LimitExceeded before changing anything.
+        """
+        key = WorkerKey(component, snapshot.endpoint, snapshot.worker_id, snapshot.dp_rank or 0)
+        state = self.workers.get(key)
+        previous = state.component_metrics if state is not None else None
+        problems = self.component_metrics.admit(metrics, previous)
+        state = self._touch(key, now)
+        if previous is not None:
+            self.component_metrics.remove(previous)
+        self.component_metrics.add(metrics)
+        state.component_metrics = metrics
+        return problems
 
     def expire(self, now: float) -> list[WorkerKey]:
         """Drop every worker last seen more than `stale_after` seconds before `now`."""
@@ -141,6 +162,8 @@ class Fleet:
             if state.last_seen > deadline:
                 break
             del self.workers[key]
+            if state.component_metrics is not None:
+                self.component_metrics.remove(state.component_metrics)
             expired.append(key)
             self.groups[GroupKey(key.component, key.endpoint)].expired += 1
             index = (key.component, key.worker_id, key.dp_rank)

@@ -26,8 +26,9 @@ log = structlog.get_logger("aggregator.ingest")
 @dataclass(frozen=True, slots=True)
 class Route:
     kind: str
-    # Applies a payload to the fleet: (fleet, component, payload, now) -> None; raises on bad input.
-    apply: Callable[[Fleet, str, bytes, float], None]
+    # Applies a payload to the fleet: (fleet, component, payload, now); raises on bad input. It may
+    # return (reason, detail) pairs for parts it dropped while using the rest (component metrics).
+    apply: Callable[[Fleet, str, bytes, float], list[tuple[str, str]] | None]
     component: str | None  # fixed component for namespace-level subjects, else from the subject
 
 
@@ -66,7 +67,7 @@ class Ingest:
         ):
             self.add_route(event, kind, apply)
 
-    def add_route(self, event: str, kind: str, apply: Callable[[Fleet, str, bytes, float], None]) -> None:
+    def add_route(self, event: str, kind: str, apply: Callable[[Fleet, str, bytes, float], object]) -> None:
         """Route `namespace.{ns}.{event}` and `namespace.{ns}.component.*.{event}` to `apply`."""
         ns = self.namespace
         self.routes[protocol.namespace_subject(ns, event)] = Route(kind, apply, self.default_component)
@@ -81,7 +82,7 @@ class Ingest:
         try:
             if component is None:  # cannot happen for a subject matching the pattern
                 raise protocol.MessageRejected(protocol.WRONG_TYPE, "subject has no component")
-            route.apply(self.fleet, component, payload, self._clock())
+            problems = route.apply(self.fleet, component, payload, self._clock())
         except protocol.MessageRejected as error:
             self._reject(route.kind, error.reason, subject, error.detail)
             return False
@@ -89,6 +90,8 @@ class Ingest:
             self._reject(route.kind, error.reason, subject, "cardinality limit reached; new worker refused")
             return False
         telemetry.accepted[route.kind].value += 1
+        for reason, detail in problems or ():
+            self._reject(route.kind, reason, subject, detail)
         return True
 
     def _component_of(self, subject: str) -> str | None:

@@ -20,6 +20,7 @@ from msgspec import Meta, Struct
 
 KV_METRICS: Final = "kv_metrics"
 KV_HIT_RATE: Final = "kv-hit-rate"
+COMPONENT_METRICS: Final = "metrics"  # snapshots of a worker's MetricsRegistry
 
 DEFAULT_NAMESPACE: Final = "dynamo"
 DEFAULT_COMPONENT: Final = "backend"
@@ -108,6 +109,20 @@ class KvHitRateEvent(Struct):
     dp_rank: Rank | None = None
 
 
+class MetricsSnapshot(Struct):
+    """A worker's MetricsRegistry, as the Prometheus text exposition format (0.0.4).
+
+    The text is what prometheus_client (or any Prometheus client) renders for /metrics;
+    the envelope adds who the worker is, so the aggregator can add `worker_id` and expire
+    the series with the worker (same identity as its LoadEvents: worker_id, endpoint, rank).
+    """
+
+    worker_id: WorkerId
+    text: str
+    endpoint: EndpointName = DEFAULT_ENDPOINT
+    dp_rank: Rank | None = None
+
+
 # Decoding -----------------------------------------------------------------------------
 
 # Reasons a message is rejected; each is a label value of the rejected-messages counter.
@@ -159,6 +174,7 @@ _FLAT_REQUIRED: Final = ("request_active_slots", "request_total_slots", "kv_acti
 
 _load_decoder = msgspec.json.Decoder(_AnyLoadEvent)
 _hit_rate_decoder = msgspec.json.Decoder(KvHitRateEvent)
+_snapshot_decoder = msgspec.json.Decoder(MetricsSnapshot)
 _forward_pass_decoder = msgspec.json.Decoder(_AnyForwardPassMetrics)
 _encoder = msgspec.json.Encoder()
 
@@ -256,6 +272,13 @@ def decode_hit_rate_event(payload: bytes, max_bytes: int) -> KvHitRateEvent:
             INCONSISTENT, f"overlap_blocks {event.overlap_blocks} > isl_blocks {event.isl_blocks}"
         )
     return event
+
+
+def decode_metrics_snapshot(payload: bytes, max_bytes: int) -> MetricsSnapshot:
+    """The envelope only; the exposition text inside is parsed by `component_metrics`."""
+    snapshot = _decode(_snapshot_decoder, payload, max_bytes)
+    _check_worker_id(snapshot.worker_id)
+    return snapshot
 
 
 def encode(message: Struct) -> bytes:

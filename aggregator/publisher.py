@@ -4,6 +4,7 @@
     publisher = WorkerPublisher(nc, namespace="dynamo", component="backend", worker_id=lease_id)
     await publisher.publish_load(ForwardPassMetrics(WorkerStats(...), KvStats(...)))
     await publisher.publish_hit_rate(isl_blocks=12, overlap_blocks=8)
+    await publisher.publish_component_metrics(runtime)  # a MetricsRegistry, on an interval
 
 Messages are the typed structures of `aggregator.protocol`, sent as Dynamo sends them
 (JSON on core NATS, fire-and-forget), so the aggregator cannot tell this library from a
@@ -19,7 +20,8 @@ from collections.abc import Awaitable, Callable
 from nats.aio.client import Client
 
 from . import protocol
-from .protocol import ForwardPassMetrics, KvHitRateEvent, LoadEvent
+from .protocol import ForwardPassMetrics, KvHitRateEvent, LoadEvent, MetricsSnapshot
+from .registry import MetricsRegistry
 
 
 class WorkerPublisher:
@@ -40,6 +42,7 @@ class WorkerPublisher:
         self.worker_id = worker_id
         self.load_subject = protocol.component_subject(namespace, component, protocol.KV_METRICS)
         # Dynamo's KV router publishes hit-rate events on the namespace-level subject.
+        self.metrics_subject = protocol.component_subject(namespace, component, protocol.COMPONENT_METRICS)
         self.hit_rate_subject = (
             protocol.namespace_subject(namespace, protocol.KV_HIT_RATE)
             if hit_rate_on_namespace
@@ -57,6 +60,14 @@ class WorkerPublisher:
     async def publish_hit_rate(self, isl_blocks: int, overlap_blocks: int, dp_rank: int | None = None) -> None:
         event = KvHitRateEvent(self.worker_id, isl_blocks, overlap_blocks, dp_rank)
         await self.nc.publish(self.hit_rate_subject, protocol.encode(event))
+
+    async def publish_component_metrics(self, registry: MetricsRegistry, dp_rank: int | None = None) -> int:
+        """Publish a snapshot of `registry` (text exposition format); returns the payload size."""
+        text = registry.render()[0].decode()
+        snapshot = MetricsSnapshot(worker_id=self.worker_id, text=text, endpoint=self.endpoint, dp_rank=dp_rank)
+        payload = protocol.encode(snapshot)
+        await self.nc.publish(self.metrics_subject, payload)
+        return len(payload)
 
     async def publish_raw(self, event: str, payload: bytes) -> None:
         await self.nc.publish(self.subject(event), payload)

@@ -10,8 +10,10 @@ import time
 import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
+from . import protocol
 from .collector import FleetCollector
 from . import nats_auth
+from .component_metrics import ComponentMetricsCollector, SnapshotLimits, snapshot_route
 from .fleet import Fleet
 from .hit_rate_journal import HitRateJournal
 from .http import bound_port, build_app, start_server
@@ -36,8 +38,10 @@ class Aggregator:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.telemetry = Telemetry(self.registry)
-        self.fleet = Fleet(args.stale_after, max_workers=args.max_workers, default_endpoint=args.endpoint)
+        self.fleet = Fleet(args.stale_after, max_workers=args.max_workers, default_endpoint=args.endpoint,
+                           max_component_series=args.component_metrics_max_series)
         self.registry.register(FleetCollector(self.fleet))
+        self.registry.register(ComponentMetricsCollector(self.fleet))
         self.ingest = Ingest(
             self.fleet,
             self.telemetry,
@@ -49,6 +53,9 @@ class Aggregator:
         self.journal = HitRateJournal(args, self.ingest) if getattr(args, "hit_rate_stream", None) else None
         if self.journal is not None:
             self.journal.load()
+        limits = SnapshotLimits(args.component_metrics_prefixes, args.component_metrics_max_series_per_worker)
+        self.ingest.add_route(protocol.COMPONENT_METRICS, "component_metrics",
+                              snapshot_route(limits, args.component_metrics_max_bytes))
         self.subscriber = NatsSubscriber(
             args.nats_url,
             self.ingest,

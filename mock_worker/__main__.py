@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 
@@ -11,6 +12,7 @@ import structlog
 
 from aggregator import logs, protocol
 from aggregator.config import OneLineParser, bounded, env_flag, label_value, nats_token, nats_urls
+from aggregator.status_server import StatusServer, StatusServerConfig
 
 from .fleet import MODES, SHAPES, MockFleet
 
@@ -39,6 +41,10 @@ def parser() -> OneLineParser:
              "(0 = never); a fixed state to compare runs by")
     env_flag(p, "--duration", "MOCK_WORKER_DURATION", 0.0, bounded(float, 0.0, 10_000_000.0),
              "stop after this many seconds (0 = run until interrupted)")
+    env_flag(p, "--metrics-interval", "MOCK_WORKER_METRICS_INTERVAL", 5.0, bounded(float, 0.05, 3600.0),
+             "seconds between MetricsRegistry snapshots (namespace.{ns}.component.{c}.metrics)")
+    p.add_argument("--no-component-metrics", dest="component_metrics", action="store_false",
+                   help="serve no MetricsRegistry: no endpoint metrics, no snapshots, no status server")
     return p
 
 
@@ -48,7 +54,15 @@ def _mode(value: str) -> str:
     return value
 
 
-async def run(args) -> None:
+def status_config(args) -> StatusServerConfig | None:
+    """DYN_SYSTEM_PORT enables a status server for the (single) simulated worker process."""
+    config = StatusServerConfig.from_env(os.environ)
+    if config is not None and (args.workers != 1 or not args.component_metrics):
+        raise ValueError("DYN_SYSTEM_PORT serves one worker's registry: it needs --workers 1 and component metrics")
+    return config
+
+
+async def run(args, status: StatusServerConfig | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -68,12 +82,22 @@ async def run(args) -> None:
         return
     fleet = MockFleet(nc, workers=args.workers, namespace=args.namespace, component=args.component,
                       endpoint=args.endpoint, seed=args.seed, dp_ranks=args.dp_ranks, shape=args.shape,
-                      hit_rate_on_namespace=args.hit_rate_on_namespace, freeze_after=args.freeze_after)
+                      hit_rate_on_namespace=args.hit_rate_on_namespace, freeze_after=args.freeze_after,
+                      component_metrics=args.component_metrics)
+    server = None
+    if status is not None:
+        server = StatusServer(fleet.workers[0].runtime, status)
+        port = await server.start()
+        server.health.set_endpoint(args.endpoint)
+        server.health.set_ready()
+        log.info("status server", url=f"http://{status.host}:{port}/metrics", worker_id=fleet.workers[0].worker_id)
     try:
         if args.mode == "pull":
             await fleet.serve_stats()
-        await fleet.run(args.interval, stop)
+        await fleet.run(args.interval, stop, args.metrics_interval)
     finally:
+        if server is not None:
+            await server.stop()
         await nc.drain()
 
 
@@ -84,9 +108,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error("argument --dp-ranks: pull mode serves one ForwardPassMetrics per worker endpoint; use 1")
     try:
         logs.configure()
+        status = status_config(args)
     except ValueError as error:
         sys.exit(f"mock_worker: error: {error}")
-    asyncio.run(run(args))
+    asyncio.run(run(args, status))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ import structlog
 from nats.aio.client import Client
 
 from aggregator import protocol
+from aggregator.endpoint_metrics import EndpointMetrics, HandlerError, current_call
 from aggregator.publisher import WorkerPublisher, run_periodically
+from aggregator.registry import MetricsRegistry
 
-from .engine import EngineConfig, SimulatedEngine
+from .engine import Completion, EngineConfig, SimulatedEngine
 
 log = structlog.get_logger("mock_worker")
 
@@ -32,6 +34,34 @@ class SimulatedWorker:
     engines: list[SimulatedEngine]  # one per data-parallel rank
     publisher: WorkerPublisher
     services: list = field(default_factory=list)  # nats.micro services, in pull mode
+    runtime: MetricsRegistry | None = None  # the worker process's MetricsRegistry
+    generate: object = None  # the `generate` endpoint's handler, wrapped by EndpointMetrics
+
+
+def serve_generate(endpoint: MetricsRegistry):
+    """The simulated `generate` endpoint behind the automatic endpoint metrics.
+
+    The engine already decided each request's fate; the handler answers it, so the
+    endpoint metrics are the simulation's own numbers: its latency (simulated seconds),
+    its failures, and bytes as 4-byte token ids in and out.
+    """
+    metrics = EndpointMetrics(endpoint)
+
+    @metrics.handler
+    def generate(request: bytes, completion: Completion) -> bytes:
+        current_call().duration = completion.latency
+        if completion.error is not None:
+            raise HandlerError(completion.error, "simulated engine failure")
+        return bytes(4 * completion.output_tokens)
+
+    return generate
+
+
+def answer(worker: SimulatedWorker, completion: Completion) -> None:
+    try:
+        worker.generate(bytes(4 * completion.prompt_tokens), completion)
+    except HandlerError:
+        pass  # counted by the endpoint metrics; the simulated client just sees the error
 
 
 def worker_ids(count: int, rng: random.Random) -> list[int]:
@@ -69,6 +99,7 @@ class MockFleet:
         hit_rate_on_namespace: bool = False,
         config: EngineConfig | None = None,
         freeze_after: int = 0,
+        component_metrics: bool = True,
     ) -> None:
         if shape not in SHAPES:
             raise ValueError(f"shape must be one of {SHAPES}")
@@ -91,6 +122,11 @@ class MockFleet:
         self.freeze_after = freeze_after
         self.steps = 0
         self.pull = False
+        if component_metrics:
+            for worker in self.workers:
+                worker.runtime = MetricsRegistry()
+                worker.generate = serve_generate(
+                    worker.runtime.namespace(namespace).component(component).endpoint(endpoint))
 
     def _payload(self, worker: SimulatedWorker, metrics: protocol.ForwardPassMetrics) -> bytes:
         if self.shape == "flat":
@@ -110,7 +146,10 @@ class MockFleet:
             for rank, engine in enumerate(worker.engines):
                 dp_rank = rank if self.dp_ranks > 1 else None
                 if not frozen:
-                    samples, _ = engine.step(dt)
+                    samples, completions = engine.step(dt)
+                    if worker.generate is not None:
+                        for completion in completions:
+                            answer(worker, completion)
                     for sample in samples:
                         await worker.publisher.publish_hit_rate(sample.isl_blocks, sample.overlap_blocks, dp_rank)
                 if self.pull:
@@ -133,7 +172,13 @@ class MockFleet:
                 worker_id=worker.worker_id, engine=worker.engines[0]))
         self.pull = True
 
-    async def run(self, interval: float, stop: asyncio.Event) -> None:
+    async def publish_component_metrics(self) -> None:
+        for worker in self.workers:
+            if worker.runtime is not None:
+                await worker.publisher.publish_component_metrics(worker.runtime)
+
+    async def run(self, interval: float, stop: asyncio.Event, metrics_interval: float = 5.0) -> None:
+        component_metrics = bool(self.workers) and self.workers[0].runtime is not None
         if self.pull:
             from aggregator.service_stats import service_name, stats_subject
 
@@ -142,5 +187,9 @@ class MockFleet:
         else:
             log.info("publishing", workers=len(self.workers), dp_ranks=self.dp_ranks, interval=interval,
                      shape=self.shape, freeze_after=self.freeze_after,
-                     subject=self.workers[0].publisher.load_subject if self.workers else None)
-        await run_periodically(interval, lambda: self.tick(interval), stop)
+                     subject=self.workers[0].publisher.load_subject if self.workers else None,
+                     component_metrics=component_metrics, metrics_interval=metrics_interval)
+        loops = [run_periodically(interval, lambda: self.tick(interval), stop)]
+        if component_metrics:
+            loops.append(run_periodically(metrics_interval, self.publish_component_metrics, stop))
+        await asyncio.gather(*loops)

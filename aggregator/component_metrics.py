@@ -1,0 +1,293 @@
+"""Workers' own metrics (MetricsRegistry snapshots), checked on arrival and re-exported merged.
+
+A snapshot is parsed once, when it arrives, with prometheus_client's text parser; each
+accepted sample already carries the `worker_id` label, so a scrape only concatenates
+lists. What a worker may not do:
+
+- send something that is not the text exposition format (`not_exposition`);
+- use a name outside the allowed prefixes (`bad_name`) or an `llm_*` / `process_*` /
+  `python_*` name, which are the aggregator's own series (`reserved_name`);
+- send a family whose sample names do not fit its type, or a histogram without `+Inf`
+  (`bad_family`): re-exported as is, it would break the OpenMetrics scrape for everyone;
+- declare a name with a type other workers already use for it (`type_conflict`);
+- send more series than allowed per worker, or push the total past its limit (`series_limit`).
+
+Bad families are dropped one by one and the rest of the snapshot is used; a snapshot over
+a limit, or not parseable at all, is dropped whole and the worker keeps its previous one.
+No I/O here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+from . import protocol
+from .protocol import MessageRejected
+
+NOT_EXPOSITION = "not_exposition"
+BAD_NAME = "bad_name"
+RESERVED_NAME = "reserved_name"
+BAD_FAMILY = "bad_family"
+TYPE_CONFLICT = "type_conflict"
+SERIES_LIMIT = "series_limit"
+
+DEFAULT_PREFIXES = ("dynamo_component_", "dynamo_frontend_")
+# The aggregator's own families (FleetCollector, Telemetry, ProcessCollector, PlatformCollector).
+RESERVED_PREFIXES = ("llm_", "process_", "python_")
+WORKER_ID = "worker_id"
+
+_PREFIX = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_TYPES = ("counter", "gauge", "histogram", "summary", "unknown")
+
+
+def check_prefix(prefix: str) -> str:
+    """A configured allowed prefix: a valid name start that cannot reach the aggregator's own names."""
+    if not _PREFIX.match(prefix):
+        raise ValueError(f"{prefix!r} is not the start of a Prometheus metric name")
+    for reserved in RESERVED_PREFIXES:
+        if prefix.startswith(reserved) or reserved.startswith(prefix):
+            raise ValueError(f"{prefix!r} would admit the aggregator's own {reserved}* series")
+    return prefix
+
+
+@dataclass(frozen=True)
+class SnapshotLimits:
+    prefixes: tuple[str, ...] = DEFAULT_PREFIXES
+    max_series_per_worker: int = 5_000
+
+
+@dataclass(slots=True)
+class Family:
+    name: str
+    type: str
+    documentation: str
+    samples: list[Sample]
+
+
+@dataclass(slots=True)
+class WorkerMetrics:
+    """One worker's accepted families, samples already labelled with its worker_id."""
+
+    families: dict[str, Family] = field(default_factory=dict)
+
+    @property
+    def series(self) -> int:
+        return sum(len(f.samples) for f in self.families.values())
+
+
+Problem = tuple[str, str]  # (reason, detail) of one dropped family
+
+
+def _sample_names(family) -> set[str] | None:
+    """The sample names a family of this type may have (None: any sample name is wrong)."""
+    n = family.name
+    if family.type == "counter":
+        return {n + "_total"}
+    if family.type == "histogram":
+        return {n + "_bucket", n + "_sum", n + "_count"}
+    if family.type == "summary":
+        return {n, n + "_sum", n + "_count"}
+    return {n}
+
+
+def _check_family(family) -> str | None:
+    """Why a parsed family cannot be re-exported, or None."""
+    if family.type not in _TYPES:
+        return f"type {family.type!r} is not re-exported"
+    allowed = _sample_names(family)
+    seen = set()
+    for sample in family.samples:
+        if sample.name not in allowed:
+            return f"sample {sample.name!r} does not belong to a {family.type} named {family.name!r}"
+        key = (sample.name, tuple(sorted(sample.labels.items())))
+        if key in seen:  # Prometheus would reject the whole scrape
+            return f"series {sample.name}{dict(key[1])} appears twice"
+        seen.add(key)
+    if family.type == "histogram":
+        series_with_inf = set()
+        series = set()
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                if "le" not in sample.labels:
+                    return "bucket without an le label"
+                rest = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+                series.add(rest)
+                if sample.labels["le"] == "+Inf":
+                    series_with_inf.add(rest)
+        if series != series_with_inf:
+            return "histogram without a +Inf bucket"
+    return None
+
+
+def parse_snapshot(text: str, worker_id: int, limits: SnapshotLimits) -> tuple[WorkerMetrics, list[Problem]]:
+    """Parse, check and label one worker's exposition text.
+
+    Raises MessageRejected when the whole snapshot is unusable (not the exposition
+    format, or more series than `max_series_per_worker`); returns the accepted families
+    and the reasons some families were dropped.
+    """
+    worker = str(worker_id)
+    result = WorkerMetrics()
+    problems: list[Problem] = []
+    series = 0
+    try:
+        for parsed in text_string_to_metric_families(text):
+            series += len(parsed.samples)
+            if series > limits.max_series_per_worker:
+                raise MessageRejected(SERIES_LIMIT, f"more than {limits.max_series_per_worker} series in one "
+                                                    "snapshot")
+            name = parsed.name
+            if not parsed.samples:  # a HELP/TYPE without series (e.g. a vector no child was made of)
+                continue
+            if name.startswith(RESERVED_PREFIXES):
+                problems.append((RESERVED_NAME, f"{name!r} is one of the aggregator's own names"))
+                continue
+            if not name.startswith(limits.prefixes):
+                problems.append((BAD_NAME, f"{name!r} does not start with one of {limits.prefixes}"))
+                continue
+            if name in result.families:
+                problems.append((BAD_FAMILY, f"{name!r} appears twice"))
+                continue
+            why = _check_family(parsed)
+            if why is not None:
+                problems.append((BAD_FAMILY, f"{name!r}: {why}"))
+                continue
+            # Timestamps and exemplars are dropped: the aggregator re-exports the latest value.
+            samples = [Sample(s.name, {**s.labels, WORKER_ID: worker}, s.value) for s in parsed.samples]
+            result.families[name] = Family(name, parsed.type, parsed.documentation, samples)
+    except MessageRejected:
+        raise
+    except Exception as error:  # noqa: BLE001 - the parser raises ValueError, IndexError, KeyError...
+        raise MessageRejected(NOT_EXPOSITION, f"{type(error).__name__}: {error}"[:300]) from None
+    return result, problems
+
+
+def snapshot_route(limits: SnapshotLimits, max_bytes: int):
+    """The ingest `apply` for `namespace.{ns}.component.{c}.metrics`: decode, parse once, store."""
+
+    def apply(fleet, component: str, payload: bytes, now: float) -> list[Problem]:
+        snapshot = protocol.decode_metrics_snapshot(payload, max_bytes)
+        metrics, problems = parse_snapshot(snapshot.text, snapshot.worker_id, limits)
+        return problems + fleet.observe_component_metrics(component, snapshot, metrics, now)
+
+    return apply
+
+
+@dataclass(slots=True)
+class _NameEntry:
+    type: str
+    documentation: str
+    holders: int
+
+
+class ComponentMetricsIndex:
+    """Fleet-wide view of the workers' families: one type and HELP per name, and the series total.
+
+    Families clash not only by name: a counter `x` owns the sample name `x_total`, so a gauge
+    named `x_total` from another worker would write the same series name under two types.
+    """
+
+    def __init__(self, max_series: int = 100_000) -> None:
+        self.max_series = max_series
+        self.names: dict[str, _NameEntry] = {}
+        self.owners: dict[str, str] = {}  # sample name -> the family name that writes it
+        self.series = 0
+
+    def conflicts(self, family: Family, previous: WorkerMetrics | None) -> str | None:
+        own = previous.families if previous is not None else {}
+        owners = (self.owners.get(sample_name) for sample_name in _sample_names(family))
+        clashes = {owner for owner in owners if owner is not None and owner != family.name}
+        entry = self.names.get(family.name)
+        if entry is not None and entry.type != family.type:
+            clashes.add(family.name)
+        for name in clashes:
+            mine = own.get(name)
+            entry = self.names[name]
+            if mine is not None and entry.holders == 1 and mine.type == entry.type:
+                continue  # this worker is the only holder: it may change its own mind
+            return f"{family.name!r} ({family.type}) clashes with {name!r} ({entry.type}) from other workers"
+        return None
+
+    def admit(self, new: WorkerMetrics, previous: WorkerMetrics | None) -> list[Problem]:
+        """Drop the families of `new` that conflict; raise MessageRejected past the series total."""
+        problems: list[Problem] = []
+        for name in list(new.families):
+            why = self.conflicts(new.families[name], previous)
+            if why is not None:
+                del new.families[name]
+                problems.append((TYPE_CONFLICT, why))
+        after = self.series - (previous.series if previous is not None else 0) + new.series
+        if after > self.max_series:
+            raise MessageRejected(SERIES_LIMIT, f"{new.series} series would take the total to {after} > "
+                                                f"{self.max_series}")
+        return problems
+
+    def add(self, metrics: WorkerMetrics) -> None:
+        for family in metrics.families.values():
+            entry = self.names.get(family.name)
+            if entry is None:
+                self.names[family.name] = _NameEntry(family.type, family.documentation, 1)
+                for sample_name in _sample_names(family):
+                    self.owners[sample_name] = family.name
+            else:
+                entry.holders += 1
+        self.series += metrics.series
+
+    def remove(self, metrics: WorkerMetrics) -> None:
+        for family in metrics.families.values():
+            entry = self.names[family.name]
+            entry.holders -= 1
+            if entry.holders == 0:
+                del self.names[family.name]
+                for sample_name in _sample_names(family):
+                    if self.owners.get(sample_name) == family.name:
+                        del self.owners[sample_name]
+        self.series -= metrics.series
+
+
+class ComponentMetricsCollector(Collector):
+    """Every live worker's families, merged by name, one HELP/TYPE each, at scrape time."""
+
+    def __init__(self, fleet) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        index: ComponentMetricsIndex = self.fleet.component_metrics
+        states = [s for s in list(self.fleet.workers.values()) if s.component_metrics is not None]
+        # A worker's series all carry its worker_id, so only a worker id publishing under two
+        # keys (two endpoints, ranks or components) can repeat a series; a duplicate makes
+        # Prometheus reject the whole scrape, so those keep the first copy of each series.
+        keys_per_id = Counter(s.key.worker_id for s in states)
+        merged: dict[str, Metric] = {}
+        seen: dict[str, set] = {}
+        for state in states:
+            shared_id = keys_per_id[state.key.worker_id] > 1
+            for name, family in state.component_metrics.families.items():
+                out = merged.get(name)
+                if out is None:
+                    entry = index.names[name]
+                    out = merged[name] = Metric(name, entry.documentation, entry.type)
+                if shared_id:
+                    out.samples.extend(self._unique(family.samples, seen.setdefault(name, set())))
+                else:
+                    out.samples.extend(family.samples)
+        return iter(merged.values())
+
+    @staticmethod
+    def _unique(samples: list[Sample], seen: set) -> Iterator[Sample]:
+        for sample in samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            if key not in seen:
+                seen.add(key)
+                yield sample
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())

@@ -1,0 +1,262 @@
+"""Workers' MetricsRegistry snapshots through the aggregator's ingest, fleet and collectors (no I/O)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from aggregator import protocol
+from aggregator.collector import FleetCollector
+from aggregator.component_metrics import (
+    ComponentMetricsCollector,
+    SnapshotLimits,
+    check_prefix,
+    parse_snapshot,
+    snapshot_route,
+)
+from aggregator.endpoint_metrics import EndpointMetrics
+from aggregator.fleet import Fleet
+from aggregator.http import render_metrics
+from aggregator.ingest import Ingest
+from aggregator.registry import MetricsRegistry
+from aggregator.telemetry import Telemetry
+
+from .support import OPENMETRICS, parse_openmetrics, parse_text, samples
+
+PATTERN = "namespace.dynamo.component.*.metrics"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Stack:
+    def __init__(self, *, max_series_per_worker=5_000, max_series=200_000, max_bytes=1 << 20,
+                 prefixes=("dynamo_component_", "dynamo_frontend_")) -> None:
+        self.clock = Clock()
+        self.registry = CollectorRegistry()
+        self.telemetry = Telemetry(self.registry)
+        self.fleet = Fleet(stale_after=10, max_component_series=max_series)
+        self.registry.register(FleetCollector(self.fleet, monotonic_clock=self.clock))
+        self.registry.register(ComponentMetricsCollector(self.fleet))
+        self.ingest = Ingest(self.fleet, self.telemetry, namespace="dynamo", default_component="backend",
+                             max_message_bytes=65536, clock=self.clock)
+        self.ingest.add_route(protocol.COMPONENT_METRICS, "component_metrics",
+                              snapshot_route(SnapshotLimits(prefixes, max_series_per_worker), max_bytes))
+
+    def send(self, worker_id: int, text: str, component="backend", endpoint="generate") -> bool:
+        payload = protocol.encode(protocol.MetricsSnapshot(worker_id=worker_id, text=text, endpoint=endpoint))
+        return self.ingest.handle(PATTERN, f"namespace.dynamo.component.{component}.metrics", payload)
+
+    def families(self, openmetrics=False) -> dict:
+        body, _ = render_metrics(self.registry, OPENMETRICS if openmetrics else "")
+        result = {}
+        for family in (parse_openmetrics if openmetrics else parse_text)(body.decode()):
+            assert family.name not in result, f"duplicate family {family.name}"
+            result[family.name] = family
+        return result
+
+    def rejected(self) -> dict:
+        fams = self.families()
+        return {s.labels["reason"]: s.value for s in fams["llm_aggregator_messages_rejected"].samples
+                if s.labels["kind"] == "component_metrics" and s.name.endswith("_total") and s.value}
+
+
+def worker_registry(requests: int, errors: int = 0, latency: float = 0.2) -> MetricsRegistry:
+    runtime = MetricsRegistry()
+    metrics = EndpointMetrics(runtime.namespace("dynamo").component("backend").endpoint("generate"))
+    for i in range(requests):
+        with metrics.track(request_bytes=100) as call:
+            call.duration = latency
+            call.response_bytes = 40
+            if i < errors:
+                call.fail()
+    return runtime
+
+
+def text_of(runtime: MetricsRegistry) -> str:
+    return runtime.render()[0].decode()
+
+
+def by_worker(families: dict, name: str, sample: str | None = None) -> dict[str, float]:
+    return {dict(k)["worker_id"]: v for k, v in samples(families, name, sample).items()}
+
+
+@pytest.mark.parametrize("openmetrics", [False, True], ids=["text", "openmetrics"])
+def test_two_workers_merge_into_one_family_each_with_worker_id(openmetrics):
+    stack = Stack()
+    assert stack.send(11, text_of(worker_registry(3, errors=1)))
+    assert stack.send(22, text_of(worker_registry(5, latency=2.0)))
+    fams = stack.families(openmetrics)
+    requests = fams["dynamo_component_requests"]
+    assert requests.type == "counter"
+    assert requests.documentation == "Total number of requests processed by component endpoint"
+    assert by_worker(fams, "dynamo_component_requests", "dynamo_component_requests_total") == {"11": 3, "22": 5}
+    for key in samples(fams, "dynamo_component_requests", "dynamo_component_requests_total"):
+        assert {k for k, _ in key} == {"dynamo_namespace", "dynamo_component", "dynamo_endpoint", "worker_id"}
+    duration = "dynamo_component_request_duration_seconds"
+    assert fams[duration].type == "histogram"
+    assert by_worker(fams, duration, duration + "_count") == {"11": 3, "22": 5}
+    assert by_worker(fams, duration, duration + "_sum") == {"11": pytest.approx(0.6), "22": pytest.approx(10.0)}
+    inf = {dict(k)["worker_id"]: v for k, v in samples(fams, duration, duration + "_bucket").items()
+           if dict(k)["le"] == "+Inf"}
+    assert inf == {"11": 3, "22": 5}
+    assert by_worker(fams, "dynamo_component_errors", "dynamo_component_errors_total") == {"11": 1}
+    assert by_worker(fams, "dynamo_component_request_bytes", "dynamo_component_request_bytes_total") == {
+        "11": 300, "22": 500}
+    assert set(by_worker(fams, "dynamo_component_uptime_seconds")) == {"11", "22"}
+    # The snapshot also makes the worker live, like any message from it.
+    assert list(samples(fams, "llm_workers").values()) == [2]
+
+
+def test_a_newer_snapshot_replaces_the_older_and_expiry_removes_the_worker():
+    stack = Stack()
+    stack.send(11, text_of(worker_registry(3)))
+    stack.clock.now += 6
+    stack.send(22, text_of(worker_registry(1)))
+    stack.send(22, text_of(worker_registry(4)))
+    fams = stack.families()
+    assert by_worker(fams, "dynamo_component_requests", "dynamo_component_requests_total") == {"11": 3, "22": 4}
+    series = stack.fleet.component_metrics.series
+    stack.clock.now += 5  # worker 11 silent for 11 s > stale_after 10
+    stack.fleet.expire(stack.clock.now)
+    fams = stack.families()
+    assert by_worker(fams, "dynamo_component_requests", "dynamo_component_requests_total") == {"22": 4}
+    assert 0 < stack.fleet.component_metrics.series < series
+    stack.clock.now += 20
+    stack.fleet.expire(stack.clock.now)
+    fams = stack.families()
+    assert "dynamo_component_requests" not in fams
+    assert stack.fleet.component_metrics.series == 0 and stack.fleet.component_metrics.names == {}
+
+
+def test_worker_id_in_the_snapshot_is_replaced_by_the_envelope_in_decimal():
+    stack = Stack()
+    text = '# TYPE dynamo_component_x gauge\ndynamo_component_x{worker_id="7a3f"} 1\n'
+    stack.send(2**63 + 5, text)
+    assert by_worker(stack.families(), "dynamo_component_x") == {str(2**63 + 5): 1}
+
+
+GOOD = "# HELP dynamo_component_ok fine\n# TYPE dynamo_component_ok gauge\ndynamo_component_ok 1\n"
+
+
+@pytest.mark.parametrize("family, reason", [
+    ("# TYPE other_metric gauge\nother_metric 1\n", "bad_name"),
+    ("# TYPE dynamo_preprocessor_x gauge\ndynamo_preprocessor_x 1\n", "bad_name"),
+    ("# TYPE llm_kv_blocks_active gauge\nllm_kv_blocks_active 5\n", "reserved_name"),
+    ("# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 5\n", "reserved_name"),
+    ("# TYPE dynamo_component_h histogram\ndynamo_component_h_bucket{le=\"1\"} 1\ndynamo_component_h_count 1\n",
+     "bad_family"),
+    ("# TYPE dynamo_component_d gauge\ndynamo_component_d 1\ndynamo_component_d 2\n", "bad_family"),
+    ("# TYPE dynamo_component_z gauge\ndynamo_component_z 1\n" + GOOD.replace("1\n", "2\n"),
+     "bad_family"),  # the same family twice
+])
+def test_a_bad_family_is_dropped_and_counted_the_rest_is_kept(family, reason):
+    stack = Stack()
+    assert stack.send(1, GOOD + family)
+    fams = stack.families()
+    assert by_worker(fams, "dynamo_component_ok") == {"1": 1}
+    assert stack.rejected() == {reason: 1}
+    assert samples(fams, "llm_kv_blocks_active") == {}  # the aggregator's own family is untouched
+    assert "other_metric" not in fams and "dynamo_component_h" not in fams
+    assert stack.families(openmetrics=True)  # the scrape stays valid OpenMetrics
+
+
+def test_type_conflict_between_workers_keeps_the_first_type():
+    stack = Stack()
+    stack.send(1, "# TYPE dynamo_component_q gauge\ndynamo_component_q 3\n")
+    stack.send(2, "# TYPE dynamo_component_q_total counter\ndynamo_component_q_total 9\n" + GOOD)
+    fams = stack.families()
+    assert fams["dynamo_component_q"].type == "gauge"
+    assert by_worker(fams, "dynamo_component_q") == {"1": 3}
+    assert by_worker(fams, "dynamo_component_ok") == {"2": 1}
+    assert stack.rejected() == {"type_conflict": 1}
+    # The only holder of a name may change its type.
+    stack.send(1, "# TYPE dynamo_component_q_total counter\ndynamo_component_q_total 4\n")
+    assert stack.families()["dynamo_component_q"].type == "counter"
+    # A gauge named like the counter's sample would write dynamo_component_q_total under two types.
+    stack.send(3, "# TYPE dynamo_component_q_total gauge\ndynamo_component_q_total 1\n")
+    assert "dynamo_component_q_total" not in stack.families(openmetrics=True)
+    assert stack.rejected() == {"type_conflict": 2}
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"not json", "not_json"),
+    (b'{"text": "x"}', "missing_field"),
+    (protocol.encode(protocol.MetricsSnapshot(worker_id=1, text="dynamo_component_x{a=\"b\" 1\n")), "not_exposition"),
+    (protocol.encode(protocol.MetricsSnapshot(worker_id=1, text="x" * 5000)), "oversized"),
+])
+def test_unusable_snapshots_are_rejected_whole(payload, reason):
+    stack = Stack(max_bytes=4096)
+    stack.send(1, GOOD)
+    assert not stack.ingest.handle(PATTERN, "namespace.dynamo.component.backend.metrics", payload)
+    assert stack.rejected() == {reason: 1}
+    assert by_worker(stack.families(), "dynamo_component_ok") == {"1": 1}  # the previous snapshot stays
+
+
+def test_series_limits_per_worker_and_in_total():
+    stack = Stack(max_series_per_worker=20, max_series=30)
+    big = "# TYPE dynamo_component_v gauge\n" + "".join(f'dynamo_component_v{{i="{i}"}} {i}\n' for i in range(21))
+    assert not stack.send(1, big)
+    assert stack.rejected() == {"series_limit": 1}
+    assert "dynamo_component_v" not in stack.families()
+    fifteen = "# TYPE dynamo_component_v gauge\n" + "".join(f'dynamo_component_v{{i="{i}"}} 1\n' for i in range(15))
+    assert stack.send(1, fifteen) and stack.send(2, fifteen)
+    assert not stack.send(3, fifteen)  # 45 > 30 in total
+    assert stack.send(2, fifteen)  # replacing its own snapshot does not count twice
+    assert set(by_worker(stack.families(), "dynamo_component_v")) == {"1", "2"}
+    assert stack.rejected() == {"series_limit": 2}
+    assert stack.fleet.component_metrics.series == 30
+
+
+def test_one_worker_id_under_two_endpoints_never_repeats_a_series():
+    stack = Stack()
+    text = text_of(worker_registry(2))
+    stack.send(5, text, endpoint="generate")
+    stack.send(5, text, endpoint="embed")
+    fams = stack.families()
+    assert by_worker(fams, "dynamo_component_requests", "dynamo_component_requests_total") == {"5": 2}
+    assert stack.families(openmetrics=True)
+
+
+def test_parse_snapshot_drops_timestamps_and_checks_prefixes():
+    text = "# TYPE dynamo_frontend_inflight gauge\ndynamo_frontend_inflight{model=\"m\"} 3 1700000000000\n"
+    metrics, problems = parse_snapshot(text, 9, SnapshotLimits())
+    (sample,) = metrics.families["dynamo_frontend_inflight"].samples
+    assert sample.timestamp is None and sample.labels == {"model": "m", "worker_id": "9"}
+    assert problems == []
+    assert check_prefix("dynamo_") == "dynamo_"
+    for bad in ("llm_", "l", "process_x", "9abc", ""):
+        with pytest.raises(ValueError):
+            check_prefix(bad)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_accepts_the_merged_exposition():
+    stack = Stack()
+    stack.send(11, text_of(worker_registry(3, errors=1)))
+    stack.send(22, text_of(worker_registry(5)))
+    body, _ = render_metrics(stack.registry, "")
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60)
+    errors = [line for line in result.stdout.decode().splitlines() + result.stderr.decode().splitlines()
+              if "dynamo_component" in line and "error" in line.lower()]
+    assert not errors, errors
+
+
+def test_flags_validate_prefixes_and_limits(capsys):
+    from aggregator.config import parse_aggregator_args
+
+    args = parse_aggregator_args(["--component-metrics-prefixes", "dynamo_component_, dynamo_preprocessor_"])
+    assert args.component_metrics_prefixes == ("dynamo_component_", "dynamo_preprocessor_")
+    assert args.component_metrics_max_series == 100_000
+    for bad in (["--component-metrics-prefixes", "llm_"], ["--component-metrics-max-series-per-worker", "0"]):
+        with pytest.raises(SystemExit):
+            parse_aggregator_args(bad)
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
