@@ -97,6 +97,16 @@ def bounded(kind, low, high):
     return parse
 
 
+def choice(options):
+    def parse(value: str) -> str:
+        if value not in options:
+            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+        return value
+
+    parse.__name__ = "choice"
+    return parse
+
+
 def aggregator_parser() -> OneLineParser:
     parser = OneLineParser(
         prog="aggregator",
@@ -119,6 +129,10 @@ def aggregator_parser() -> OneLineParser:
              "live workers kept at most; new ones past it are refused (reason=worker_limit)")
     env_flag(parser, "--pending-msgs-limit", "AGGREGATOR_PENDING_MSGS_LIMIT", 512 * 1024,
              bounded(int, 1, 100_000_000), "per-subscription NATS buffer, messages; past it NATS drops (counted)")
+    env_flag(parser, "--gpu-hostname-label", "AGGREGATOR_GPU_HOSTNAME_LABEL", "Hostname",
+             choice(("Hostname", "hostname")),
+             "name of the node label on DCGM_FI_* series: dcgm-exporter's released 'Hostname', "
+             "or 'hostname' as on its main branch since PR #655 (joins with Slurm's label)")
     return parser
 
 

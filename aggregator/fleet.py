@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .aggregate import hit_rate_percent, load_mean_std
-from .protocol import ForwardPassMetrics, KvHitRateEvent, LoadEvent
+from .protocol import ForwardPassMetrics, GpuMetricsEvent, KvHitRateEvent, LoadEvent
 
 
 class WorkerKey(NamedTuple):
@@ -35,6 +35,8 @@ class WorkerState:
     load: ForwardPassMetrics | None = None
     isl_blocks: int = 0
     overlap_blocks: int = 0
+    gpu: GpuMetricsEvent | None = None  # the latest GPU readings, replaced whole
+    gpu_seen: float = 0.0  # when they came; readings older than stale_after are not exported
 
 
 @dataclass(slots=True)
@@ -120,6 +122,14 @@ class Fleet:
         totals = self.groups[GroupKey(component, endpoint)]
         totals.isl_blocks += event.isl_blocks
         totals.overlap_blocks += event.overlap_blocks
+        return state
+
+    def observe_gpu(self, component: str, event: GpuMetricsEvent, now: float) -> WorkerState:
+        """The worker's latest GPU readings; the message also keeps the worker alive."""
+        key = WorkerKey(component, event.endpoint, event.worker_id, event.dp_rank or 0)
+        state = self._touch(key, now)
+        state.gpu = event
+        state.gpu_seen = now
         return state
 
     def expire(self, now: float) -> list[WorkerKey]:

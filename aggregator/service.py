@@ -32,7 +32,7 @@ class Aggregator:
         PlatformCollector(registry=self.registry)
         self.telemetry = Telemetry(self.registry)
         self.fleet = Fleet(args.stale_after, max_workers=args.max_workers, default_endpoint=args.endpoint)
-        self.registry.register(FleetCollector(self.fleet))
+        self.registry.register(FleetCollector(self.fleet, gpu_hostname_label=args.gpu_hostname_label))
         self.ingest = Ingest(
             self.fleet,
             self.telemetry,

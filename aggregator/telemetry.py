@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .protocol import REJECT_REASONS
 
-KINDS = ("kv_metrics", "kv_hit_rate")
+KINDS = ("kv_metrics", "kv_hit_rate", "gpu_metrics")
 LIMIT_REASONS = ("worker_limit", "group_limit")
 
 

@@ -10,9 +10,9 @@ import nats
 import structlog
 
 from aggregator import logs, protocol
-from aggregator.config import OneLineParser, bounded, env_flag, label_value, nats_token, nats_urls
+from aggregator.config import OneLineParser, bounded, choice, env_flag, label_value, nats_token, nats_urls
 
-from .fleet import SHAPES, MockFleet
+from .fleet import GPU_SOURCES, SHAPES, MockFleet
 
 log = structlog.get_logger("mock_worker")
 
@@ -32,6 +32,13 @@ def parser() -> OneLineParser:
                    help="ForwardPassMetrics shape to send (all three are Dynamo's); default nested")
     p.add_argument("--hit-rate-on-namespace", action="store_true",
                    help="publish hit-rate events on namespace.{ns}.kv-hit-rate as Dynamo's router does")
+    env_flag(p, "--gpu", "MOCK_WORKER_GPU", "simulated", choice(GPU_SOURCES),
+             "GPU readings to publish on ...gpu_metrics: simulated (follow the simulated load), "
+             "nvml (this host's GPUs through NVML; none found = empty reports with the reason), none")
+    env_flag(p, "--gpus-per-worker", "MOCK_WORKER_GPUS_PER_WORKER", 1, bounded(int, 1, protocol.MAX_GPUS_PER_MESSAGE),
+             "simulated GPUs per worker (per data-parallel rank)")
+    env_flag(p, "--gpu-interval", "MOCK_WORKER_GPU_INTERVAL", 5.0, bounded(float, 0.05, 3600.0),
+             "seconds between GPU readings; keep it below the aggregator's --stale-after")
     env_flag(p, "--duration", "MOCK_WORKER_DURATION", 0.0, bounded(float, 0.0, 10_000_000.0),
              "stop after this many seconds (0 = run until interrupted)")
     return p
@@ -57,7 +64,8 @@ async def run(args) -> None:
         return
     fleet = MockFleet(nc, workers=args.workers, namespace=args.namespace, component=args.component,
                       endpoint=args.endpoint, seed=args.seed, dp_ranks=args.dp_ranks, shape=args.shape,
-                      hit_rate_on_namespace=args.hit_rate_on_namespace)
+                      hit_rate_on_namespace=args.hit_rate_on_namespace, gpu=args.gpu,
+                      gpus_per_worker=args.gpus_per_worker, gpu_interval=args.gpu_interval)
     try:
         await fleet.run(args.interval, stop)
     finally:
