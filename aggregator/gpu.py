@@ -122,7 +122,7 @@ def choose_devices(entries: list[str] | None, devices: list[tuple[int, str]]) ->
 
 def node_hostname() -> str:
     """The node's name as dcgm-exporter takes it: $NODE_NAME (Kubernetes) or the host name."""
-    return (os.environ.get("NODE_NAME") or socket.gethostname())[: protocol.MAX_GPU_TEXT_LENGTH]
+    return (os.environ.get("NODE_NAME") or socket.gethostname())[: protocol.MAX_HOSTNAME_LENGTH]
 
 
 def _text(value: Any) -> str:
@@ -130,6 +130,14 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         value = value.decode(errors="replace")
     return str(value)[: protocol.MAX_GPU_TEXT_LENGTH]
+
+
+def _describe(error: Exception) -> str:
+    # The binding looks unknown codes up in the library, which may be what is missing.
+    try:
+        return str(error)
+    except Exception:  # noqa: BLE001
+        return type(error).__name__
 
 
 def _error(nvml, name: str):
@@ -209,7 +217,7 @@ class NvmlGpuSource:
             # LibRmVersionMismatch: nothing to read on this host until the worker restarts.
             self.error = type(error).__name__
             self._say_once(("init",), "warning", "NVML unavailable; reporting no GPUs, KV stats continue",
-                           error=self.error, detail=str(error))
+                           error=self.error, detail=_describe(error))
             return
         try:
             self.driver_version = _text(nvml.nvmlSystemGetDriverVersion())

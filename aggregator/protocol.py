@@ -292,9 +292,12 @@ def flat_forward_pass_metrics(metrics: ForwardPassMetrics) -> dict:
 
 GPU_METRICS: Final = "gpu_metrics"
 
+# Chosen so that the largest legal message (64 GPUs, 32 processes each, every string at
+# its limit) stays under the aggregator's default --max-message-bytes of 256 KiB.
 MAX_GPUS_PER_MESSAGE: Final = 64
-MAX_PROCESSES_PER_GPU: Final = 64
-MAX_GPU_TEXT_LENGTH: Final = 256
+MAX_PROCESSES_PER_GPU: Final = 32
+MAX_GPU_TEXT_LENGTH: Final = 128
+MAX_HOSTNAME_LENGTH: Final = 253  # a DNS name
 
 GpuIndex = Annotated[int, Meta(ge=0, le=1023)]
 Percent = Annotated[int, Meta(ge=0, le=100)]
@@ -344,7 +347,7 @@ class GpuMetricsEvent(Struct, omit_defaults=True):
     """
 
     worker_id: WorkerId
-    hostname: GpuText = ""
+    hostname: Annotated[str, Meta(max_length=MAX_HOSTNAME_LENGTH)] = ""
     endpoint: EndpointName = DEFAULT_ENDPOINT
     dp_rank: Rank | None = None
     driver_version: GpuText | None = None
