@@ -140,9 +140,10 @@ def _describe(error: Exception) -> str:
         return type(error).__name__
 
 
-def _error(nvml, name: str):
-    """The binding's NVMLError_<name> class, or () (which catches nothing) if it has none."""
-    return getattr(nvml, f"NVMLError_{name}", ())
+def _errors(nvml, *names: str) -> tuple[type[BaseException], ...]:
+    """The binding's exception classes of these names that it has; () catches nothing."""
+    found = (getattr(nvml, name, None) for name in names)
+    return tuple(cls for cls in found if isinstance(cls, type) and issubclass(cls, BaseException))
 
 
 # The source ---------------------------------------------------------------------------
@@ -265,7 +266,8 @@ class NvmlGpuSource:
         nvml = self._nvml
         try:
             return call()
-        except _error(nvml, "NotSupported") as error:
+        except _errors(nvml, "NVMLError_NotSupported", "NVMLLibraryMismatchError") as error:
+            # NVMLLibraryMismatchError: the binding's unversioned call is newer than the driver.
             self._say_once(("field", index, name), "info", "GPU field not supported; omitted", gpu=index,
                            field=name, error=type(error).__name__)
         except nvml.NVMLError as error:
@@ -279,7 +281,7 @@ class NvmlGpuSource:
         if version is not None and not self._no_memory_v2:
             try:
                 return nvml.nvmlDeviceGetMemoryInfo(handle, version=version), True
-            except (_error(nvml, "FunctionNotFound"), _error(nvml, "ArgumentVersionMismatch")):
+            except _errors(nvml, "NVMLError_FunctionNotFound", "NVMLError_ArgumentVersionMismatch"):
                 self._no_memory_v2 = True  # driver older than the v2 struct: total = used + free
         return nvml.nvmlDeviceGetMemoryInfo(handle), False
 
@@ -288,7 +290,7 @@ class NvmlGpuSource:
         if not self._no_temperature_v and hasattr(nvml, "nvmlDeviceGetTemperatureV"):
             try:
                 return nvml.nvmlDeviceGetTemperatureV(handle, nvml.NVML_TEMPERATURE_GPU)
-            except _error(nvml, "FunctionNotFound"):
+            except _errors(nvml, "NVMLError_FunctionNotFound"):
                 self._no_temperature_v = True
         return nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
 
@@ -344,7 +346,15 @@ class NvmlGpuSource:
         self.open()
         if self.error is not None:
             return GpuSnapshot(error=self.error)
-        return GpuSnapshot([self.read_device(d) for d in self._devices], self.driver_version)
+        readings = []
+        for device in self._devices:
+            try:
+                readings.append(self.read_device(device))
+            except Exception as error:  # noqa: BLE001 - a binding bug must not stop the reports
+                self._say_once(("unexpected", device.index, type(error).__name__), "warning",
+                               "GPU read failed unexpectedly; GPU left out of this report", gpu=device.index,
+                               error=type(error).__name__, detail=str(error)[:300])
+        return GpuSnapshot(readings, self.driver_version)
 
 
 async def read_gpus(source) -> GpuSnapshot:

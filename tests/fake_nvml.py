@@ -51,7 +51,7 @@ class FakeNvml:
         self.calls: list[str] = []
 
     def __getattr__(self, name: str):
-        if name.startswith("NVMLError"):
+        if name.startswith("NVMLError") or name == "NVMLLibraryMismatchError":
             return getattr(pynvml, name)  # the binding's own exception classes
         raise AttributeError(name)
 

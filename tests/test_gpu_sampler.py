@@ -198,6 +198,33 @@ def test_a_gpu_that_cannot_be_identified_is_skipped():
     assert log.messages("warning") == ["GPU not readable; skipped"]
 
 
+def test_a_binding_newer_than_the_driver_omits_the_field():
+    class OldDriver(FakeNvml):
+        def nvmlDeviceGetComputeRunningProcesses(self, handle):
+            # what nvidia-ml-py's @throwOnVersionMismatch raises: not an NVMLError
+            raise pynvml.NVMLLibraryMismatchError("Unversioned function called ...")
+
+    log = RecordingLog()
+    sampler = NvmlGpuSource(OldDriver([FakeGpu(UUID0)]), visible_devices=None, logger=log)
+    (reading,) = sampler.sample().gpus
+    assert reading.processes == [] and reading.gpu_util == 87
+    assert log.messages("warning") == []
+
+
+def test_an_unexpected_exception_leaves_one_gpu_out_and_never_escapes():
+    class Buggy(FakeNvml):
+        def nvmlDeviceGetPowerUsage(self, handle):
+            if handle == 1:
+                raise ValueError("ctypes said no")
+            return super().nvmlDeviceGetPowerUsage(handle)
+
+    log = RecordingLog()
+    sampler = NvmlGpuSource(Buggy([FakeGpu(UUID0), FakeGpu(UUID1)]), visible_devices=None, logger=log)
+    for _ in range(2):
+        assert [g.index for g in sampler.sample().gpus] == [0]
+    assert log.messages("warning") == ["GPU read failed unexpectedly; GPU left out of this report"]
+
+
 def test_processes_are_bounded_biggest_first_with_unknown_memory_kept():
     many = [(1000 + i, i * MIB) for i in range(100)] + [(7, None)]
     sampler, _, _ = source([FakeGpu(UUID0, processes=many)])
