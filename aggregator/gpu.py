@@ -375,10 +375,19 @@ async def report_gpus(publisher, source, interval: float, stop: asyncio.Event, *
 
     host = hostname if hostname is not None else node_hostname()
 
+    refused: set[str] = set()
+
     async def tick() -> None:
         snapshot = await read_gpus(source)
-        await publisher.publish_gpu(snapshot.gpus, hostname=host, driver_version=snapshot.driver_version,
-                                    dp_rank=dp_rank, sampler_error=snapshot.error)
+        try:
+            await publisher.publish_gpu(snapshot.gpus, hostname=host, driver_version=snapshot.driver_version,
+                                        dp_rank=dp_rank, sampler_error=snapshot.error)
+        except protocol.MessageRejected as error:
+            # Readings the aggregator would drop; keep reporting, say it once per reason.
+            if error.reason not in refused:
+                refused.add(error.reason)
+                log.warning("GPU report not sent: the aggregator would reject it", reason=error.reason,
+                            detail=error.detail[:300])
 
     try:
         await run_periodically(interval, tick, stop)

@@ -72,3 +72,29 @@ async def test_publish_gpu_refuses_what_the_aggregator_would_reject(nats_server)
         assert event.gpus[0].gpu_util == 100  # the only message that went out
     finally:
         await nc.close()
+
+
+async def test_report_gpus_skips_a_report_the_aggregator_would_reject_and_goes_on(nats_server):
+    nc = await nats.connect(nats_server.url)
+    try:
+        sub = await nc.subscribe(SUBJECT)
+
+        class Flaky:
+            blocking = False
+            calls = 0
+
+            def sample(self):
+                from aggregator.gpu import GpuSnapshot
+
+                self.calls += 1
+                twice = [GpuReading(0, "GPU-a", "A100")] * (2 if self.calls == 1 else 1)  # first: inconsistent
+                return GpuSnapshot(twice)
+
+        stop = asyncio.Event()
+        task = asyncio.create_task(report_gpus(WorkerPublisher(nc, worker_id=9), Flaky(), 0.05, stop))
+        event = protocol.decode_gpu_metrics((await sub.next_msg(timeout=10)).data, 1 << 20)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        assert len(event.gpus) == 1
+    finally:
+        await nc.close()
