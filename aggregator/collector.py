@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from .aggregate import hit_rate_percent
 from .fleet import Fleet
+from .gpu_families import gpu_families
 
 WORKER_LABELS = ["component", "endpoint", "worker_id", "dp_rank"]
 GROUP_LABELS = ["component", "endpoint"]
@@ -41,14 +42,20 @@ _LOAD_GAUGES: list[tuple[str, str, Callable]] = [
 
 
 class FleetCollector(Collector):
-    def __init__(self, fleet: Fleet, *, wall_clock=time.time, monotonic_clock=time.monotonic) -> None:
+    def __init__(self, fleet: Fleet, *, wall_clock=time.time, monotonic_clock=time.monotonic,
+                 gpu_hostname_label: str = "Hostname") -> None:
         self.fleet = fleet
+        self.gpu_hostname_label = gpu_hostname_label
         self._wall = wall_clock
         self._monotonic = monotonic_clock
 
     def collect(self) -> Iterator[Metric]:
         yield from self._worker_families()
         yield from self._group_families()
+        yield from self._gpu_families()
+
+    def _gpu_families(self) -> Iterator[Metric]:
+        yield from gpu_families(self.fleet, self._monotonic(), self.gpu_hostname_label)
 
     def _worker_families(self) -> Iterator[Metric]:
         gauges = [(GaugeMetricFamily(name, doc, labels=WORKER_LABELS), get) for name, doc, get in _LOAD_GAUGES]

@@ -98,6 +98,16 @@ def bounded(kind, low, high):
     return parse
 
 
+def choice(options):
+    def parse(value: str) -> str:
+        if value not in options:
+            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+        return value
+
+    parse.__name__ = "choice"
+    return parse
+
+
 def aggregator_parser() -> OneLineParser:
     parser = OneLineParser(
         prog="aggregator",
@@ -132,6 +142,10 @@ def aggregator_parser() -> OneLineParser:
     nats_auth.add_flags(parser)
     hit_rate_journal.add_flags(parser)
     _component_metrics_flags(parser)
+    env_flag(parser, "--gpu-hostname-label", "AGGREGATOR_GPU_HOSTNAME_LABEL", "Hostname",
+             choice(("Hostname", "hostname")),
+             "name of the node label on DCGM_FI_* series: dcgm-exporter's released 'Hostname', "
+             "or 'hostname' as on its main branch since PR #655 (joins with Slurm's label)")
     return parser
 
 

@@ -38,6 +38,8 @@ def parser() -> OneLineParser:
     p.add_argument("--port", type=port, default=9091, help="aggregator HTTP port; default 9091")
     p.add_argument("--workers", type=bounded(int, 1, 10_000), default=8, help="mock workers; default 8")
     p.add_argument("--interval", type=bounded(float, 0.05, 60.0), default=1.0, help="seconds between stats")
+    p.add_argument("--gpus-per-worker", type=bounded(int, 1, 64), default=2,
+                   help="simulated GPUs per mock worker (DCGM_FI_* series); default 2")
     p.add_argument("--seed", type=int, default=42, help="simulation seed; default 42")
     p.add_argument("--duration", type=bounded(float, 0.0, 1e7), default=0.0,
                    help="stop after this many seconds (0 = until Ctrl-C)")
@@ -60,7 +62,8 @@ async def run(args) -> None:
             ["--nats-url", server.url, "--host", "127.0.0.1", "--port", str(args.port)]))
         serving = asyncio.create_task(aggregator.run(stop))
         nc = await nats.connect(server.url, name="demo-workers")
-        fleet = MockFleet(nc, workers=args.workers, seed=args.seed)
+        fleet = MockFleet(nc, workers=args.workers, seed=args.seed, gpu="simulated",
+                          gpus_per_worker=args.gpus_per_worker, gpu_interval=args.interval)
         workers = asyncio.create_task(fleet.run(args.interval, stop))
         await asyncio.sleep(0.2)
         log.info("demo running: try `curl localhost:%d/metrics`; Ctrl-C stops" % args.port,

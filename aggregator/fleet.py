@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from .aggregate import hit_rate_percent, load_mean_std
 from .component_metrics import ComponentMetricsIndex, Problem, WorkerMetrics
-from .protocol import MAX_LABEL_LENGTH, ForwardPassMetrics, KvHitRateEvent, LoadEvent, MetricsSnapshot
+from .protocol import MAX_LABEL_LENGTH, ForwardPassMetrics, GpuMetricsEvent, KvHitRateEvent, LoadEvent, MetricsSnapshot
 
 
 class WorkerKey(NamedTuple):
@@ -37,6 +37,8 @@ class WorkerState:
     isl_blocks: int = 0
     overlap_blocks: int = 0
     component_metrics: WorkerMetrics | None = None  # the worker's latest MetricsRegistry snapshot
+    gpu: GpuMetricsEvent | None = None  # the latest GPU readings, replaced whole
+    gpu_seen: float = 0.0  # when they came; readings older than stale_after are not exported
 
 
 @dataclass(slots=True)
@@ -135,6 +137,7 @@ class Fleet:
         state.isl_blocks += isl_blocks
         state.overlap_blocks += overlap_blocks
         self._endpoint_of.setdefault((key.component, key.worker_id, key.dp_rank), key.endpoint)
+
     def observe_component_metrics(self, component: str, snapshot: MetricsSnapshot, metrics: WorkerMetrics,
                                   now: float) -> list[Problem]:
         """Replace the worker's snapshot (`metrics`, parsed from `snapshot.text`).
@@ -152,6 +155,14 @@ class Fleet:
         self.component_metrics.add(metrics)
         state.component_metrics = metrics
         return problems
+
+    def observe_gpu(self, component: str, event: GpuMetricsEvent, now: float) -> WorkerState:
+        """The worker's latest GPU readings; the message also keeps the worker alive."""
+        key = WorkerKey(component, event.endpoint, event.worker_id, event.dp_rank or 0)
+        state = self._touch(key, now)
+        state.gpu = event
+        state.gpu_seen = now
+        return state
 
     def expire(self, now: float) -> list[WorkerKey]:
         """Drop every worker last seen more than `stale_after` seconds before `now`."""

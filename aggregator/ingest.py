@@ -60,10 +60,14 @@ class Ingest:
         def apply_hit_rate(fleet: Fleet, component: str, payload: bytes, now: float) -> None:
             fleet.observe_hit_rate(component, protocol.decode_hit_rate_event(payload, limit), now)
 
+        def apply_gpu(fleet: Fleet, component: str, payload: bytes, now: float) -> None:
+            fleet.observe_gpu(component, protocol.decode_gpu_metrics(payload, limit), now)
+
         self.routes: dict[str, Route] = {}
         for event, kind, apply in (
             (protocol.KV_METRICS, "kv_metrics", apply_load),
             (protocol.KV_HIT_RATE, "kv_hit_rate", apply_hit_rate),
+            (protocol.GPU_METRICS, "gpu_metrics", apply_gpu),
         ):
             self.add_route(event, kind, apply)
 

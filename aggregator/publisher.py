@@ -5,6 +5,9 @@
     await publisher.publish_load(ForwardPassMetrics(WorkerStats(...), KvStats(...)))
     await publisher.publish_hit_rate(isl_blocks=12, overlap_blocks=8)
     await publisher.publish_component_metrics(runtime)  # a MetricsRegistry, on an interval
+    snapshot = await read_gpus(NvmlGpuSource())  # aggregator.gpu; NVML off the event loop
+    await publisher.publish_gpu(snapshot.gpus, hostname=node_hostname(),
+                                driver_version=snapshot.driver_version, sampler_error=snapshot.error)
 
 Messages are the typed structures of `aggregator.protocol`, sent as Dynamo sends them
 (JSON on core NATS, fire-and-forget), so the aggregator cannot tell this library from a
@@ -20,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from nats.aio.client import Client
 
 from . import protocol
-from .protocol import ForwardPassMetrics, KvHitRateEvent, LoadEvent, MetricsSnapshot
+from .protocol import ForwardPassMetrics, GpuMetricsEvent, GpuReading, KvHitRateEvent, LoadEvent, MetricsSnapshot
 from .registry import MetricsRegistry
 
 
@@ -49,6 +52,10 @@ class WorkerPublisher:
             else protocol.component_subject(namespace, component, protocol.KV_HIT_RATE)
         )
 
+    @property
+    def gpu_subject(self) -> str:
+        return self.subject(protocol.GPU_METRICS)
+
     def subject(self, event: str) -> str:
         return protocol.component_subject(self.namespace, self.component, event)
 
@@ -68,6 +75,27 @@ class WorkerPublisher:
         payload = protocol.encode(snapshot)
         await self.nc.publish(self.metrics_subject, payload)
         return len(payload)
+
+    async def publish_gpu(
+        self,
+        gpus: list[GpuReading],
+        *,
+        hostname: str = "",
+        driver_version: str | None = None,
+        dp_rank: int | None = None,
+        sampler_error: str | None = None,
+    ) -> None:
+        """One GpuMetricsEvent (see `aggregator.gpu` for the NVML sampler that makes readings).
+
+        The encoded message is decoded once before sending, so a reading the aggregator would
+        reject raises `MessageRejected` here instead of being dropped there.
+        """
+        event = GpuMetricsEvent(worker_id=self.worker_id, hostname=hostname, endpoint=self.endpoint,
+                                dp_rank=dp_rank, driver_version=driver_version, gpus=gpus,
+                                sampler_error=sampler_error)
+        payload = protocol.encode(event)
+        protocol.decode_gpu_metrics(payload, len(payload))
+        await self.nc.publish(self.gpu_subject, payload)
 
     async def publish_raw(self, event: str, payload: bytes) -> None:
         await self.nc.publish(self.subject(event), payload)

@@ -40,7 +40,7 @@ class Aggregator:
         self.telemetry = Telemetry(self.registry)
         self.fleet = Fleet(args.stale_after, max_workers=args.max_workers, default_endpoint=args.endpoint,
                            max_component_series=args.component_metrics_max_series)
-        self.registry.register(FleetCollector(self.fleet))
+        self.registry.register(FleetCollector(self.fleet, gpu_hostname_label=args.gpu_hostname_label))
         self.registry.register(ComponentMetricsCollector(self.fleet))
         self.ingest = Ingest(
             self.fleet,

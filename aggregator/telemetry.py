@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 
 from .protocol import REJECT_REASONS
 
-KINDS = ("kv_metrics", "kv_hit_rate", "component_metrics")
+KINDS = ("kv_metrics", "kv_hit_rate", "gpu_metrics", "component_metrics")
 LIMIT_REASONS = ("worker_limit", "group_limit", "label_limit")
 
 

@@ -11,10 +11,10 @@ import nats
 import structlog
 
 from aggregator import logs, protocol
-from aggregator.config import OneLineParser, bounded, env_flag, label_value, nats_token, nats_urls
+from aggregator.config import OneLineParser, bounded, choice, env_flag, label_value, nats_token, nats_urls
 from aggregator.status_server import StatusServer, StatusServerConfig
 
-from .fleet import MODES, SHAPES, MockFleet
+from .fleet import GPU_SOURCES, MODES, SHAPES, MockFleet
 
 log = structlog.get_logger("mock_worker")
 
@@ -39,6 +39,13 @@ def parser() -> OneLineParser:
     env_flag(p, "--freeze-after", "MOCK_WORKER_FREEZE_AFTER", 0, bounded(int, 0, 10**9),
              "simulated steps after which the engines hold still and stop producing hit-rate events "
              "(0 = never); a fixed state to compare runs by")
+    env_flag(p, "--gpu", "MOCK_WORKER_GPU", "simulated", choice(GPU_SOURCES),
+             "GPU readings to publish on ...gpu_metrics: simulated (follow the simulated load), "
+             "nvml (this host's GPUs through NVML; none found = empty reports with the reason), none")
+    env_flag(p, "--gpus-per-worker", "MOCK_WORKER_GPUS_PER_WORKER", 1, bounded(int, 1, protocol.MAX_GPUS_PER_MESSAGE),
+             "simulated GPUs per worker (per data-parallel rank)")
+    env_flag(p, "--gpu-interval", "MOCK_WORKER_GPU_INTERVAL", 5.0, bounded(float, 0.05, 3600.0),
+             "seconds between GPU readings; keep it below the aggregator's --stale-after")
     env_flag(p, "--duration", "MOCK_WORKER_DURATION", 0.0, bounded(float, 0.0, 10_000_000.0),
              "stop after this many seconds (0 = run until interrupted)")
     env_flag(p, "--metrics-interval", "MOCK_WORKER_METRICS_INTERVAL", 5.0, bounded(float, 0.05, 3600.0),
@@ -83,7 +90,8 @@ async def run(args, status: StatusServerConfig | None = None) -> None:
     fleet = MockFleet(nc, workers=args.workers, namespace=args.namespace, component=args.component,
                       endpoint=args.endpoint, seed=args.seed, dp_ranks=args.dp_ranks, shape=args.shape,
                       hit_rate_on_namespace=args.hit_rate_on_namespace, freeze_after=args.freeze_after,
-                      component_metrics=args.component_metrics)
+                      component_metrics=args.component_metrics, gpu=args.gpu,
+                      gpus_per_worker=args.gpus_per_worker, gpu_interval=args.gpu_interval)
     server = None
     if status is not None:
         server = StatusServer(fleet.workers[0].runtime, status)

@@ -17,15 +17,18 @@ from nats.aio.client import Client
 
 from aggregator import protocol
 from aggregator.endpoint_metrics import EndpointMetrics, HandlerError, current_call
+from aggregator.gpu import NvmlGpuSource, node_hostname, read_gpus
 from aggregator.publisher import WorkerPublisher, run_periodically
 from aggregator.registry import MetricsRegistry
 
 from .engine import Completion, EngineConfig, SimulatedEngine
+from .gpus import SimulatedGpus
 
 log = structlog.get_logger("mock_worker")
 
 SHAPES = ("nested", "flat", "wrapped")
 MODES = ("push", "pull")
+GPU_SOURCES = ("simulated", "nvml", "none")
 
 
 @dataclass
@@ -36,6 +39,8 @@ class SimulatedWorker:
     services: list = field(default_factory=list)  # nats.micro services, in pull mode
     runtime: MetricsRegistry | None = None  # the worker process's MetricsRegistry
     generate: object = None  # the `generate` endpoint's handler, wrapped by EndpointMetrics
+    gpus: list[SimulatedGpus] | None = None  # one set per data-parallel rank, with --gpu simulated
+    hostname: str = ""
 
 
 def serve_generate(endpoint: MetricsRegistry):
@@ -100,9 +105,17 @@ class MockFleet:
         config: EngineConfig | None = None,
         freeze_after: int = 0,
         component_metrics: bool = True,
+        gpu: str = "none",
+        gpus_per_worker: int = 1,
+        gpu_interval: float = 5.0,
+        gpu_source: NvmlGpuSource | None = None,
     ) -> None:
         if shape not in SHAPES:
             raise ValueError(f"shape must be one of {SHAPES}")
+        if gpu not in GPU_SOURCES:
+            raise ValueError(f"gpu must be one of {GPU_SOURCES}")
+        # GPUs draw from their own stream, so a seed gives the same KV stats with or without GPUs.
+        self.rng = random.Random(None if seed is None else f"{seed}/gpus")
         self.nc = nc
         self.shape = shape
         self.namespace = namespace
@@ -127,6 +140,17 @@ class MockFleet:
                 worker.runtime = MetricsRegistry()
                 worker.generate = serve_generate(
                     worker.runtime.namespace(namespace).component(component).endpoint(endpoint))
+        self.gpu = gpu
+        self.gpu_interval = gpu_interval
+        self.gpu_source = gpu_source if gpu_source is not None or gpu != "nvml" else NvmlGpuSource()
+        if gpu == "simulated":
+            for position, worker in enumerate(self.workers):
+                worker.hostname = f"mock-node-{position}"
+                worker.gpus = [SimulatedGpus(gpus_per_worker, random.Random(self.rng.getrandbits(64)))
+                               for _ in range(dp_ranks)]
+        elif gpu == "nvml":
+            for worker in self.workers:
+                worker.hostname = node_hostname()
 
     def _payload(self, worker: SimulatedWorker, metrics: protocol.ForwardPassMetrics) -> bytes:
         if self.shape == "flat":
@@ -177,6 +201,23 @@ class MockFleet:
             if worker.runtime is not None:
                 await worker.publisher.publish_component_metrics(worker.runtime)
 
+    async def gpu_tick(self, dt: float) -> None:
+        """Publish one GpuMetricsEvent per worker (per rank, for simulated GPUs)."""
+        if self.gpu == "simulated":
+            for worker in self.workers:
+                for rank, (engine, gpus) in enumerate(zip(worker.engines, worker.gpus or [])):
+                    dp_rank = rank if self.dp_ranks > 1 else None
+                    await worker.publisher.publish_gpu(gpus.step(dt, engine.metrics(dp_rank)),
+                                                       hostname=worker.hostname, dp_rank=dp_rank,
+                                                       driver_version="570.133.20")
+        elif self.gpu == "nvml":
+            # One host, one read: every simulated worker reports the host's real GPUs.
+            snapshot = await read_gpus(self.gpu_source)
+            for worker in self.workers:
+                await worker.publisher.publish_gpu(snapshot.gpus, hostname=worker.hostname,
+                                                   driver_version=snapshot.driver_version,
+                                                   sampler_error=snapshot.error)
+
     async def run(self, interval: float, stop: asyncio.Event, metrics_interval: float = 5.0) -> None:
         component_metrics = bool(self.workers) and self.workers[0].runtime is not None
         if self.pull:
@@ -188,8 +229,15 @@ class MockFleet:
             log.info("publishing", workers=len(self.workers), dp_ranks=self.dp_ranks, interval=interval,
                      shape=self.shape, freeze_after=self.freeze_after,
                      subject=self.workers[0].publisher.load_subject if self.workers else None,
-                     component_metrics=component_metrics, metrics_interval=metrics_interval)
+                     component_metrics=component_metrics, metrics_interval=metrics_interval,
+                     gpu=self.gpu, gpu_interval=self.gpu_interval if self.gpu != "none" else None)
         loops = [run_periodically(interval, lambda: self.tick(interval), stop)]
         if component_metrics:
             loops.append(run_periodically(metrics_interval, self.publish_component_metrics, stop))
-        await asyncio.gather(*loops)
+        if self.gpu != "none":
+            loops.append(run_periodically(self.gpu_interval, lambda: self.gpu_tick(self.gpu_interval), stop))
+        try:
+            await asyncio.gather(*loops)
+        finally:
+            if self.gpu == "nvml":
+                await asyncio.to_thread(self.gpu_source.close)

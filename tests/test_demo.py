@@ -17,5 +17,7 @@ def test_demo_serves_live_fleet_metrics_and_stops_cleanly(processes):
     wait_until(lambda: sum(samples(scrape(url), "llm_workers").values()) == 3, 20,
                what=f"3 demo workers\n{demo.output()}")
     assert len(samples(scrape(url), "llm_kv_blocks_active")) == 3
+    # simulated GPUs, 2 per worker by default
+    wait_until(lambda: len(samples(scrape(url), "DCGM_FI_DEV_GPU_UTIL")) == 6, 20, what="demo GPUs")
     assert demo.stop() == 0  # SIGTERM (like Ctrl-C) stops nats-server, aggregator and workers
     assert "Traceback" not in demo.output()

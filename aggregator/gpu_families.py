@@ -1,0 +1,189 @@
+"""GPU readings as Prometheus families: dcgm-exporter's per-GPU series and fleet views.
+
+Per GPU, under dcgm-exporter's names, units and labels (`gpu`, `UUID`, `pci_bus_id`,
+`device`, `modelName`, `Hostname`, `DCGM_FI_DRIVER_VERSION`), so NVIDIA's and Dynamo's DCGM
+dashboards work against the aggregator; then the worker that uses the GPU
+(`component`, `endpoint`, `worker_id`, `dp_rank`).
+
+`DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION` is a counter in meaning (mJ since the driver
+loaded) but is exposed as a gauge: dcgm-exporter names it without `_total`, and
+prometheus_client (like OpenMetrics) would append `_total` to a counter's samples,
+which would break every dashboard that queries the DCGM name. `rate()` and
+`increase()` work on it all the same (PromQL does not look at the type).
+
+A worker's readings are exported while they are fresher than `stale_after`: a worker
+that keeps sending KV stats but stopped sending GPU readings shows no stale GPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from .fleet import Fleet, GroupKey, WorkerKey
+from .protocol import ForwardPassMetrics, GpuMetricsEvent, GpuReading
+
+GROUP_LABELS = ["component", "endpoint"]
+WORKER_LABELS = ["component", "endpoint", "worker_id", "dp_rank"]
+
+# (name, help, GpuReading field). Help texts are dcgm-exporter's, with what its users asked.
+DCGM_GAUGES: list[tuple[str, str, str]] = [
+    ("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", "sm_clock_mhz"),
+    ("DCGM_FI_DEV_MEM_CLOCK", "Memory clock frequency (in MHz).", "mem_clock_mhz"),
+    ("DCGM_FI_DEV_MEMORY_TEMP", "Memory temperature (in C).", "memory_temp_c"),
+    ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", "gpu_temp_c"),
+    ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", "power_usage_w"),
+    ("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+     "Total energy consumption since boot (in mJ). A counter, typed gauge to keep dcgm-exporter's name.",
+     "total_energy_mj"),
+    ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %): share of time a kernel ran.", "gpu_util"),
+    ("DCGM_FI_DEV_MEM_COPY_UTIL",
+     "Memory utilization (in %): share of time device memory was read or written (bandwidth, not capacity).",
+     "mem_copy_util"),
+    ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", "fb_free_mib"),
+    ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", "fb_used_mib"),
+    ("DCGM_FI_DEV_FB_RESERVED", "Framebuffer memory reserved (in MiB).", "fb_reserved_mib"),
+    ("DCGM_FI_DEV_FB_TOTAL", "Framebuffer memory total (in MiB).", "fb_total_mib"),
+]
+
+
+def dcgm_labels(hostname_label: str) -> list[str]:
+    return ["gpu", "UUID", "pci_bus_id", "device", "modelName", hostname_label, "DCGM_FI_DRIVER_VERSION",
+            *WORKER_LABELS]
+
+
+def framebuffer_mib(gpu: GpuReading) -> int | None:
+    """The GPU's whole framebuffer: NVML's total, else the sum of its parts."""
+    if gpu.fb_total_mib is not None:
+        return gpu.fb_total_mib
+    if gpu.fb_used_mib is not None and gpu.fb_free_mib is not None:
+        return gpu.fb_used_mib + gpu.fb_free_mib + (gpu.fb_reserved_mib or 0)
+    return None
+
+
+@dataclass(slots=True)
+class GpuGroupView:
+    """What an operator looks at first, per component endpoint, over fresh GPU readings."""
+
+    gpus: int = 0
+    utilization_avg: float | None = None
+    memory_used_ratio: float | None = None
+    power_watts: float | None = None
+    temperature_max_c: float | None = None
+    kv_blocks_per_gib: float | None = None
+
+
+def group_views(
+    workers: Iterable[tuple[GroupKey, GpuMetricsEvent, ForwardPassMetrics | None]],
+) -> dict[GroupKey, GpuGroupView]:
+    """Fleet views from (group, a worker's GPU readings, its load or None); pure."""
+    sums: dict[GroupKey, dict[str, float]] = {}
+    views: dict[GroupKey, GpuGroupView] = {}
+    for group, event, load in workers:
+        view = views.setdefault(group, GpuGroupView())
+        s = sums.setdefault(group, dict.fromkeys(
+            ("util", "util_n", "used", "fb", "power", "power_n", "kv_blocks", "kv_gib"), 0.0))
+        worker_fb = 0
+        worker_fb_known = bool(event.gpus)
+        for gpu in event.gpus:
+            view.gpus += 1
+            if gpu.gpu_util is not None:
+                s["util"] += gpu.gpu_util
+                s["util_n"] += 1
+            fb = framebuffer_mib(gpu)
+            if fb is None:
+                worker_fb_known = False
+            else:
+                worker_fb += fb
+                if gpu.fb_used_mib is not None:
+                    s["used"] += gpu.fb_used_mib
+                    s["fb"] += fb
+            if gpu.power_usage_w is not None:
+                s["power"] += gpu.power_usage_w
+                s["power_n"] += 1
+            if gpu.gpu_temp_c is not None:
+                view.temperature_max_c = max(view.temperature_max_c or 0, gpu.gpu_temp_c)
+        # KV capacity per GiB only for workers whose whole framebuffer is known.
+        if load is not None and worker_fb_known and worker_fb > 0:
+            s["kv_blocks"] += load.kv_stats.kv_total_blocks
+            s["kv_gib"] += worker_fb / 1024
+    for group, view in views.items():
+        s = sums[group]
+        if s["util_n"]:
+            view.utilization_avg = s["util"] / s["util_n"]
+        if s["fb"]:
+            view.memory_used_ratio = s["used"] / s["fb"]
+        if s["power_n"]:
+            view.power_watts = s["power"]
+        if s["kv_gib"]:
+            view.kv_blocks_per_gib = s["kv_blocks"] / s["kv_gib"]
+    return views
+
+
+def gpu_families(fleet: Fleet, now: float, hostname_label: str = "Hostname") -> Iterator[Metric]:
+    """Every GPU family, from the readings of live workers fresher than the fleet's stale_after."""
+    labels = dcgm_labels(hostname_label)
+    gauges = [(GaugeMetricFamily(name, doc, labels=labels), attr) for name, doc, attr in DCGM_GAUGES]
+    process_memory = GaugeMetricFamily(
+        "llm_gpu_process_memory_used_mib", "Framebuffer used by one process on the GPU (in MiB), as NVML reports it",
+        labels=[*labels, "pid"])
+    sampler_up = GaugeMetricFamily(
+        "llm_gpu_sampler_up",
+        "1 if the worker's last GPU report read its GPUs, 0 if its sampler failed (the reason in `error`)",
+        labels=[*WORKER_LABELS, "error"])
+    fresh: list[tuple[GroupKey, GpuMetricsEvent, ForwardPassMetrics | None]] = []
+    deadline = now - fleet.stale_after
+    for key, state in list(fleet.workers.items()):
+        event = state.gpu
+        if event is None or state.gpu_seen < deadline:
+            continue
+        fresh.append((GroupKey(key.component, key.endpoint), event, state.load))
+        worker = _worker_labels(key)
+        sampler_up.add_metric([*worker, event.sampler_error or ""], 0 if event.sampler_error else 1)
+        for gpu in event.gpus:
+            gpu_labels = [str(gpu.index), gpu.uuid, gpu.pci_bus_id, f"nvidia{gpu.index}", gpu.name,
+                          event.hostname, event.driver_version or "", *worker]
+            for family, attr in gauges:
+                value = getattr(gpu, attr)
+                if value is not None:
+                    family.add_metric(gpu_labels, value)
+            for process in gpu.processes:
+                if process.used_memory_mib is not None:
+                    process_memory.add_metric([*gpu_labels, str(process.pid)], process.used_memory_mib)
+    for family, _ in gauges:
+        yield family
+    yield process_memory
+    yield sampler_up
+    yield from _group_families(group_views(fresh))
+
+
+def _worker_labels(key: WorkerKey) -> list[str]:
+    return [key.component, key.endpoint, str(key.worker_id), str(key.dp_rank)]
+
+
+def _group_families(views: dict[GroupKey, GpuGroupView]) -> Iterator[Metric]:
+    gpus = GaugeMetricFamily("llm_gpus", "GPUs reported by live workers", labels=GROUP_LABELS)
+    util = GaugeMetricFamily("llm_gpu_utilization_avg", "Mean GPU utilization (in %) over the reported GPUs",
+                             labels=GROUP_LABELS)
+    memory = GaugeMetricFamily(
+        "llm_gpu_memory_used_ratio", "Framebuffer used over framebuffer total (0..1), summed over the reported GPUs",
+        labels=GROUP_LABELS)
+    power = GaugeMetricFamily("llm_gpu_power_watts", "Power draw (in W) of all reported GPUs together",
+                              labels=GROUP_LABELS)
+    temperature = GaugeMetricFamily("llm_gpu_temperature_max_celsius", "Temperature of the hottest reported GPU",
+                                    labels=GROUP_LABELS)
+    per_gib = GaugeMetricFamily(
+        "llm_kv_blocks_per_gib",
+        "KV cache capacity per GiB of framebuffer: sum(kv_total_blocks) / sum(framebuffer GiB) over the workers "
+        "that report both", labels=GROUP_LABELS)
+    for group, view in views.items():
+        labels = [group.component, group.endpoint]
+        gpus.add_metric(labels, view.gpus)
+        for family, value in ((util, view.utilization_avg), (memory, view.memory_used_ratio),
+                              (power, view.power_watts), (temperature, view.temperature_max_c),
+                              (per_gib, view.kv_blocks_per_gib)):
+            if value is not None:
+                family.add_metric(labels, value)
+    yield from (gpus, util, memory, power, temperature, per_gib)
