@@ -17,6 +17,8 @@ that keeps sending KV stats but stopped sending GPU readings shows no stale GPUs
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -80,11 +82,14 @@ def group_views(
 ) -> dict[GroupKey, GpuGroupView]:
     """Fleet views from (group, a worker's GPU readings, its load or None); pure."""
     sums: dict[GroupKey, dict[str, float]] = {}
+    # Floats summed exactly (fsum), so the views do not depend on the order workers arrived in.
+    powers: dict[GroupKey, list[float]] = {}
     views: dict[GroupKey, GpuGroupView] = {}
     for group, event, load in workers:
         view = views.setdefault(group, GpuGroupView())
         s = sums.setdefault(group, dict.fromkeys(
-            ("util", "util_n", "used", "fb", "power", "power_n", "kv_blocks", "kv_gib"), 0.0))
+            ("util", "util_n", "used", "fb", "power_n", "kv_blocks", "kv_mib"), 0))
+        group_powers = powers.setdefault(group, [])
         worker_fb = 0
         worker_fb_known = bool(event.gpus)
         for gpu in event.gpus:
@@ -101,14 +106,14 @@ def group_views(
                     s["used"] += gpu.fb_used_mib
                     s["fb"] += fb
             if gpu.power_usage_w is not None:
-                s["power"] += gpu.power_usage_w
+                group_powers.append(gpu.power_usage_w)
                 s["power_n"] += 1
             if gpu.gpu_temp_c is not None:
                 view.temperature_max_c = max(view.temperature_max_c or 0, gpu.gpu_temp_c)
         # KV capacity per GiB only for workers whose whole framebuffer is known.
         if load is not None and worker_fb_known and worker_fb > 0:
             s["kv_blocks"] += load.kv_stats.kv_total_blocks
-            s["kv_gib"] += worker_fb / 1024
+            s["kv_mib"] += worker_fb
     for group, view in views.items():
         s = sums[group]
         if s["util_n"]:
@@ -116,9 +121,9 @@ def group_views(
         if s["fb"]:
             view.memory_used_ratio = s["used"] / s["fb"]
         if s["power_n"]:
-            view.power_watts = s["power"]
-        if s["kv_gib"]:
-            view.kv_blocks_per_gib = s["kv_blocks"] / s["kv_gib"]
+            view.power_watts = math.fsum(powers[group])
+        if s["kv_mib"]:
+            view.kv_blocks_per_gib = s["kv_blocks"] / (s["kv_mib"] / 1024)
     return views
 
 

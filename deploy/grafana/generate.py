@@ -1,0 +1,394 @@
+"""Writes the Grafana dashboards in deploy/grafana/dashboards/ (run: python3 deploy/grafana/generate.py).
+
+The dashboards are generated rather than hand-edited so that every panel names the
+provisioned datasource, uses the template variables the same way and gets a unique id;
+tests/test_stack.py checks the committed JSON is exactly this script's output and runs
+every query in it against a real Prometheus. Edit here, regenerate, commit both.
+
+Template variables. The aggregator's series carry no Dynamo namespace label (one aggregator
+serves one namespace); Prometheus adds `namespace` as a target label of the `aggregator`
+scrape job (deploy/prometheus.yml), so every series the aggregator exports, llm_*, DCGM_*,
+dynamo_component_* and llm_aggregator_*, is filtered by `namespace="$namespace"`. That
+filter also keeps dcgm-exporter's own node-level series (job dcgm-exporter, no namespace)
+out of the GPU dashboard, which shows the aggregator's per-worker copies. `$component`,
+`$endpoint` and `$worker` are multi-value with an "All" of `.*`, so they are matched
+with `=~`. On the Components dashboard they read Dynamo's `dynamo_component` and
+`dynamo_endpoint` labels, since those metrics carry Dynamo's label names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "dashboards"
+DATASOURCE = {"type": "prometheus", "uid": "prometheus"}  # provisioning/datasources/prometheus.yml
+TAG = "llm-fleet"
+
+# Label filters shared by the queries.
+FLEET = 'namespace="$namespace", component=~"$component", endpoint=~"$endpoint"'
+WORKER = FLEET + ', worker_id=~"$worker"'
+COMPONENT = 'namespace="$namespace", dynamo_component=~"$component", dynamo_endpoint=~"$endpoint", worker_id=~"$worker"'
+SELF = 'job="aggregator", namespace="$namespace"'
+WORKER_LEGEND = "{{component}}/{{endpoint}} {{worker_id}} r{{dp_rank}}"
+GROUP_LEGEND = "{{component}}/{{endpoint}}"
+
+
+def variable(name: str, label: str, query: str, *, multi: bool = True) -> dict:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "definition": query,
+        "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
+        "refresh": 2,  # on time-range change: workers come and go
+        "sort": 1,
+        "multi": multi,
+        "includeAll": multi,
+        **({"allValue": ".*", "current": {"selected": True, "text": ["All"], "value": ["$__all"]}} if multi
+           else {"current": {}}),
+        "options": [],
+        "hide": 0,
+        "regex": "",
+        "skipUrlSync": False,
+    }
+
+
+def fleet_variables(metric: str, worker_metric: str) -> list[dict]:
+    return [
+        variable("namespace", "Namespace", f"label_values({metric}, namespace)", multi=False),
+        variable("component", "Component", f'label_values({metric}{{namespace="$namespace"}}, component)'),
+        variable("endpoint", "Endpoint",
+                 f'label_values({metric}{{namespace="$namespace", component=~"$component"}}, endpoint)'),
+        variable("worker", "Worker", f"label_values({worker_metric}{{{FLEET}}}, worker_id)"),
+    ]
+
+
+def target(expr: str, legend: str = "", ref: str = "A") -> dict:
+    return {"datasource": DATASOURCE, "refId": ref, "expr": expr, "legendFormat": legend or "__auto",
+            "range": True, "instant": False, "editorMode": "code"}
+
+
+class Layout:
+    """Places panels left to right on Grafana's 24-column grid and numbers them."""
+
+    def __init__(self) -> None:
+        self.panels: list[dict] = []
+        self.x = self.y = self.row_height = 0
+
+    def add(self, panel: dict, w: int, h: int) -> None:
+        if self.x + w > 24:
+            self.x, self.y, self.row_height = 0, self.y + self.row_height, 0
+        panel["id"] = len(self.panels) + 1
+        panel["gridPos"] = {"x": self.x, "y": self.y, "w": w, "h": h}
+        self.panels.append(panel)
+        self.x += w
+        self.row_height = max(self.row_height, h)
+
+    def timeseries(self, title: str, description: str, targets: list[dict], unit: str = "short", *,
+                   w: int = 12, h: int = 8, min_value: float | None = None, max_value: float | None = None) -> None:
+        defaults: dict = {"unit": unit, "custom": {"lineWidth": 1, "fillOpacity": 10, "showPoints": "never"}}
+        if min_value is not None:
+            defaults["min"] = min_value
+        if max_value is not None:
+            defaults["max"] = max_value
+        self.add({
+            "type": "timeseries", "title": title, "description": description, "datasource": DATASOURCE,
+            "fieldConfig": {"defaults": defaults, "overrides": []},
+            "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                        "tooltip": {"mode": "multi", "sort": "desc"}},
+            "targets": _refs(targets),
+        }, w, h)
+
+    def single(self, kind: str, title: str, description: str, expr: str, unit: str = "short", *,
+               thresholds: tuple[float, float] | None = None, max_value: float | None = None, w: int = 4,
+               h: int = 5) -> None:
+        steps = [{"color": "green", "value": None}]
+        if thresholds:
+            steps += [{"color": "orange", "value": thresholds[0]}, {"color": "red", "value": thresholds[1]}]
+        defaults: dict = {"unit": unit, "thresholds": {"mode": "absolute", "steps": steps}, "min": 0}
+        if max_value is not None:
+            defaults["max"] = max_value
+        options: dict = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
+        if kind == "stat":
+            options.update(colorMode="value", graphMode="area", textMode="auto", justifyMode="auto")
+        else:
+            options.update(showThresholdLabels=False, showThresholdMarkers=True)
+        self.add({
+            "type": kind, "title": title, "description": description, "datasource": DATASOURCE,
+            "fieldConfig": {"defaults": defaults, "overrides": []}, "options": options,
+            "targets": [target(expr)],
+        }, w, h)
+
+
+def _refs(targets: list[dict]) -> list[dict]:
+    for index, item in enumerate(targets):
+        item["refId"] = chr(ord("A") + index)
+    return targets
+
+
+def dashboard(uid: str, title: str, description: str, variables: list[dict], layout: Layout) -> dict:
+    return {
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": [TAG],
+        "timezone": "browser",
+        "editable": True,
+        "graphTooltip": 1,
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "5s",
+        "time": {"from": "now-15m", "to": "now"},
+        "timepicker": {},
+        "annotations": {"list": []},
+        "links": [{"type": "dashboards", "tags": [TAG], "asDropdown": True, "title": "LLM fleet dashboards",
+                   "includeVars": True, "keepTime": True}],
+        "templating": {"list": variables},
+        "panels": layout.panels,
+    }
+
+
+def llm_fleet() -> dict:
+    p = Layout()
+    p.single("stat", "Live workers", "Workers heard from within the aggregator's --stale-after.",
+             f"sum(llm_workers{{{FLEET}}})")
+    p.single("stat", "Workers expired (time range)",
+             "Workers dropped after falling silent, in the selected time range. Non-zero: workers crash, "
+             "hang or lose NATS.", f"sum(increase(llm_workers_expired_total{{{FLEET}}}[$__range]))",
+             thresholds=(1, 5))
+    p.single("gauge", "KV cache utilisation", "Active KV blocks as a share of all KV blocks of the selected workers.",
+             f"100 * sum(llm_kv_blocks_active{{{WORKER}}}) / sum(llm_kv_blocks_total{{{WORKER}}})", "percent",
+             thresholds=(70, 90), max_value=100)
+    p.single("gauge", "Request slot utilisation", "Active request slots as a share of all slots.",
+             f"100 * sum(llm_requests_active_slots{{{WORKER}}}) / sum(llm_requests_total_slots{{{WORKER}}})",
+             "percent", thresholds=(70, 90), max_value=100)
+    p.single("gauge", "KV hit rate (cumulative)",
+             "Overlapping blocks / ISL blocks of every routing decision since the aggregator started.",
+             f"100 * sum(llm_fleet_kv_hit_rate_overlap_blocks_total{{{FLEET}}}) "
+             f"/ sum(llm_fleet_kv_hit_rate_isl_blocks_total{{{FLEET}}})", "percent", max_value=100)
+    p.single("stat", "KV hit rate (recent)", "The same ratio over the last rate interval only.",
+             f"100 * sum(rate(llm_fleet_kv_hit_rate_overlap_blocks_total{{{FLEET}}}[$__rate_interval])) "
+             f"/ sum(rate(llm_fleet_kv_hit_rate_isl_blocks_total{{{FLEET}}}[$__rate_interval]))", "percent")
+    p.timeseries("KV cache utilisation by worker", "Active / total KV blocks per worker (data-parallel rank).", [
+        target(f"100 * llm_kv_blocks_active{{{WORKER}}} / llm_kv_blocks_total{{{WORKER}}}", WORKER_LEGEND),
+    ], "percent", min_value=0, max_value=100)
+    p.timeseries("Request slot utilisation by worker", "Active / total request slots per worker.", [
+        target(f"100 * llm_requests_active_slots{{{WORKER}}} / llm_requests_total_slots{{{WORKER}}}",
+               WORKER_LEGEND),
+    ], "percent", min_value=0, max_value=100)
+    p.timeseries("Load average and standard deviation",
+                 "Mean and population standard deviation of active KV blocks across live workers. A std "
+                 "close to the mean means the router spreads load unevenly.", [
+                     target(f"llm_load_avg{{{FLEET}}}", "average " + GROUP_LEGEND),
+                     target(f"llm_load_std{{{FLEET}}}", "std " + GROUP_LEGEND),
+                 ], min_value=0)
+    p.timeseries("Live workers and expiries", "Live workers per component endpoint; bars of expiries.", [
+        target(f"sum by (component, endpoint) (llm_workers{{{FLEET}}})", "live " + GROUP_LEGEND),
+        target(f"sum by (component, endpoint) (increase(llm_workers_expired_total{{{FLEET}}}[$__rate_interval]))",
+               "expired " + GROUP_LEGEND),
+    ], min_value=0)
+    p.timeseries("KV hit rate by worker", "Cumulative per worker (since it appeared) and over the rate interval.", [
+        target(f"llm_kv_hit_rate_percent{{{WORKER}}}", "cumulative " + WORKER_LEGEND),
+        target(f"100 * rate(llm_kv_hit_rate_overlap_blocks_total{{{WORKER}}}[$__rate_interval]) "
+               f"/ rate(llm_kv_hit_rate_isl_blocks_total{{{WORKER}}}[$__rate_interval])", "recent " + WORKER_LEGEND),
+    ], "percent", min_value=0, max_value=100)
+    p.timeseries("Fleet KV hit rate", "Per component endpoint: cumulative since the aggregator started (expired "
+                 "workers included) and over the rate interval.", [
+        target(f"llm_fleet_kv_hit_rate_percent{{{FLEET}}}", "cumulative " + GROUP_LEGEND),
+        target(f"100 * sum by (component, endpoint) (rate(llm_fleet_kv_hit_rate_overlap_blocks_total{{{FLEET}}}"
+               f"[$__rate_interval])) / sum by (component, endpoint) (rate(llm_fleet_kv_hit_rate_isl_blocks_total"
+               f"{{{FLEET}}}[$__rate_interval]))", "recent " + GROUP_LEGEND),
+    ], "percent", min_value=0, max_value=100)
+    p.timeseries("Waiting requests", "Requests queued for a slot, as each worker reports it; the fleet total.", [
+        target(f"llm_requests_waiting{{{WORKER}}}", WORKER_LEGEND),
+        target(f"sum(llm_requests_waiting{{{WORKER}}})", "total"),
+    ], min_value=0)
+    p.timeseries("Available KV blocks and request slots", "Free capacity per component endpoint.", [
+        target(f"sum by (component, endpoint) (llm_kv_blocks_total{{{WORKER}}} - llm_kv_blocks_active{{{WORKER}}})",
+               "KV blocks " + GROUP_LEGEND),
+        target(f"sum by (component, endpoint) (llm_requests_total_slots{{{WORKER}}} "
+               f"- llm_requests_active_slots{{{WORKER}}})", "slots " + GROUP_LEGEND),
+    ], min_value=0)
+    p.timeseries("Seconds since each worker's last message",
+                 "Climbs towards --stale-after for a worker that stalls, then the worker expires.", [
+                     target(f"time() - llm_worker_last_seen_timestamp_seconds{{{WORKER}}}", WORKER_LEGEND),
+                 ], "s", w=24, min_value=0)
+    return dashboard("llm-fleet", "LLM fleet", "KV cache, request slots, load balance and KV hit rate of every "
+                     "worker, from the aggregator.", fleet_variables("llm_workers", "llm_worker_last_seen_timestamp_seconds"),
+                     p)
+
+
+def gpus() -> dict:
+    gpu = WORKER
+    legend = "{{worker_id}} GPU {{gpu}} ({{modelName}})"
+    p = Layout()
+    p.single("stat", "GPUs", "GPUs reported by the selected workers.", f"count(DCGM_FI_DEV_GPU_UTIL{{{gpu}}})")
+    p.single("gauge", "Mean GPU utilisation", "", f"avg(DCGM_FI_DEV_GPU_UTIL{{{gpu}}})", "percent",
+             max_value=100, thresholds=(80, 95))
+    p.single("gauge", "Framebuffer used", "Used / (used + free) framebuffer over the selected GPUs.",
+             f"100 * sum(DCGM_FI_DEV_FB_USED{{{gpu}}}) / (sum(DCGM_FI_DEV_FB_USED{{{gpu}}}) "
+             f"+ sum(DCGM_FI_DEV_FB_FREE{{{gpu}}}))", "percent", max_value=100, thresholds=(85, 95))
+    p.single("gauge", "Hottest GPU", "", f"max(DCGM_FI_DEV_GPU_TEMP{{{gpu}}})", "celsius", max_value=100,
+             thresholds=(75, 85))
+    p.single("stat", "Power draw", "Sum over the selected GPUs.", f"sum(DCGM_FI_DEV_POWER_USAGE{{{gpu}}})", "watt")
+    p.single("stat", "KV blocks per GiB of framebuffer",
+             "KV cache capacity the workers report per GiB of their GPUs' framebuffer.",
+             f"sum(llm_kv_blocks_total{{{WORKER}}}) / (sum(DCGM_FI_DEV_FB_USED{{{gpu}}} "
+             f"+ DCGM_FI_DEV_FB_FREE{{{gpu}}}) / 1024)")
+    p.timeseries("GPU utilisation", "Share of time a kernel ran (DCGM_FI_DEV_GPU_UTIL).", [
+        target(f"DCGM_FI_DEV_GPU_UTIL{{{gpu}}}", legend)], "percent", min_value=0, max_value=100)
+    p.timeseries("Memory copy utilisation", "Share of time the memory interface was busy.", [
+        target(f"DCGM_FI_DEV_MEM_COPY_UTIL{{{gpu}}}", legend)], "percent", min_value=0, max_value=100)
+    p.timeseries("Framebuffer", "Used and free framebuffer (DCGM reports MiB).", [
+        target(f"DCGM_FI_DEV_FB_USED{{{gpu}}} * 1024 * 1024", "used " + legend),
+        target(f"DCGM_FI_DEV_FB_FREE{{{gpu}}} * 1024 * 1024", "free " + legend),
+    ], "bytes", min_value=0)
+    p.timeseries("Temperatures", "", [
+        target(f"DCGM_FI_DEV_GPU_TEMP{{{gpu}}}", "GPU " + legend),
+        target(f"DCGM_FI_DEV_MEMORY_TEMP{{{gpu}}}", "memory " + legend),
+    ], "celsius")
+    p.timeseries("Power", "Instantaneous draw, and the average over the rate interval from the energy counter "
+                 "(mJ → W).", [
+                     target(f"DCGM_FI_DEV_POWER_USAGE{{{gpu}}}", "draw " + legend),
+                     target(f"rate(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{{{gpu}}}[$__rate_interval]) / 1000",
+                            "from energy " + legend),
+                 ], "watt", min_value=0)
+    p.timeseries("Clocks", "SM and memory clocks (DCGM reports MHz).", [
+        target(f"DCGM_FI_DEV_SM_CLOCK{{{gpu}}} * 1000000", "SM " + legend),
+        target(f"DCGM_FI_DEV_MEM_CLOCK{{{gpu}}} * 1000000", "memory " + legend),
+    ], "hertz", min_value=0)
+    return dashboard("llm-fleet-gpus", "LLM fleet: GPUs", "DCGM-named GPU readings each worker publishes, "
+                     "re-exported by the aggregator per worker.",
+                     fleet_variables("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_GPU_UTIL"), p)
+
+
+def components() -> dict:
+    c = COMPONENT
+    by = "dynamo_component, dynamo_endpoint"
+    legend = "{{dynamo_component}}/{{dynamo_endpoint}}"
+    metric = "dynamo_component_requests_total"
+    variables = [
+        variable("namespace", "Namespace", f"label_values({metric}, namespace)", multi=False),
+        variable("component", "Component", f'label_values({metric}{{namespace="$namespace"}}, dynamo_component)'),
+        variable("endpoint", "Endpoint", f'label_values({metric}{{namespace="$namespace", '
+                 f'dynamo_component=~"$component"}}, dynamo_endpoint)'),
+        variable("worker", "Worker", f'label_values({metric}{{namespace="$namespace", dynamo_component=~"$component", '
+                 f'dynamo_endpoint=~"$endpoint"}}, worker_id)'),
+    ]
+    p = Layout()
+    p.single("stat", "Requests / s", "", f"sum(rate(dynamo_component_requests_total{{{c}}}[$__rate_interval]))",
+             "reqps", w=6)
+    p.single("stat", "Errors / request", "Errors of every type per request, over the rate interval.",
+             f"sum(rate(dynamo_component_errors_total{{{c}}}[$__rate_interval])) "
+             f"/ sum(rate(dynamo_component_requests_total{{{c}}}[$__rate_interval]))", "percentunit",
+             thresholds=(0.01, 0.05), w=6)
+    p.single("stat", "In flight", "", f"sum(dynamo_component_inflight_requests{{{c}}})", w=6)
+    p.single("stat", "p99 duration", "",
+             f"histogram_quantile(0.99, sum by (le) (rate(dynamo_component_request_duration_seconds_bucket{{{c}}}"
+             "[$__rate_interval])))", "s", w=6)
+    p.timeseries("Request rate", "Per component endpoint.", [
+        target(f"sum by ({by}) (rate(dynamo_component_requests_total{{{c}}}[$__rate_interval]))", legend)],
+        "reqps", min_value=0)
+    quantiles = [
+        target(f"histogram_quantile({q}, sum by (le, {by}) (rate(dynamo_component_request_duration_seconds_bucket"
+               f"{{{c}}}[$__rate_interval])))", f"p{round(q * 100)} {legend}")
+        for q in (0.5, 0.9, 0.99)
+    ]
+    quantiles.append(target(
+        f"sum by ({by}) (rate(dynamo_component_request_duration_seconds_sum{{{c}}}[$__rate_interval])) "
+        f"/ sum by ({by}) (rate(dynamo_component_request_duration_seconds_count{{{c}}}[$__rate_interval]))",
+        "mean " + legend))
+    p.timeseries("Request duration", "Percentiles from the histogram, and the mean.", quantiles, "s", min_value=0)
+    p.timeseries("Errors by type", "", [
+        target(f"sum by ({by}, error_type) (rate(dynamo_component_errors_total{{{c}}}[$__rate_interval]))",
+               legend + " {{error_type}}")], "reqps", min_value=0)
+    p.timeseries("In-flight requests by worker", "", [
+        target(f"dynamo_component_inflight_requests{{{c}}}", legend + " {{worker_id}}")], min_value=0)
+    p.timeseries("Request rate by worker", "A worker far below its peers is starved by the router or slow.", [
+        target(f"sum by ({by}, worker_id) (rate(dynamo_component_requests_total{{{c}}}[$__rate_interval]))",
+               legend + " {{worker_id}}")], "reqps", min_value=0)
+    p.timeseries("Request and response bytes", "", [
+        target(f"sum by ({by}) (rate(dynamo_component_request_bytes_total{{{c}}}[$__rate_interval]))",
+               "request " + legend),
+        target(f"sum by ({by}) (rate(dynamo_component_response_bytes_total{{{c}}}[$__rate_interval]))",
+               "response " + legend),
+    ], "Bps", min_value=0)
+    p.timeseries("Worker uptime", "Drops to zero when a worker process restarts.", [
+        target('dynamo_component_uptime_seconds{namespace="$namespace", worker_id=~"$worker"}', "{{worker_id}}")],
+        "s", w=24, min_value=0)
+    return dashboard("llm-fleet-components", "LLM fleet: components", "Dynamo component endpoint metrics "
+                     "(dynamo_component_*) of every worker, re-exported by the aggregator.", variables, p)
+
+
+def aggregator() -> dict:
+    variables = [variable("namespace", "Namespace", "label_values(llm_aggregator_nats_connected, namespace)",
+                          multi=False)]
+    p = Layout()
+    p.single("stat", "Aggregator up", "Prometheus's scrape of the aggregator (1 = up).",
+             f"min(up{{{SELF}}})", thresholds=None, w=4)
+    p.single("stat", "NATS connected", "1 while connected to NATS and subscribed.",
+             f"min(llm_aggregator_nats_connected{{{SELF}}})", w=4)
+    p.single("stat", "Messages / s", "Received from NATS, every kind.",
+             f"sum(rate(llm_aggregator_messages_received_total{{{SELF}}}[$__rate_interval]))", "short", w=4)
+    p.single("stat", "Rejected (time range)", "Messages dropped as invalid or over a limit.",
+             f"sum(increase(llm_aggregator_messages_rejected_total{{{SELF}}}[$__range]))", thresholds=(1, 100), w=4)
+    p.single("stat", "Workers expired (time range)", "",
+             f"sum(increase(llm_workers_expired_total{{{SELF}}}[$__range]))", thresholds=(1, 5), w=4)
+    p.single("stat", "Resident memory", "", f"max(process_resident_memory_bytes{{{SELF}}})", "bytes", w=4)
+    p.timeseries("Ingest rate by kind", "Received and accepted messages per second.", [
+        target(f"sum by (kind) (rate(llm_aggregator_messages_received_total{{{SELF}}}[$__rate_interval]))",
+               "received {{kind}}"),
+        target(f"sum by (kind) (rate(llm_aggregator_messages_accepted_total{{{SELF}}}[$__rate_interval]))",
+               "accepted {{kind}}"),
+    ], min_value=0)
+    p.timeseries("Rejects by reason", "not_json, missing_field, wrong_type, out_of_range, inconsistent, oversized, "
+                 "worker_limit, …: the aggregator's log names the subject.", [
+                     target(f"sum by (kind, reason) (rate(llm_aggregator_messages_rejected_total{{{SELF}}}"
+                            "[$__rate_interval]))", "{{kind}} {{reason}}"),
+                 ], min_value=0)
+    p.timeseries("Worker expiries", "Workers dropped for silence, per component endpoint.", [
+        target(f"sum by (component, endpoint) (increase(llm_workers_expired_total{{{SELF}}}[$__rate_interval]))",
+               GROUP_LEGEND)], min_value=0)
+    p.timeseries("Scrape duration", "The aggregator's own collect+encode time (histogram) and Prometheus's view "
+                 "of the whole scrape.", [
+                     target(f"histogram_quantile(0.5, sum by (le) (rate(llm_aggregator_scrape_duration_seconds_bucket"
+                            f"{{{SELF}}}[$__rate_interval])))", "p50 collect+encode"),
+                     target(f"histogram_quantile(0.99, sum by (le) (rate(llm_aggregator_scrape_duration_seconds_bucket"
+                            f"{{{SELF}}}[$__rate_interval])))", "p99 collect+encode"),
+                     target(f"max(scrape_duration_seconds{{{SELF}}})", "Prometheus scrape"),
+                 ], "s", min_value=0)
+    p.timeseries("Series per scrape", "Samples in each scrape; grows with workers × series per worker.", [
+        target(f"max(scrape_samples_scraped{{{SELF}}})", "samples")], min_value=0)
+    p.timeseries("NATS connection events", "", [
+        target(f"sum(increase(llm_aggregator_nats_disconnects_total{{{SELF}}}[$__rate_interval]))", "disconnects"),
+        target(f"sum(increase(llm_aggregator_nats_reconnects_total{{{SELF}}}[$__rate_interval]))", "reconnects"),
+        target(f"sum(increase(llm_aggregator_nats_errors_total{{{SELF}}}[$__rate_interval]))", "errors"),
+    ], min_value=0)
+    p.timeseries("CPU", "CPU cores the aggregator process uses.", [
+        target(f"rate(process_cpu_seconds_total{{{SELF}}}[$__rate_interval])", "CPU cores {{instance}}"),
+    ], min_value=0)
+    p.timeseries("Scrape targets", "Every Prometheus target of the stack (1 = up).", [
+        target("up", "{{job}} {{instance}}")], min_value=0, max_value=1)
+    return dashboard("llm-fleet-aggregator", "LLM fleet: aggregator", "The aggregator's own health: ingest, "
+                     "rejects, expiries, scrape cost, NATS connection.", variables, p)
+
+
+DASHBOARDS = {"llm-fleet.json": llm_fleet, "gpus.json": gpus, "components.json": components,
+              "aggregator.json": aggregator}
+
+
+def render() -> dict[str, str]:
+    return {name: json.dumps(build(), indent=2) + "\n" for name, build in DASHBOARDS.items()}
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    for name, text in render().items():
+        (OUT / name).write_text(text)
+        print(OUT / name)
+
+
+if __name__ == "__main__":
+    main()
