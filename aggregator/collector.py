@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, Sample
 from prometheus_client.registry import Collector
 
 from .aggregate import hit_rate_percent
@@ -79,21 +79,24 @@ class FleetCollector(Collector):
         )
         # Last-seen is kept on the monotonic clock (immune to wall-clock steps); convert once.
         offset = self._wall() - self._monotonic()
+        names = tuple(WORKER_LABELS)
+        # Samples are appended directly with the worker's pre-rendered label set (see exposition.py):
+        # add_metric would build a new label dict per sample per scrape.
         for key, state in list(self.fleet.workers.items()):
-            labels = [key.component, key.endpoint, str(key.worker_id), str(key.dp_rank)]
+            labels = state.labels(names, (key.component, key.endpoint, str(key.worker_id), str(key.dp_rank)))
             metrics = state.load
             if metrics is not None:
                 for family, get in gauges:
                     value = get(metrics)
                     if value is not None:
-                        family.add_metric(labels, value)
+                        family.samples.append(Sample(family.name, labels, value))
             if state.isl_blocks or state.overlap_blocks:
-                isl.add_metric(labels, state.isl_blocks)
-                overlap.add_metric(labels, state.overlap_blocks)
+                isl.samples.append(Sample(isl.name + "_total", labels, state.isl_blocks))
+                overlap.samples.append(Sample(overlap.name + "_total", labels, state.overlap_blocks))
                 rate = hit_rate_percent(state.overlap_blocks, state.isl_blocks)
                 if rate is not None:
-                    hit_rate.add_metric(labels, rate)
-            last_seen.add_metric(labels, state.last_seen + offset)
+                    hit_rate.samples.append(Sample(hit_rate.name, labels, rate))
+            last_seen.samples.append(Sample(last_seen.name, labels, state.last_seen + offset))
         for family, _ in gauges:
             yield family
         yield from (hit_rate, isl, overlap, last_seen)

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from . import protocol
+from .exposition import RenderedLabels
 from .protocol import MessageRejected
 
 NOT_EXPOSITION = "not_exposition"
@@ -161,7 +162,9 @@ def parse_snapshot(text: str, worker_id: int, limits: SnapshotLimits) -> tuple[W
                 problems.append((BAD_FAMILY, f"{name!r}: {why}"))
                 continue
             # Timestamps and exemplars are dropped: the aggregator re-exports the latest value.
-            samples = [Sample(s.name, {**s.labels, WORKER_ID: worker}, s.value) for s in parsed.samples]
+            # Labels rendered once per snapshot, not once per scrape (see exposition.py).
+            samples = [Sample(s.name, RenderedLabels({**s.labels, WORKER_ID: worker}), s.value)
+                       for s in parsed.samples]
             result.families[name] = Family(name, parsed.type, parsed.documentation, samples)
     except MessageRejected:
         raise
@@ -273,7 +276,9 @@ class ComponentMetricsCollector(Collector):
             for name, family in state.component_metrics.families.items():
                 out = merged.get(name)
                 if out is None:
-                    entry = index.names[name]
+                    entry = index.names.get(name)  # read from the render thread: may just have gone
+                    if entry is None:
+                        continue
                     out = merged[name] = Metric(name, entry.documentation, entry.type)
                 if shared_id:
                     out.samples.extend(self._unique(family.samples, seen.setdefault(name, set())))

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from .aggregate import hit_rate_percent, load_mean_std
 from .component_metrics import ComponentMetricsIndex, Problem, WorkerMetrics
+from .exposition import RenderedLabels
 from .protocol import MAX_LABEL_LENGTH, ForwardPassMetrics, GpuMetricsEvent, KvHitRateEvent, LoadEvent, MetricsSnapshot
 
 
@@ -39,6 +40,20 @@ class WorkerState:
     component_metrics: WorkerMetrics | None = None  # the worker's latest MetricsRegistry snapshot
     gpu: GpuMetricsEvent | None = None  # the latest GPU readings, replaced whole
     gpu_seen: float = 0.0  # when they came; readings older than stale_after are not exported
+    # The exposition's rendered label sets for this worker's series (collector-owned; freed with the worker).
+    label_cache: dict | None = None
+
+    def labels(self, names: tuple[str, ...], values: tuple[str, ...]) -> "RenderedLabels":
+        """The label set `names=values`, rendered once for as long as this worker lives."""
+        cache = self.label_cache
+        if cache is None:
+            cache = self.label_cache = {}
+        labels = cache.get(values)
+        if labels is None:
+            if len(cache) >= 256:  # a worker whose GPUs keep changing identity must not grow this
+                cache.clear()
+            labels = cache[values] = RenderedLabels(dict(zip(names, values)))
+        return labels
 
 
 @dataclass(slots=True)
@@ -186,7 +201,8 @@ class Fleet:
         """Load mean/std over the live workers that reported load, per component endpoint."""
         loads: dict[GroupKey, list[float]] = {group: [] for group in self.groups}
         live: dict[GroupKey, int] = dict.fromkeys(self.groups, 0)
-        for key, state in self.workers.items():
+        # A snapshot: /metrics renders in a thread while the event loop keeps adding workers.
+        for key, state in list(self.workers.items()):
             group = GroupKey(key.component, key.endpoint)
             live[group] += 1
             if state.load is not None:

@@ -22,7 +22,7 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric, Sample
 
 from .fleet import Fleet, GroupKey, WorkerKey
 from .protocol import ForwardPassMetrics, GpuMetricsEvent, GpuReading
@@ -138,6 +138,8 @@ def gpu_families(fleet: Fleet, now: float, hostname_label: str = "Hostname") -> 
         "llm_gpu_sampler_up",
         "1 if the worker's last GPU report read its GPUs, 0 if its sampler failed (the reason in `error`)",
         labels=[*WORKER_LABELS, "error"])
+    gpu_names = tuple(labels)
+    up_names = (*WORKER_LABELS, "error")
     fresh: list[tuple[GroupKey, GpuMetricsEvent, ForwardPassMetrics | None]] = []
     deadline = now - fleet.stale_after
     for key, state in list(fleet.workers.items()):
@@ -146,17 +148,21 @@ def gpu_families(fleet: Fleet, now: float, hostname_label: str = "Hostname") -> 
             continue
         fresh.append((GroupKey(key.component, key.endpoint), event, state.load))
         worker = _worker_labels(key)
-        sampler_up.add_metric([*worker, event.sampler_error or ""], 0 if event.sampler_error else 1)
+        up_values = (*worker, event.sampler_error or "")
+        sampler_up.samples.append(Sample(sampler_up.name, state.labels(up_names, up_values),
+                                         0 if event.sampler_error else 1))
         for gpu in event.gpus:
-            gpu_labels = [str(gpu.index), gpu.uuid, gpu.pci_bus_id, f"nvidia{gpu.index}", gpu.name,
-                          event.hostname, event.driver_version or "", *worker]
+            gpu_values = (str(gpu.index), gpu.uuid, gpu.pci_bus_id, f"nvidia{gpu.index}", gpu.name,
+                          event.hostname, event.driver_version or "", *worker)
+            # Rendered once per GPU identity while the worker lives (see exposition.py).
+            gpu_labels = state.labels(gpu_names, gpu_values)
             for family, attr in gauges:
                 value = getattr(gpu, attr)
                 if value is not None:
-                    family.add_metric(gpu_labels, value)
+                    family.samples.append(Sample(family.name, gpu_labels, value))
             for process in gpu.processes:
                 if process.used_memory_mib is not None:
-                    process_memory.add_metric([*gpu_labels, str(process.pid)], process.used_memory_mib)
+                    process_memory.add_metric([*gpu_values, str(process.pid)], process.used_memory_mib)
     for family, _ in gauges:
         yield family
     yield process_memory
@@ -164,8 +170,8 @@ def gpu_families(fleet: Fleet, now: float, hostname_label: str = "Hostname") -> 
     yield from _group_families(group_views(fresh))
 
 
-def _worker_labels(key: WorkerKey) -> list[str]:
-    return [key.component, key.endpoint, str(key.worker_id), str(key.dp_rank)]
+def _worker_labels(key: WorkerKey) -> tuple[str, ...]:
+    return (key.component, key.endpoint, str(key.worker_id), str(key.dp_rank))
 
 
 def _group_families(views: dict[GroupKey, GpuGroupView]) -> Iterator[Metric]:

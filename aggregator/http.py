@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import time
@@ -9,8 +10,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
+from . import exposition
 from .telemetry import Telemetry
 
 # Level 1: a real Prometheus always asks for gzip, and level 9 (the library default)
@@ -19,8 +20,17 @@ GZIP_LEVEL = 1
 
 
 def render_metrics(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
-    encoder, content_type = choose_encoder(accept)
-    return encoder(registry), content_type
+    """prometheus_client's negotiation and bytes, through the faster encoder of exposition.py."""
+    return exposition.encode(registry, accept)
+
+
+def _render(source, accept: str, gzipped: bool) -> tuple[bytes, dict]:
+    body, content_type = render_metrics(source, accept)
+    headers = {"Content-Type": content_type}
+    if gzipped:
+        body = gzip.compress(body, compresslevel=GZIP_LEVEL)
+        headers["Content-Encoding"] = "gzip"
+    return body, headers
 
 
 def build_app(
@@ -31,17 +41,20 @@ def build_app(
     before_scrape: Callable[[], None] = lambda: None,
     middlewares: tuple = (),
 ) -> web.Application:
+    # One render at a time: concurrent scrapes queue rather than multiply the CPU spent.
+    rendering = asyncio.Lock()
+
     async def metrics(request: web.Request) -> web.Response:
         started = time.perf_counter()
         before_scrape()
         # `?name[]=a&name[]=b` restricts the output to those families, as prometheus_client's own server does.
         names = request.query.getall("name[]", [])
         source = registry.restricted_registry(names) if names else registry
-        body, content_type = render_metrics(source, request.headers.get("Accept", ""))
-        headers = {"Content-Type": content_type}
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
-            body = gzip.compress(body, compresslevel=GZIP_LEVEL)
-            headers["Content-Encoding"] = "gzip"
+        gzipped = "gzip" in request.headers.get("Accept-Encoding", "")
+        async with rendering:
+            # In a thread, so the event loop keeps taking NATS messages (and /health) while a
+            # large fleet renders; the collectors read snapshots of the state (list(...)).
+            body, headers = await asyncio.to_thread(_render, source, request.headers.get("Accept", ""), gzipped)
         telemetry.scrape_duration.observe(time.perf_counter() - started)
         return web.Response(body=body, headers=headers)
 

@@ -255,10 +255,14 @@ async def freshness(nats_url: str, aggregator: AggregatorUnderTest, sizes: Sizes
     return delays
 
 
-def populate(nats_url: str, aggregator: AggregatorUnderTest, workers: int) -> None:
+def populate(nats_url: str, aggregator: AggregatorUnderTest, workers: int, full: bool = False) -> None:
+    """One message per worker, or with `full` one of every kind (KV, hit rate, GPU, component metrics)."""
     before = aggregator.accepted()
-    publisher, _ = publish_all(nats_url, workers, workers)
-    aggregator.wait_accepted(before + workers)
+    publisher = Child("bench.publisher", nats_url, "--workers", str(workers), "--messages", str(workers),
+                      *(["--full"] if full else []))
+    publisher.expect("ready")
+    publisher.go()
+    aggregator.wait_accepted(before + workers * (4 if full else 1))
     publisher.result()
 
 
@@ -378,11 +382,11 @@ def run(sizes: Sizes, output: Path) -> str:
         for workers in sizes.scrape_workers:
             aggregator = AggregatorUnderTest(url)
             try:
-                populate(url, aggregator, workers)
+                populate(url, aggregator, workers, full=True)
                 cost = scrape_cost(aggregator, sizes.scrape_repeats)
                 for label, (figure, size) in cost.items():
-                    rows.append((f"/metrics {label}, {workers:,} workers", figure.fmt(" ms", 1000, 1),
-                                 f"{size:,} bytes"))
+                    rows.append((f"/metrics {label}, {workers:,} workers (KV, GPU, component series)",
+                                 figure.fmt(" ms", 1000, 1), f"{size:,} bytes"))
                 if workers == sizes.scrape_workers[-1]:
                     quiet, busy = [], []
                     for _ in range(sizes.repeats):

@@ -41,3 +41,43 @@ def exposition_body(worker: int, active: int = 100) -> bytes:
     for name, value in values.items():
         lines.append(f"# TYPE {name} gauge\n{name}{{{labels}}} {value}")
     return ("\n".join(lines) + "\n").encode()
+
+
+def _component_snapshot_text() -> str:
+    """A worker MetricsRegistry after some traffic: the automatic endpoint metrics, as a worker publishes them."""
+    from aggregator.endpoint_metrics import EndpointMetrics
+    from aggregator.registry import MetricsRegistry
+
+    runtime = MetricsRegistry()
+    calls = EndpointMetrics(runtime.namespace("dynamo").component("backend").endpoint("generate"))
+    for i in range(50):
+        with calls.track(request_bytes=2048) as call:
+            call.duration = 0.05 * (i % 20)
+    return runtime.render()[0].decode()
+
+
+def full_worker_messages(workers: int, first: int = 0) -> list[tuple[str, bytes]]:
+    """Every kind of message one worker sends: KV stats, a hit-rate event, one GPU, its component metrics."""
+    import random
+
+    from mock_worker.engine import EngineConfig, SimulatedEngine
+    from mock_worker.gpus import SimulatedGpus
+
+    text = _component_snapshot_text()
+    engine = SimulatedEngine(EngineConfig(), random.Random(1))
+    for _ in range(20):
+        engine.step(0.5)
+    metrics = engine.metrics()
+    gpus = SimulatedGpus(1, random.Random(1)).step(1.0, metrics)
+    subject = {event: protocol.component_subject("dynamo", "backend", event)
+               for event in (protocol.KV_HIT_RATE, protocol.GPU_METRICS, protocol.COMPONENT_METRICS)}
+    out = []
+    for w in range(first, first + workers):
+        worker_id = WORKER_ID_BASE + w
+        out.append((SUBJECT, load_event(w, 4000)))
+        out.append((subject[protocol.KV_HIT_RATE], protocol.encode(protocol.KvHitRateEvent(worker_id, 40, 25))))
+        out.append((subject[protocol.GPU_METRICS], protocol.encode(protocol.GpuMetricsEvent(
+            worker_id=worker_id, hostname=f"node-{w // 8}", gpus=gpus, driver_version="570.133.20"))))
+        out.append((subject[protocol.COMPONENT_METRICS], protocol.encode(protocol.MetricsSnapshot(
+            worker_id=worker_id, text=text))))
+    return out

@@ -13,7 +13,7 @@ import time
 
 import nats
 
-from .payloads import SUBJECT, round_robin
+from .payloads import SUBJECT, full_worker_messages, round_robin
 
 
 async def main() -> None:
@@ -25,31 +25,36 @@ async def main() -> None:
     parser.add_argument("--marker", type=int, default=4000)
     parser.add_argument("--subject", default=SUBJECT)
     parser.add_argument("--first-id", type=int, default=0, help="offset of the worker ids (churn runs)")
+    parser.add_argument("--full", action="store_true",
+                        help="one of every message kind per worker (KV, hit rate, GPU, component metrics)")
     args = parser.parse_args()
-    payloads = round_robin(args.workers, args.messages, args.marker, args.first_id)
+    if args.full:
+        messages = full_worker_messages(args.workers, args.first_id)
+    else:
+        messages = [(args.subject, p) for p in round_robin(args.workers, args.messages, args.marker, args.first_id)]
     nc = await nats.connect(args.url, pending_size=64 * 1024 * 1024)
     print("ready", flush=True)
     await asyncio.to_thread(sys.stdin.readline)
     started = time.time()
     publish = nc.publish
     if args.rate <= 0:
-        for i, payload in enumerate(payloads):
-            await publish(args.subject, payload)
+        for i, (subject, payload) in enumerate(messages):
+            await publish(subject, payload)
             if i % 2000 == 1999:
                 await asyncio.sleep(0)  # let the flusher run; keeps memory flat
     else:
         batch = max(1, int(args.rate / 200))  # 5 ms batches
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        for start in range(0, len(payloads), batch):
-            for payload in payloads[start:start + batch]:
-                await publish(args.subject, payload)
+        for start in range(0, len(messages), batch):
+            for subject, payload in messages[start:start + batch]:
+                await publish(subject, payload)
             due = t0 + (start + batch) / args.rate
             delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
     await nc.flush(timeout=60)
-    print(json.dumps({"started": started, "flushed": time.time(), "sent": len(payloads)}), flush=True)
+    print(json.dumps({"started": started, "flushed": time.time(), "sent": len(messages)}), flush=True)
     await nc.close()
 
 

@@ -1,0 +1,120 @@
+"""The fast encoder's bytes are prometheus_client's bytes, for the same state, in every format."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from aggregator import exposition, protocol
+from aggregator.config import parse_aggregator_args
+from aggregator.endpoint_metrics import EndpointMetrics
+from aggregator.registry import MetricsRegistry
+from aggregator.service import Aggregator
+from mock_worker.engine import EngineConfig, SimulatedEngine
+from mock_worker.gpus import SimulatedGpus
+
+ACCEPTS = [
+    "",
+    "text/plain;version=0.0.4",
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",  # Prometheus 2.x
+    "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,"
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;version=1.0.0;q=0.3",
+    "text/plain;version=1.0.0;escaping=allow-utf-8",
+    "application/openmetrics-text",
+]
+
+
+def handle(aggregator: Aggregator, event: str, component: str, payload: bytes) -> None:
+    pattern = protocol.component_subject("dynamo", "*", event)
+    assert aggregator.ingest.handle(pattern, protocol.component_subject("dynamo", component, event), payload)
+
+
+@pytest.fixture(scope="module")
+def populated():
+    aggregator = Aggregator(parse_aggregator_args(["--port", "0"]))
+    rng = random.Random(3)
+    for i in range(60):
+        worker_id = rng.getrandbits(63)
+        component = "backend" if i % 3 else "prefill"
+        endpoint = ['generate', 'we"ird\\end\npoint', "chat"][i % 3]
+        engine = SimulatedEngine(EngineConfig(), random.Random(i))
+        for _ in range(20):
+            samples, completions = engine.step(0.5)
+        rank = i % 2 if i % 5 == 0 else None
+        metrics = engine.metrics(rank)
+        handle(aggregator, protocol.KV_METRICS, component,
+               protocol.encode(protocol.LoadEvent(worker_id, metrics, endpoint)))
+        hit = {"worker_id": worker_id, "isl_blocks": 10 + i, "overlap_blocks": i % 10, "dp_rank": rank}
+        handle(aggregator, protocol.KV_HIT_RATE, component, json.dumps(hit).encode())
+        gpus = SimulatedGpus(2, random.Random(i)).step(1.0, metrics)
+        handle(aggregator, protocol.GPU_METRICS, component, protocol.encode(protocol.GpuMetricsEvent(
+            worker_id=worker_id, hostname=f"node-{i}", endpoint=endpoint, dp_rank=rank, gpus=gpus,
+            driver_version="570.1" if i % 2 else None, sampler_error=None)))
+        runtime = MetricsRegistry()
+        calls = EndpointMetrics(runtime.namespace("dynamo").component(component).endpoint("generate"))
+        for completion in completions:
+            with calls.track(request_bytes=completion.prompt_tokens * 4) as call:
+                call.duration = completion.latency
+        snapshot = protocol.MetricsSnapshot(worker_id=worker_id, text=runtime.render()[0].decode(),
+                                            endpoint=endpoint, dp_rank=rank)
+        handle(aggregator, protocol.COMPONENT_METRICS, component, protocol.encode(snapshot))
+    # Freeze what changes between two renders by itself: process CPU/RSS and the clocks.
+    from prometheus_client import ProcessCollector
+
+    from aggregator.collector import FleetCollector
+
+    for collector in list(aggregator.registry._collector_to_names):
+        if isinstance(collector, ProcessCollector):
+            aggregator.registry.unregister(collector)
+        if isinstance(collector, FleetCollector):
+            now, wall = collector._monotonic(), collector._wall()
+            collector._monotonic, collector._wall = (lambda: now), (lambda: wall)
+    # Families prometheus_client renders specially: _created samples, big and special floats, no labels.
+    extra = aggregator.registry
+    Counter("zz_plain_counter", "A counter with _created", ["a"], registry=extra).labels("x").inc(3)
+    Histogram("zz_plain_histogram", "A histogram with _created", registry=extra).observe(0.3)
+    Gauge("zz_big", "Huge\nand \\ small values", ["v"], registry=extra).labels("1").set(1.5e12)
+
+    class Special:
+        def collect(self):
+            family = GaugeMetricFamily("zz_special", "Special floats", labels=["kind"])
+            for kind, value in (("nan", math.nan), ("inf", math.inf), ("ninf", -math.inf), ("neg", -2.5e9),
+                                ("tiny", 1e-12), ("int", 7), ("edge", 999999.9999), ("million", 1e6)):
+                family.add_metric([kind], value)
+            yield family
+            yield Metric("zz_empty", "A family without samples", "gauge")
+
+    extra.register(Special())
+    return aggregator
+
+
+@pytest.mark.parametrize("accept", ACCEPTS)
+def test_fast_bytes_equal_prometheus_clients(populated, accept):
+    encoder, content_type = choose_encoder(accept)
+    expected = encoder(populated.registry)
+    body, fast_content_type = exposition.encode(populated.registry, accept)
+    assert fast_content_type == content_type
+    assert len(body) > 100_000
+    assert body == expected
+
+
+def test_restricted_output_is_equal_too(populated):
+    restricted = populated.registry.restricted_registry(["llm_kv_blocks_active", "DCGM_FI_DEV_GPU_UTIL"])
+    encoder, _ = choose_encoder("")
+    assert exposition.encode(restricted, "")[0] == encoder(restricted)
+
+
+def test_rendered_labels_are_reused_across_scrapes(populated):
+    populated.registry.collect()
+    first = {id(s.labels) for m in populated.registry.collect() if m.name == "llm_kv_blocks_active"
+             for s in m.samples}
+    second = {id(s.labels) for m in populated.registry.collect() if m.name == "llm_kv_blocks_active"
+              for s in m.samples}
+    assert first == second and len(first) == 60
