@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from . import protocol
-from .exposition import RenderedLabels
+from .exposition import ChunkedMetric, RenderedLabels, render_chunk
 from .protocol import MessageRejected
 
 NOT_EXPOSITION = "not_exposition"
@@ -71,6 +71,15 @@ class Family:
     type: str
     documentation: str
     samples: list[Sample]
+    _chunk: str | None = None
+    _rendered: bool = False
+
+    def chunk(self) -> str | None:
+        """The family's sample lines, rendered at the first scrape after the snapshot came."""
+        if not self._rendered:
+            self._chunk = render_chunk(self.samples)
+            self._rendered = True
+        return self._chunk
 
 
 @dataclass(slots=True)
@@ -279,11 +288,11 @@ class ComponentMetricsCollector(Collector):
                     entry = index.names.get(name)  # read from the render thread: may just have gone
                     if entry is None:
                         continue
-                    out = merged[name] = Metric(name, entry.documentation, entry.type)
+                    out = merged[name] = ChunkedMetric(name, entry.documentation, entry.type)
                 if shared_id:
-                    out.samples.extend(self._unique(family.samples, seen.setdefault(name, set())))
+                    out.add_chunk(list(self._unique(family.samples, seen.setdefault(name, set()))), None)
                 else:
-                    out.samples.extend(family.samples)
+                    out.add_chunk(family.samples, family.chunk())
         return iter(merged.values())
 
     @staticmethod

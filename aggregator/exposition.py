@@ -82,17 +82,41 @@ def _header(openmetrics_format: bool, escaping: str, name: str, documentation: s
     return exposition.generate_latest(_Single([empty]), escaping=escaping).decode()
 
 
-def _family(metric: Metric, openmetrics_format: bool, escaping: str) -> list[str]:
-    name = metric.name
-    if not _LEGACY_NAME.match(name):
-        raise _Fallback
-    moved = (
-        {name + suffix for suffix in _TEXT_MOVED}
-        if not openmetrics_format and metric.type not in ("gauge", "unknown", "info", "stateset")
-        else ()
-    )
-    lines = [_header(openmetrics_format, escaping, name, metric.documentation, metric.type, metric.unit)]
-    for sample in metric.samples:
+class ChunkedMetric(Metric):
+    """A family whose samples also come pre-rendered, one text chunk per worker.
+
+    A worker's GPU readings and component metrics change every few seconds, not every
+    scrape; their lines are rendered once per reading (`render_chunk`) and the encoder
+    writes the chunks instead of formatting each sample again. `samples` stays complete,
+    so prometheus_client's encoders and parsers see the same family.
+    """
+
+    def __init__(self, name: str, documentation: str, typ: str, unit: str = "") -> None:
+        super().__init__(name, documentation, typ, unit)
+        self.chunks: list[str] | None = []
+
+    def add_chunk(self, samples: list, chunk: str | None) -> None:
+        self.samples.extend(samples)
+        if chunk is None or self.chunks is None:
+            self.chunks = None  # this family goes the sample-by-sample way
+        else:
+            self.chunks.append(chunk)
+
+
+def render_chunk(samples: list) -> str | None:
+    """The sample lines of `samples` (text 0.0.4 and OpenMetrics 1.0 write them alike), or None
+    where only prometheus_client's encoder will do (timestamps, exemplars, non-legacy names)."""
+    if any(sample.name.endswith(_TEXT_MOVED) for sample in samples):
+        return None  # text 0.0.4 moves these out of the family: leave them to the encoder
+    try:
+        return "".join(_sample_lines(samples, ()))
+    except _Fallback:
+        return None
+
+
+def _sample_lines(samples, moved) -> list[str]:
+    lines = []
+    for sample in samples:
         if sample.timestamp is not None or sample.exemplar is not None or sample.native_histogram is not None:
             raise _Fallback
         sample_name = sample.name
@@ -109,6 +133,22 @@ def _family(metric: Metric, openmetrics_format: bool, escaping: str) -> list[str
         else:
             lines.append(f"{sample_name} {go_float(sample.value)}\n")
     return lines
+
+
+def _family(metric: Metric, openmetrics_format: bool, escaping: str) -> list[str]:
+    name = metric.name
+    if not _LEGACY_NAME.match(name):
+        raise _Fallback
+    moved = (
+        {name + suffix for suffix in _TEXT_MOVED}
+        if not openmetrics_format and metric.type not in ("gauge", "unknown", "info", "stateset")
+        else ()
+    )
+    header = _header(openmetrics_format, escaping, name, metric.documentation, metric.type, metric.unit)
+    chunks = getattr(metric, "chunks", None)
+    if chunks is not None:
+        return [header, *chunks]
+    return [header, *_sample_lines(metric.samples, moved)]
 
 
 def _generic(metric: Metric, openmetrics_format: bool, escaping: str) -> str:

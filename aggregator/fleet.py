@@ -40,8 +40,9 @@ class WorkerState:
     component_metrics: WorkerMetrics | None = None  # the worker's latest MetricsRegistry snapshot
     gpu: GpuMetricsEvent | None = None  # the latest GPU readings, replaced whole
     gpu_seen: float = 0.0  # when they came; readings older than stale_after are not exported
-    # The exposition's rendered label sets for this worker's series (collector-owned; freed with the worker).
+    # The exposition's rendered label sets and GPU series of this worker (collector-owned; freed with it).
     label_cache: dict | None = None
+    gpu_rendered: tuple | None = None
 
     def labels(self, names: tuple[str, ...], values: tuple[str, ...]) -> "RenderedLabels":
         """The label set `names=values`, rendered once for as long as this worker lives."""

@@ -18,12 +18,12 @@ that keeps sending KV stats but stopped sending GPU readings shows no stale GPUs
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily, Metric, Sample
 
+from .exposition import ChunkedMetric, RenderedLabels, render_chunk
 from .fleet import Fleet, GroupKey, WorkerKey
 from .protocol import ForwardPassMetrics, GpuMetricsEvent, GpuReading
 
@@ -129,17 +129,14 @@ def group_views(
 
 def gpu_families(fleet: Fleet, now: float, hostname_label: str = "Hostname") -> Iterator[Metric]:
     """Every GPU family, from the readings of live workers fresher than the fleet's stale_after."""
-    labels = dcgm_labels(hostname_label)
-    gauges = [(GaugeMetricFamily(name, doc, labels=labels), attr) for name, doc, attr in DCGM_GAUGES]
-    process_memory = GaugeMetricFamily(
+    gauges = [ChunkedMetric(name, doc, "gauge") for name, doc, _ in DCGM_GAUGES]
+    process_memory = ChunkedMetric(
         "llm_gpu_process_memory_used_mib", "Framebuffer used by one process on the GPU (in MiB), as NVML reports it",
-        labels=[*labels, "pid"])
-    sampler_up = GaugeMetricFamily(
+        "gauge")
+    sampler_up = ChunkedMetric(
         "llm_gpu_sampler_up",
-        "1 if the worker's last GPU report read its GPUs, 0 if its sampler failed (the reason in `error`)",
-        labels=[*WORKER_LABELS, "error"])
-    gpu_names = tuple(labels)
-    up_names = (*WORKER_LABELS, "error")
+        "1 if the worker's last GPU report read its GPUs, 0 if its sampler failed (the reason in `error`)", "gauge")
+    families = [*gauges, process_memory, sampler_up]
     fresh: list[tuple[GroupKey, GpuMetricsEvent, ForwardPassMetrics | None]] = []
     deadline = now - fleet.stale_after
     for key, state in list(fleet.workers.items()):
@@ -147,27 +144,42 @@ def gpu_families(fleet: Fleet, now: float, hostname_label: str = "Hostname") -> 
         if event is None or state.gpu_seen < deadline:
             continue
         fresh.append((GroupKey(key.component, key.endpoint), event, state.load))
-        worker = _worker_labels(key)
-        up_values = (*worker, event.sampler_error or "")
-        sampler_up.samples.append(Sample(sampler_up.name, state.labels(up_names, up_values),
-                                         0 if event.sampler_error else 1))
-        for gpu in event.gpus:
-            gpu_values = (str(gpu.index), gpu.uuid, gpu.pci_bus_id, f"nvidia{gpu.index}", gpu.name,
-                          event.hostname, event.driver_version or "", *worker)
-            # Rendered once per GPU identity while the worker lives (see exposition.py).
-            gpu_labels = state.labels(gpu_names, gpu_values)
-            for family, attr in gauges:
-                value = getattr(gpu, attr)
-                if value is not None:
-                    family.samples.append(Sample(family.name, gpu_labels, value))
-            for process in gpu.processes:
-                if process.used_memory_mib is not None:
-                    process_memory.add_metric([*gpu_values, str(process.pid)], process.used_memory_mib)
-    for family, _ in gauges:
-        yield family
-    yield process_memory
-    yield sampler_up
+        # A reading arrives every few seconds and is scraped many times: render it once.
+        cached = state.gpu_rendered
+        if cached is None or cached[0] is not event or cached[1] != hostname_label:
+            cached = state.gpu_rendered = (event, hostname_label, _worker_gpu_series(state, event, hostname_label))
+        series = cached[2]
+        for family in families:
+            entry = series.get(family.name)
+            if entry is not None:
+                family.add_chunk(*entry)
+    yield from families
     yield from _group_families(group_views(fresh))
+
+
+def _worker_gpu_series(state, event: GpuMetricsEvent, hostname_label: str) -> dict[str, tuple[list, str | None]]:
+    """{family name: (samples, rendered lines)} of one worker's GPU reading."""
+    gpu_names = tuple(dcgm_labels(hostname_label))
+    worker = _worker_labels(state.key)
+    samples: dict[str, list] = {}
+    up = "llm_gpu_sampler_up"
+    up_labels = state.labels((*WORKER_LABELS, "error"), (*worker, event.sampler_error or ""))
+    samples[up] = [Sample(up, up_labels, 0 if event.sampler_error else 1)]
+    for gpu in event.gpus:
+        gpu_values = (str(gpu.index), gpu.uuid, gpu.pci_bus_id, f"nvidia{gpu.index}", gpu.name,
+                      event.hostname, event.driver_version or "", *worker)
+        # Rendered once per GPU identity while the worker lives (see exposition.py).
+        gpu_labels = state.labels(gpu_names, gpu_values)
+        for name, _, attr in DCGM_GAUGES:
+            value = getattr(gpu, attr)
+            if value is not None:
+                samples.setdefault(name, []).append(Sample(name, gpu_labels, value))
+        for process in gpu.processes:
+            if process.used_memory_mib is not None:
+                name = "llm_gpu_process_memory_used_mib"
+                labels = RenderedLabels(dict(zip((*gpu_names, "pid"), (*gpu_values, str(process.pid)))))
+                samples.setdefault(name, []).append(Sample(name, labels, process.used_memory_mib))
+    return {name: (family_samples, render_chunk(family_samples)) for name, family_samples in samples.items()}
 
 
 def _worker_labels(key: WorkerKey) -> tuple[str, ...]:

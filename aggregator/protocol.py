@@ -45,6 +45,10 @@ def component_of(subject: str) -> str | None:
     return None
 
 
+# Every structure below holds only scalars, lists and other structures, never a cycle, so
+# they are untracked by the cyclic GC (`gc=False`): a fleet keeps hundreds of thousands of
+# them alive, and tracked ones make each full collection walk all of them.
+
 # Value types --------------------------------------------------------------------------
 
 # Beyond 2**40 blocks or slots no engine exists; such a value is a bug or an attack.
@@ -64,21 +68,21 @@ EndpointName = Annotated[str, Meta(min_length=1, max_length=MAX_LABEL_LENGTH)]
 # ForwardPassMetrics (the nested shape Dynamo has sent since July 2025) ----------------
 
 
-class WorkerStats(Struct):
+class WorkerStats(Struct, gc=False):
     request_active_slots: Count
     request_total_slots: Count
     num_requests_waiting: Count | None = None
     data_parallel_rank: Rank | None = None
 
 
-class KvStats(Struct):
+class KvStats(Struct, gc=False):
     kv_active_blocks: Count
     kv_total_blocks: Count
     gpu_cache_usage_perc: Fraction | None = None
     gpu_prefix_cache_hit_rate: Fraction | None = None
 
 
-class SpecDecodeStats(Struct):
+class SpecDecodeStats(Struct, gc=False):
     num_spec_tokens: Count | None = None
     num_drafts: Count | None = None
     num_draft_tokens: Count | None = None
@@ -86,13 +90,13 @@ class SpecDecodeStats(Struct):
     num_accepted_tokens_per_pos: list[Count] | None = None
 
 
-class ForwardPassMetrics(Struct):
+class ForwardPassMetrics(Struct, gc=False):
     worker_stats: WorkerStats
     kv_stats: KvStats
     spec_decode_stats: SpecDecodeStats | None = None
 
 
-class LoadEvent(Struct):
+class LoadEvent(Struct, gc=False):
     """KV and slot stats of one worker (one data-parallel rank of it)."""
 
     worker_id: WorkerId
@@ -100,7 +104,7 @@ class LoadEvent(Struct):
     endpoint: EndpointName = DEFAULT_ENDPOINT
 
 
-class KvHitRateEvent(Struct):
+class KvHitRateEvent(Struct, gc=False):
     """The KV router's estimate of prefix reuse for one routed request."""
 
     worker_id: WorkerId
@@ -109,7 +113,7 @@ class KvHitRateEvent(Struct):
     dp_rank: Rank | None = None
 
 
-class MetricsSnapshot(Struct):
+class MetricsSnapshot(Struct, gc=False):
     """A worker's MetricsRegistry, as the Prometheus text exposition format (0.0.4).
 
     The text is what prometheus_client (or any Prometheus client) renders for /metrics;
@@ -144,7 +148,7 @@ class MessageRejected(Exception):
         self.detail = detail
 
 
-class _AnyForwardPassMetrics(Struct):
+class _AnyForwardPassMetrics(Struct, gc=False):
     """Every field of the three shapes Dynamo has sent, so one decode pass reads any of them."""
 
     # flat (Feb-July 2025)
@@ -164,7 +168,7 @@ class _AnyForwardPassMetrics(Struct):
     engine_load_metrics: ForwardPassMetrics | None = None
 
 
-class _AnyLoadEvent(Struct):
+class _AnyLoadEvent(Struct, gc=False):
     worker_id: WorkerId
     data: _AnyForwardPassMetrics
     endpoint: EndpointName = DEFAULT_ENDPOINT
@@ -317,7 +321,7 @@ def flat_forward_pass_metrics(metrics: ForwardPassMetrics) -> dict:
 STATS_RESPONSE_TYPE: Final = "io.nats.micro.v1.stats_response"
 
 
-class StatsEndpoint(Struct):
+class StatsEndpoint(Struct, gc=False):
     """One endpoint of a stats reply; `data` is kept raw and decoded on its own."""
 
     subject: str
@@ -332,7 +336,7 @@ class StatsEndpoint(Struct):
     average_processing_time: int | None = None
 
 
-class StatsReply(Struct):
+class StatsReply(Struct, gc=False):
     """A service instance's stats reply; endpoints are kept raw so one bad entry cannot spoil the others."""
 
     endpoints: list[msgspec.Raw]
@@ -389,14 +393,14 @@ Pid = Annotated[int, Meta(ge=0, le=2**32 - 1)]
 GpuText = Annotated[str, Meta(max_length=MAX_GPU_TEXT_LENGTH)]
 
 
-class GpuProcess(Struct, omit_defaults=True):
+class GpuProcess(Struct, omit_defaults=True, gc=False):
     """A process holding memory on the GPU (NVML's compute processes)."""
 
     pid: Pid
     used_memory_mib: MiB | None = None  # None where NVML cannot tell (e.g. WDDM, some containers)
 
 
-class GpuReading(Struct, omit_defaults=True):
+class GpuReading(Struct, omit_defaults=True, gc=False):
     """One GPU, read once. Identity fields first, then dcgm-exporter's default fields."""
 
     index: GpuIndex  # NVML index: dcgm-exporter's `gpu` label
@@ -418,7 +422,7 @@ class GpuReading(Struct, omit_defaults=True):
     processes: Annotated[list[GpuProcess], Meta(max_length=MAX_PROCESSES_PER_GPU)] = []
 
 
-class GpuMetricsEvent(Struct, omit_defaults=True):
+class GpuMetricsEvent(Struct, omit_defaults=True, gc=False):
     """The GPUs one worker (one data-parallel rank of it) uses, read at one instant.
 
     `gpus` is empty when the worker has no usable GPU; `sampler_error` then says why
