@@ -23,6 +23,15 @@ bounds the history and the replay time).
 
 Replayed events refresh their workers' last-seen time, so a worker that died while the
 aggregator was down shows as live for up to `--stale-after` after the restart.
+
+History can still have holes that no restart logic can fill, and they are exported
+(`llm_aggregator_hit_rate_journal_*`) rather than only logged: events that left the stream
+(retention, a purge) before they were applied show as a jump in the stream sequence, counted
+per event in `lost_events_total` and per hole in `gaps_total{reason="retention"}`; a stream
+recreated behind the snapshot (its last sequence below the snapshot's) is a
+`gaps_total{reason="stream_reset"}` whose size cannot be known. Sequence jumps mean loss only
+when the stream captures nothing but the hit-rate subjects (true of the stream this module
+creates); on a wider stream they are not counted (logged once).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import msgspec
 import structlog
 from nats.js import api
 from nats.js.errors import NotFoundError
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from . import protocol
 from .config import bounded, env_flag
@@ -124,8 +134,35 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+GAP_REASONS = ("retention", "stream_reset")
+
+
+class JournalTelemetry:
+    """`llm_aggregator_hit_rate_journal_*`: progress through the stream and the holes found in it."""
+
+    def __init__(self, registry: CollectorRegistry, journal: "HitRateJournal") -> None:
+        prefix = "llm_aggregator_hit_rate_journal"
+        self.applied = Counter(f"{prefix}_applied", "Hit-rate stream events taken in order and handed to "
+                               "ingest (a malformed one is counted in llm_aggregator_messages_rejected_total)",
+                               registry=registry)
+        self.duplicates = Counter(f"{prefix}_duplicates_skipped",
+                                  "Stream events skipped as already in the sums (replayed after a consumer reset)",
+                                  registry=registry)
+        gaps = Counter(f"{prefix}_gaps", "Holes found in the hit-rate history: events gone from the stream before "
+                       "they were applied (retention) or a stream recreated behind the snapshot (stream_reset)",
+                       ["reason"], registry=registry)
+        self.gaps = {reason: gaps.labels(reason) for reason in GAP_REASONS}
+        self.lost = Counter(f"{prefix}_lost_events",
+                            "Stream sequences skipped because their events were gone (retention, purge); "
+                            "a stream_reset gap adds nothing here, its size is unknown", registry=registry)
+        Gauge(f"{prefix}_last_sequence", "Last stream sequence included in the hit-rate sums",
+              registry=registry).set_function(lambda: journal.last_seq)
+        Gauge(f"{prefix}_snapshot_sequence", "Last stream sequence included in the snapshot file written",
+              registry=registry).set_function(lambda: journal.written_seq)
+
+
 class HitRateJournal:
-    def __init__(self, args: argparse.Namespace, ingest: Ingest) -> None:
+    def __init__(self, args: argparse.Namespace, ingest: Ingest, registry: CollectorRegistry | None = None) -> None:
         self.stream: str = args.hit_rate_stream
         self.snapshot_path = Path(args.hit_rate_snapshot) if args.hit_rate_snapshot else None
         self.interval: float = args.hit_rate_snapshot_interval
@@ -138,6 +175,9 @@ class HitRateJournal:
         self.last_seq = 0
         self.written_seq = 0  # nothing applied, nothing to write
         self.subscription = None
+        # A sequence jump is a loss only if every stream sequence is a hit-rate event (see the module doc).
+        self.jumps_are_losses = True
+        self.telemetry = JournalTelemetry(registry if registry is not None else CollectorRegistry(), self)
 
     def load(self) -> None:
         """Read the snapshot, if any, into the (empty) fleet. A corrupt file stops the start."""
@@ -177,23 +217,39 @@ class HitRateJournal:
             log.warning("hit-rate stream is behind the snapshot (recreated?); reading it from its start",
                         stream=self.stream, stream_last_seq=state.last_seq, snapshot_seq=self.last_seq)
             self.last_seq = 0
+            # The file's sequence belongs to the old stream: write again as soon as anything is applied.
+            self.written_seq = 0
+            self.telemetry.gaps["stream_reset"].inc()
         elif state.first_seq > self.last_seq + 1 and state.messages:
             log.warning("hit-rate events older than the stream's retention are gone; history has a gap",
                         stream=self.stream, first_seq=state.first_seq, snapshot_seq=self.last_seq)
+        extra = sorted(set(info.config.subjects or ()) - set(self.subjects))
+        if extra:
+            self.jumps_are_losses = False
+            log.warning("hit-rate stream captures other subjects too; lost events cannot be counted",
+                        stream=self.stream, other_subjects=extra)
 
     def _on_message(self):
         handle = self.ingest.handle
         handled = 0
+        telemetry = self.telemetry
 
         async def on_message(msg) -> None:
             nonlocal handled
             seq = msg.metadata.sequence.stream
             if seq <= self.last_seq:
+                telemetry.duplicates.inc()
                 return  # already in the sums (replayed after a consumer reset)
+            if seq > self.last_seq + 1 and self.jumps_are_losses:
+                telemetry.gaps["retention"].inc()
+                telemetry.lost.inc(seq - self.last_seq - 1)
+                log.warning("hit-rate events were gone from the stream before they were applied",
+                            stream=self.stream, lost=seq - self.last_seq - 1, after_seq=self.last_seq)
             pattern = (next(p for p in self.patterns if "*" in p) if protocol.component_of(msg.subject)
                        else next(p for p in self.patterns if "*" not in p))
             handle(pattern, msg.subject, msg.data)
             self.last_seq = seq
+            telemetry.applied.inc()
             handled += 1
             if handled % 64 == 0:
                 await asyncio.sleep(0)  # let HTTP in during a long replay

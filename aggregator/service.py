@@ -50,7 +50,7 @@ class Aggregator:
             max_message_bytes=args.max_message_bytes,
         )
         # Opt-in: hit-rate events from a JetStream stream, sums restored from a snapshot.
-        self.journal = HitRateJournal(args, self.ingest) if getattr(args, "hit_rate_stream", None) else None
+        self.journal = HitRateJournal(args, self.ingest, self.registry) if getattr(args, "hit_rate_stream", None) else None
         if self.journal is not None:
             self.journal.load()
         limits = SnapshotLimits(args.component_metrics_prefixes, args.component_metrics_max_series_per_worker)
