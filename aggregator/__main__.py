@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 
 import structlog
@@ -12,14 +11,11 @@ from prometheus_client import disable_created_metrics
 from . import logs
 from .config import parse_aggregator_args
 from .service import Aggregator
+from .shutdown import stop_event
 
 
 async def _serve(aggregator: Aggregator) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await aggregator.run(stop)
+    await aggregator.run(stop_event())
 
 
 def main(argv: list[str] | None = None) -> None:

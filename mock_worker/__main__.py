@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 
 import nats
@@ -12,6 +11,7 @@ import structlog
 
 from aggregator import logs, protocol
 from aggregator.config import OneLineParser, bounded, choice, env_flag, label_value, nats_token, nats_urls
+from aggregator.shutdown import stop_event
 from aggregator.status_server import StatusServer, StatusServerConfig
 
 from .fleet import GPU_SOURCES, MODES, SHAPES, MockFleet
@@ -70,12 +70,7 @@ def status_config(args) -> StatusServerConfig | None:
 
 
 async def run(args, status: StatusServerConfig | None = None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    if args.duration:
-        loop.call_later(args.duration, stop.set)
+    stop = stop_event(args.duration)
     servers = args.nats_url.split(",")
     while not stop.is_set():
         try:

@@ -11,7 +11,6 @@ import signal
 import sys
 import time
 
-from aggregator.embedded_nats import NatsServer
 
 from .support import http_get, mock_worker, publish, samples, scrape, wait_until, Process
 
