@@ -200,16 +200,19 @@ class Fleet:
 
     def group_stats(self) -> list[GroupStats]:
         """Load mean/std over the live workers that reported load, per component endpoint."""
-        loads: dict[GroupKey, list[float]] = {group: [] for group in self.groups}
-        live: dict[GroupKey, int] = dict.fromkeys(self.groups, 0)
-        # A snapshot: /metrics renders in a thread while the event loop keeps adding workers.
+        # Snapshots: /metrics renders in a thread while the event loop keeps adding workers and groups.
+        groups = list(self.groups.items())
+        loads: dict[GroupKey, list[float]] = {group: [] for group, _ in groups}
+        live: dict[GroupKey, int] = {group: 0 for group, _ in groups}
         for key, state in list(self.workers.items()):
             group = GroupKey(key.component, key.endpoint)
+            if group not in live:  # a group born after the snapshot: next scrape
+                continue
             live[group] += 1
             if state.load is not None:
                 loads[group].append(float(state.load.kv_stats.kv_active_blocks))
         stats = []
-        for group, totals in self.groups.items():
+        for group, totals in groups:
             mean_std = load_mean_std(loads[group])
             stats.append(
                 GroupStats(

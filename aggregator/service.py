@@ -10,19 +10,18 @@ import time
 import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
-from . import protocol
+from . import nats_auth, protocol
 from .collector import FleetCollector
-from . import nats_auth
 from .component_metrics import ComponentMetricsCollector, SnapshotLimits, snapshot_route
 from .fleet import Fleet
 from .hit_rate_journal import HitRateJournal
 from .http import bound_port, build_app, start_server
-from .web_config import basic_auth_middleware
 from .ingest import Ingest
 from .service_stats import ENDPOINT_REASONS, plan_services
 from .stats_scraper import StatsScraper
-from .transport import NatsSubscriber
 from .telemetry import StatsScrapeTelemetry, Telemetry
+from .transport import NatsSubscriber
+from .web_config import basic_auth_middleware
 
 log = structlog.get_logger("aggregator")
 
@@ -51,7 +50,9 @@ class Aggregator:
             max_message_bytes=args.max_message_bytes,
         )
         # Opt-in: hit-rate events from a JetStream stream, sums restored from a snapshot.
-        self.journal = HitRateJournal(args, self.ingest, self.registry) if getattr(args, "hit_rate_stream", None) else None
+        self.journal = (
+            HitRateJournal(args, self.ingest, self.registry) if getattr(args, "hit_rate_stream", None) else None
+        )
         if self.journal is not None:
             self.journal.load()
         limits = SnapshotLimits(args.component_metrics_prefixes, args.component_metrics_max_series_per_worker)

@@ -9,7 +9,7 @@ import time
 
 import nats
 
-from .payloads import SUBJECT
+from .payloads import BARE_SUBJECT
 
 
 async def main() -> None:
@@ -28,7 +28,7 @@ async def main() -> None:
             done.set()
 
     nc = await nats.connect(url)
-    await nc.subscribe(SUBJECT, cb=on_message, pending_msgs_limit=2_000_000, pending_bytes_limit=0)
+    await nc.subscribe(BARE_SUBJECT, cb=on_message, pending_msgs_limit=2_000_000, pending_bytes_limit=0)
     await nc.flush()
     print("ready", flush=True)
     try:

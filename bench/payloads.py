@@ -6,6 +6,9 @@ from aggregator import protocol
 from aggregator.protocol import ForwardPassMetrics, KvStats, LoadEvent, WorkerStats
 
 SUBJECT = protocol.component_subject("dynamo", "backend", protocol.KV_METRICS)
+# The bare ceiling runs on a namespace no aggregator listens to (same length, same payloads), so
+# an aggregator left running between measurements neither competes for CPU nor counts its messages.
+BARE_SUBJECT = protocol.component_subject("barens", "backend", protocol.KV_METRICS)
 WORKER_ID_BASE = 1 << 62
 
 

@@ -118,3 +118,52 @@ def test_rendered_labels_are_reused_across_scrapes(populated):
     second = {id(s.labels) for m in populated.registry.collect() if m.name == "llm_kv_blocks_active"
               for s in m.samples}
     assert first == second and len(first) == 60
+
+
+def test_rendering_in_a_thread_while_the_fleet_changes_never_fails():
+    """/metrics renders off the event loop; the state it reads keeps changing under it."""
+    import threading
+    import time
+
+    from aggregator.http import _render
+    from bench.payloads import full_worker_messages
+
+    aggregator = Aggregator(parse_aggregator_args(["--port", "0", "--stale-after", "0.2"]))
+    errors: list[BaseException] = []
+    renders = 0
+    stop = threading.Event()
+
+    def render_loop() -> None:
+        nonlocal renders
+        while not stop.is_set():
+            try:
+                for accept in ("", ACCEPTS[2]):
+                    _render(aggregator.registry, accept, False)
+                    renders += 1
+            except BaseException as error:  # noqa: BLE001 - the test reports it
+                errors.append(error)
+                return
+
+    thread = threading.Thread(target=render_loop)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        for round_ in range(6):
+            messages = full_worker_messages(300, first=round_ * 300)
+            for i, (subject, payload) in enumerate(messages):
+                # New components (groups) keep appearing, old workers keep expiring.
+                component = f"c{(round_ * 300 + i) // 2}"
+                subject = subject.replace(".component.backend.", f".component.{component}.")
+                event = subject.rsplit(".", 1)[1]
+                aggregator.ingest.handle(protocol.component_subject("dynamo", "*", event), subject, payload)
+                if i % 200 == 0:
+                    aggregator.expire_now()
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+            aggregator.expire_now()
+    finally:
+        stop.set()
+        thread.join(30)
+    assert errors == []
+    assert renders >= 4
