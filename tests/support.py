@@ -59,6 +59,30 @@ def scrape(base_url: str, *, openmetrics: bool = False) -> dict:
     return families
 
 
+def render_families(registry, *, openmetrics: bool = False) -> dict:
+    """Render `registry` as /metrics would and parse it back with prometheus_client's parser."""
+    from aggregator.http import render_metrics
+
+    body, _ = render_metrics(registry, OPENMETRICS if openmetrics else "")
+    parser = parse_openmetrics if openmetrics else parse_text
+    families = {}
+    for family in parser(body.decode()):
+        assert family.name not in families, f"duplicate family {family.name}"
+        families[family.name] = family
+    return families
+
+
+def slowest_answer(base_url: str, paths=("/health", "/metrics"), limit: float = 1.0) -> float:
+    """Ask each path once; seconds of the slowest answer. Raises if one takes over `limit` or is not 200."""
+    slowest = 0.0
+    for path in paths:
+        started = time.monotonic()
+        status, _, _ = http_get(f"{base_url}{path}", timeout=limit)
+        slowest = max(slowest, time.monotonic() - started)
+        assert status == 200, (path, status)
+    return slowest
+
+
 def samples(families: dict, name: str, sample_name: str | None = None) -> dict[tuple, float]:
     """{sorted label items: value} of one family's samples (sample_name defaults to the family's)."""
     family = families.get(name)

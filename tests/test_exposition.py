@@ -15,7 +15,7 @@ from aggregator.http import render_metrics
 from aggregator.ingest import Ingest
 from aggregator.telemetry import Telemetry
 
-from .support import OPENMETRICS, parse_openmetrics, parse_text
+from .support import render_families
 
 
 class Clock:
@@ -49,13 +49,7 @@ def publish_load(ingest, worker_id, active, *, component="backend", endpoint="ge
 
 
 def families(registry, openmetrics=False) -> dict:
-    body, content_type = render_metrics(registry, OPENMETRICS if openmetrics else "")
-    parser = parse_openmetrics if openmetrics else parse_text
-    result = {}
-    for family in parser(body.decode()):
-        assert family.name not in result, f"duplicate family {family.name}"
-        result[family.name] = family
-    return result
+    return render_families(registry, openmetrics=openmetrics)
 
 
 def values(fams, name, sample=None):

@@ -17,7 +17,7 @@ from aggregator.ingest import Ingest
 from aggregator.protocol import ForwardPassMetrics, GpuMetricsEvent, GpuReading, KvStats, WorkerStats
 from aggregator.telemetry import Telemetry
 
-from .support import OPENMETRICS, parse_openmetrics, parse_text
+from .support import render_families
 
 GPU_PATTERN = "namespace.dynamo.component.*.gpu_metrics"
 DCGM_NAMES = ["DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_MEM_COPY_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE",
@@ -67,13 +67,7 @@ def send_load(ingest, worker_id, total_blocks=4096, component="backend") -> bool
 
 
 def families(registry, openmetrics=False) -> dict:
-    body, _ = render_metrics(registry, OPENMETRICS if openmetrics else "")
-    parser = parse_openmetrics if openmetrics else parse_text
-    result = {}
-    for family in parser(body.decode()):
-        assert family.name not in result, f"duplicate family {family.name}"
-        result[family.name] = family
-    return result
+    return render_families(registry, openmetrics=openmetrics)
 
 
 def series(fams, name) -> list[tuple[dict, float]]:
