@@ -58,7 +58,8 @@ async def run(args) -> None:
         nc = await nats.connect(server.url, name="demo-workers")
         fleet = MockFleet(nc, workers=args.workers, seed=args.seed, gpu="simulated",
                           gpus_per_worker=args.gpus_per_worker, gpu_interval=args.interval)
-        workers = asyncio.create_task(fleet.run(args.interval, stop))
+        # Component-metric snapshots as often as stats, so every family shows within seconds.
+        workers = asyncio.create_task(fleet.run(args.interval, stop, metrics_interval=args.interval))
         await asyncio.sleep(0.2)
         log.info("demo running: try `curl localhost:%d/metrics`; Ctrl-C stops" % args.port,
                  nats=server.url, workers=args.workers)
