@@ -357,13 +357,10 @@ def decode_stats_reply(payload: bytes, max_bytes: int) -> StatsReply:
 
 
 def decode_stats_endpoint(raw: msgspec.Raw) -> StatsEndpoint:
-    """One endpoint entry of a stats reply (its `data` still raw)."""
-    try:
-        return _stats_endpoint_decoder.decode(raw)
-    except msgspec.DecodeError as error:
-        raise _classify(error) from None
-    except RecursionError:
-        raise MessageRejected(NOT_JSON, "nesting too deep") from None
+    """One endpoint entry of a stats reply (its `data` still raw); the reply's size was checked already."""
+    return _decode(_stats_endpoint_decoder, raw, len(raw))
+
+
 # GPU telemetry ------------------------------------------------------------------------
 #
 # One message per worker (per data-parallel rank) per sampling interval, on

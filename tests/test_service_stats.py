@@ -178,6 +178,15 @@ def test_each_endpoint_is_read_on_its_own():
     assert {r.component for r in reading.readings} == {"backend"}
 
 
+def test_an_endpoint_with_invalid_utf8_is_rejected_alone():
+    good = entry("dynamo_backend.generate-1", kv(10))
+    payload = reply(good, {"subject": "dynamo_backend.generate-2", "data": kv(20)})
+    payload = payload.replace(b"generate-2", b"generate-2\xff")  # one bad byte inside a JSON string
+    reading = read_stats_reply(payload, PLAN, 65536)
+    assert [(r.worker_id, r.metrics.kv_stats.kv_active_blocks) for r in reading.readings] == [(1, 10)]
+    assert [r.reason for r in reading.rejects] == [protocol.NOT_JSON]
+
+
 @pytest.mark.parametrize("payload,reason", [
     (b"{not json", protocol.NOT_JSON),
     (b"[]", protocol.WRONG_TYPE),
