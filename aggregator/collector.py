@@ -14,31 +14,36 @@ requires the suffix). `llm_kv_blocks_total` is a gauge whose name merely ends in
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
+from operator import attrgetter
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, Sample
 from prometheus_client.registry import Collector
 
 from .aggregate import hit_rate_percent
-from .fleet import Fleet
-from .gpu_families import gpu_families
+from .exposition import ChunkedMetric, RenderedLabels, rows_chunk
+from .fleet import Fleet, WorkerState
+from .gpu_families import gpu_families, render_reading
 
 WORKER_LABELS = ["component", "endpoint", "worker_id", "dp_rank"]
 GROUP_LABELS = ["component", "endpoint"]
 
-# (name, help, getter over ForwardPassMetrics); None values are omitted, never exported as 0.
-_LOAD_GAUGES: list[tuple[str, str, Callable]] = [
-    ("llm_kv_blocks_active", "Active KV cache blocks", lambda m: m.kv_stats.kv_active_blocks),
-    ("llm_kv_blocks_total", "Total KV cache blocks", lambda m: m.kv_stats.kv_total_blocks),
-    ("llm_requests_active_slots", "Active request slots", lambda m: m.worker_stats.request_active_slots),
-    ("llm_requests_total_slots", "Total request slots", lambda m: m.worker_stats.request_total_slots),
+# (name, help, field of ForwardPassMetrics); None values are omitted, never exported as 0.
+_LOAD_GAUGES: list[tuple[str, str, str]] = [
+    ("llm_kv_blocks_active", "Active KV cache blocks", "kv_stats.kv_active_blocks"),
+    ("llm_kv_blocks_total", "Total KV cache blocks", "kv_stats.kv_total_blocks"),
+    ("llm_requests_active_slots", "Active request slots", "worker_stats.request_active_slots"),
+    ("llm_requests_total_slots", "Total request slots", "worker_stats.request_total_slots"),
     ("llm_requests_waiting", "Requests waiting for a slot, as the worker reports",
-     lambda m: m.worker_stats.num_requests_waiting),
+     "worker_stats.num_requests_waiting"),
     ("llm_gpu_cache_usage_ratio", "KV cache usage (0..1), as the worker reports (gpu_cache_usage_perc)",
-     lambda m: m.kv_stats.gpu_cache_usage_perc),
+     "kv_stats.gpu_cache_usage_perc"),
     ("llm_gpu_prefix_cache_hit_ratio", "Prefix cache hit rate (0..1), as the worker reports "
-     "(gpu_prefix_cache_hit_rate)", lambda m: m.kv_stats.gpu_prefix_cache_hit_rate),
+     "(gpu_prefix_cache_hit_rate)", "kv_stats.gpu_prefix_cache_hit_rate"),
 ]
+# All seven values of one worker in one C call.
+_load_values = attrgetter(*(path for _, _, path in _LOAD_GAUGES))
 
 
 class FleetCollector(Collector):
@@ -46,6 +51,7 @@ class FleetCollector(Collector):
                  gpu_hostname_label: str = "Hostname") -> None:
         self.fleet = fleet
         self.gpu_hostname_label = gpu_hostname_label
+        fleet.on_gpu_reading = partial(render_reading, hostname_label=gpu_hostname_label)
         self._wall = wall_clock
         self._monotonic = monotonic_clock
 
@@ -58,48 +64,32 @@ class FleetCollector(Collector):
         yield from gpu_families(self.fleet, self._monotonic(), self.gpu_hostname_label)
 
     def _worker_families(self) -> Iterator[Metric]:
-        gauges = [(GaugeMetricFamily(name, doc, labels=WORKER_LABELS), get) for name, doc, get in _LOAD_GAUGES]
-        hit_rate = GaugeMetricFamily(
-            "llm_kv_hit_rate_percent",
-            "Cumulative KV hit rate per worker, 100 * sum(overlap_blocks) / sum(isl_blocks) of its hit-rate events",
-            labels=WORKER_LABELS,
-        )
-        isl = CounterMetricFamily(
-            "llm_kv_hit_rate_isl_blocks", "Cumulative count of ISL blocks in KV hit rate events", labels=WORKER_LABELS
-        )
-        overlap = CounterMetricFamily(
-            "llm_kv_hit_rate_overlap_blocks",
-            "Cumulative count of overlapping blocks in KV hit rate events",
-            labels=WORKER_LABELS,
-        )
-        last_seen = GaugeMetricFamily(
-            "llm_worker_last_seen_timestamp_seconds",
-            "Unix time of the last message from the worker",
-            labels=WORKER_LABELS,
-        )
-        # Last-seen is kept on the monotonic clock (immune to wall-clock steps); convert once.
-        offset = self._wall() - self._monotonic()
-        names = tuple(WORKER_LABELS)
-        # Samples are appended directly with the worker's pre-rendered label set (see exposition.py):
-        # add_metric would build a new label dict per sample per scrape.
-        for key, state in list(self.fleet.workers.items()):
-            labels = state.labels(names, (key.component, key.endpoint, str(key.worker_id), str(key.dp_rank)))
-            metrics = state.load
-            if metrics is not None:
-                for family, get in gauges:
-                    value = get(metrics)
-                    if value is not None:
-                        family.samples.append(Sample(family.name, labels, value))
-            if state.isl_blocks or state.overlap_blocks:
-                isl.samples.append(Sample(isl.name + "_total", labels, state.isl_blocks))
-                overlap.samples.append(Sample(overlap.name + "_total", labels, state.overlap_blocks))
-                rate = hit_rate_percent(state.overlap_blocks, state.isl_blocks)
-                if rate is not None:
-                    hit_rate.samples.append(Sample(hit_rate.name, labels, rate))
-            last_seen.samples.append(Sample(last_seen.name, labels, state.last_seen + offset))
-        for family, _ in gauges:
-            yield family
-        yield from (hit_rate, isl, overlap, last_seen)
+        # Rendered straight from the state into one chunk per family (see exposition.py): a
+        # scrape of 10,000 workers makes no Sample objects here unless something reads them.
+        offset = self._wall() - self._monotonic()  # last-seen is kept on the monotonic clock
+        rows = [(_worker_labels(state), state) for state in list(self.fleet.workers.values())]
+        loaded = [(labels, state.load) for labels, state in rows if state.load is not None]
+        # One row of values per worker, transposed into one column per family.
+        columns = zip(*(_load_values(metrics) for _, metrics in loaded)) if loaded else ((),) * len(_LOAD_GAUGES)
+        worker_labels = [labels for labels, _ in loaded]
+        for (name, doc, _), column in zip(_LOAD_GAUGES, columns):
+            values = [(labels, value) for labels, value in zip(worker_labels, column) if value is not None]
+            yield _chunked(name, doc, "gauge", name, values)
+        counted = [(labels, state.isl_blocks, state.overlap_blocks) for labels, state in rows
+                   if state.isl_blocks or state.overlap_blocks]
+        rates = [(labels, rate) for labels, isl, overlap in counted
+                 if (rate := hit_rate_percent(overlap, isl)) is not None]
+        yield _chunked("llm_kv_hit_rate_percent",
+                       "Cumulative KV hit rate per worker, 100 * sum(overlap_blocks) / sum(isl_blocks) of its "
+                       "hit-rate events", "gauge", "llm_kv_hit_rate_percent", rates)
+        yield _chunked("llm_kv_hit_rate_isl_blocks", "Cumulative count of ISL blocks in KV hit rate events",
+                       "counter", "llm_kv_hit_rate_isl_blocks_total", [(labels, isl) for labels, isl, _ in counted])
+        yield _chunked("llm_kv_hit_rate_overlap_blocks", "Cumulative count of overlapping blocks in KV hit rate "
+                       "events", "counter", "llm_kv_hit_rate_overlap_blocks_total",
+                       [(labels, overlap) for labels, _, overlap in counted])
+        yield _chunked("llm_worker_last_seen_timestamp_seconds", "Unix time of the last message from the worker",
+                       "gauge", "llm_worker_last_seen_timestamp_seconds",
+                       [(labels, state.last_seen + offset) for labels, state in rows])
 
     def _group_families(self) -> Iterator[Metric]:
         live = GaugeMetricFamily("llm_workers", "Live workers (seen within --stale-after)", labels=GROUP_LABELS)
@@ -142,3 +132,20 @@ class FleetCollector(Collector):
         # The families of an empty fleet: every name this collector yields, without reading the
         # live state, so registration catches name clashes and `/metrics?name[]=` can select them.
         return FleetCollector(Fleet(stale_after=1.0)).collect()
+
+
+def _worker_labels(state: WorkerState) -> RenderedLabels:
+    """The worker's label set, rendered once for as long as it lives."""
+    labels = state.worker_labels
+    if labels is None:
+        key = state.key
+        labels = state.worker_labels = RenderedLabels(dict(zip(
+            WORKER_LABELS, (key.component, key.endpoint, str(key.worker_id), str(key.dp_rank)))))
+    return labels
+
+
+def _chunked(name: str, doc: str, typ: str, sample_name: str, rows: list[tuple[RenderedLabels, float]]) -> Metric:
+    family = ChunkedMetric(name, doc, typ)
+    family.add_chunk(lambda: [Sample(sample_name, labels, value) for labels, value in rows],
+                     rows_chunk(sample_name, rows))
+    return family

@@ -71,15 +71,6 @@ class Family:
     type: str
     documentation: str
     samples: list[Sample]
-    _chunk: str | None = None
-    _rendered: bool = False
-
-    def chunk(self) -> str | None:
-        """The family's sample lines, rendered at the first scrape after the snapshot came."""
-        if not self._rendered:
-            self._chunk = render_chunk(self.samples)
-            self._rendered = True
-        return self._chunk
 
 
 @dataclass(slots=True)
@@ -87,10 +78,23 @@ class WorkerMetrics:
     """One worker's accepted families, samples already labelled with its worker_id."""
 
     families: dict[str, Family] = field(default_factory=dict)
+    # Set by seal() once the fleet has accepted the snapshot: the family names in order, and per
+    # family its samples and its rendered lines (None: only prometheus_client's encoder will do).
+    names: tuple[str, ...] = ()
+    samples_row: tuple[list[Sample], ...] = ()
+    chunks_row: tuple[bytes | None, ...] = ()
 
     @property
     def series(self) -> int:
         return sum(len(f.samples) for f in self.families.values())
+
+    def seal(self) -> None:
+        """Render the lines now, on arrival, so that no scrape has to: a fleet that sends snapshots
+        every second would otherwise have every scrape re-render every worker's series."""
+        families = list(self.families.values())
+        self.names = tuple(f.name for f in families)
+        self.samples_row = tuple(f.samples for f in families)
+        self.chunks_row = tuple(render_chunk(f.samples) for f in families)
 
 
 Problem = tuple[str, str]  # (reason, detail) of one dropped family
@@ -273,26 +277,45 @@ class ComponentMetricsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         index: ComponentMetricsIndex = self.fleet.component_metrics
-        states = [s for s in list(self.fleet.workers.values()) if s.component_metrics is not None]
+        snapshots = [s for s in list(self.fleet.workers.values()) if s.component_metrics is not None]
         # A worker's series all carry its worker_id, so only a worker id publishing under two
         # keys (two endpoints, ranks or components) can repeat a series; a duplicate makes
         # Prometheus reject the whole scrape, so those keep the first copy of each series.
-        keys_per_id = Counter(s.key.worker_id for s in states)
+        keys_per_id = Counter(s.key.worker_id for s in snapshots)
+        # Workers of one kind send the same families in the same order: grouped by that, each
+        # group's rows are transposed into columns at C speed instead of family by family.
+        same_names: dict[tuple[str, ...], list[WorkerMetrics]] = {}
+        shared: list[WorkerMetrics] = []
+        for state in snapshots:
+            metrics = state.component_metrics
+            if keys_per_id[state.key.worker_id] > 1:
+                shared.append(metrics)
+            else:
+                same_names.setdefault(metrics.names, []).append(metrics)
         merged: dict[str, Metric] = {}
+
+        def family_named(name: str) -> ChunkedMetric | None:
+            out = merged.get(name)
+            if out is None:
+                entry = index.names.get(name)  # read from the render thread: may just have gone
+                if entry is None:
+                    return None
+                out = merged[name] = ChunkedMetric(name, entry.documentation, entry.type)
+            return out
+
+        for names, group in same_names.items():
+            sample_columns = zip(*(m.samples_row for m in group))
+            chunk_columns = zip(*(m.chunks_row for m in group))
+            for name, samples, chunks in zip(names, sample_columns, chunk_columns):
+                out = family_named(name)
+                if out is not None:
+                    out.add_column(samples, chunks)
         seen: dict[str, set] = {}
-        for state in states:
-            shared_id = keys_per_id[state.key.worker_id] > 1
-            for name, family in state.component_metrics.families.items():
-                out = merged.get(name)
-                if out is None:
-                    entry = index.names.get(name)  # read from the render thread: may just have gone
-                    if entry is None:
-                        continue
-                    out = merged[name] = ChunkedMetric(name, entry.documentation, entry.type)
-                if shared_id:
+        for metrics in shared:
+            for name, family in metrics.families.items():
+                out = family_named(name)
+                if out is not None:
                     out.add_chunk(list(self._unique(family.samples, seen.setdefault(name, set()))), None)
-                else:
-                    out.add_chunk(family.samples, family.chunk())
         return iter(merged.values())
 
     @staticmethod

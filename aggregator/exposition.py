@@ -74,44 +74,85 @@ class _Single:
 
 
 @lru_cache(maxsize=4096)
-def _header(openmetrics_format: bool, escaping: str, name: str, documentation: str, mtype: str, unit: str) -> str:
+def _header(openmetrics_format: bool, escaping: str, name: str, documentation: str, mtype: str, unit: str) -> bytes:
     empty = Metric(name, documentation, mtype, unit)
     if openmetrics_format:
-        text = openmetrics.generate_latest(_Single([empty]), escaping=escaping, version="1.0.0").decode()
-        return text[: -len("# EOF\n")]
-    return exposition.generate_latest(_Single([empty]), escaping=escaping).decode()
+        text = openmetrics.generate_latest(_Single([empty]), escaping=escaping, version="1.0.0")
+        return text[: -len(b"# EOF\n")]
+    return exposition.generate_latest(_Single([empty]), escaping=escaping)
 
 
 class ChunkedMetric(Metric):
-    """A family whose samples also come pre-rendered, one text chunk per worker.
+    """A family whose sample lines also come pre-rendered, as byte chunks.
 
-    A worker's GPU readings and component metrics change every few seconds, not every
-    scrape; their lines are rendered once per reading (`render_chunk`) and the encoder
-    writes the chunks instead of formatting each sample again. `samples` stays complete,
-    so prometheus_client's encoders and parsers see the same family.
+    A worker's GPU readings and component metrics are rendered once per reading, and its
+    KV series once per scrape straight from the state; the encoder then writes the chunks
+    instead of formatting each sample again. `samples` is complete as in any Metric, but
+    built only when something reads it (prometheus_client's own encoders, `name[]`
+    selections, tests), so a full scrape creates no Sample objects for these families.
     """
 
     def __init__(self, name: str, documentation: str, typ: str, unit: str = "") -> None:
+        # Set before Metric.__init__, which assigns `samples` through the property below.
+        self._parts: list = []  # lists of Samples, or callables returning one
+        self._flat: list = []
+        self.chunks: list[bytes] | None = []
         super().__init__(name, documentation, typ, unit)
-        self.chunks: list[str] | None = []
 
-    def add_chunk(self, samples: list, chunk: str | None) -> None:
-        self.samples.extend(samples)
+    @property
+    def samples(self) -> list:
+        if self._parts:
+            flat = self._flat
+            for part in self._parts:
+                flat.extend(part() if callable(part) else part)
+            self._parts = []
+        return self._flat
+
+    @samples.setter
+    def samples(self, value: list) -> None:
+        self._flat = value
+        self._parts = []
+
+    def add_chunk(self, samples, chunk: bytes | None) -> None:
+        """`samples` (a list, or a callable making it) and their lines; None: no lines, go sample by sample."""
+        self._parts.append(samples)
         if chunk is None or self.chunks is None:
-            self.chunks = None  # this family goes the sample-by-sample way
+            self.chunks = None
         else:
             self.chunks.append(chunk)
 
+    def add_column(self, samples: Iterable[list], chunks: Iterable[bytes | None]) -> None:
+        """Many workers' parts at once (C-speed list building; one worker each)."""
+        self._parts.extend(samples)
+        if self.chunks is not None:
+            chunks = list(chunks)
+            if None in chunks:
+                self.chunks = None
+            else:
+                self.chunks.extend(chunks)
 
-def render_chunk(samples: list) -> str | None:
+
+def render_chunk(samples: list) -> bytes | None:
     """The sample lines of `samples` (text 0.0.4 and OpenMetrics 1.0 write them alike), or None
     where only prometheus_client's encoder will do (timestamps, exemplars, non-legacy names)."""
     if any(sample.name.endswith(_TEXT_MOVED) for sample in samples):
         return None  # text 0.0.4 moves these out of the family: leave them to the encoder
     try:
-        return "".join(_sample_lines(samples, ()))
+        return "".join(_sample_lines(samples, ())).encode()
     except _Fallback:
         return None
+
+
+def rows_chunk(name: str, rows: list[tuple[RenderedLabels, float]]) -> bytes | None:
+    """The lines `name{labels} value` of (labels, value) rows, without making Sample objects;
+    None where a label set has no text of its own (the encoder then goes sample by sample)."""
+    lines = []
+    for labels, value in rows:
+        text = labels.text
+        if not text:
+            return None
+        lines.append(f"{name}{{{text}}} {go_float(value)}\n")
+    return "".join(lines).encode()
 
 
 def _sample_lines(samples, moved) -> list[str]:
@@ -135,7 +176,7 @@ def _sample_lines(samples, moved) -> list[str]:
     return lines
 
 
-def _family(metric: Metric, openmetrics_format: bool, escaping: str) -> list[str]:
+def _family(metric: Metric, openmetrics_format: bool, escaping: str) -> list[bytes]:
     name = metric.name
     if not _LEGACY_NAME.match(name):
         raise _Fallback
@@ -148,18 +189,25 @@ def _family(metric: Metric, openmetrics_format: bool, escaping: str) -> list[str
     chunks = getattr(metric, "chunks", None)
     if chunks is not None:
         return [header, *chunks]
-    return [header, *_sample_lines(metric.samples, moved)]
+    return [header, "".join(_sample_lines(metric.samples, moved)).encode()]
 
 
-def _generic(metric: Metric, openmetrics_format: bool, escaping: str) -> str:
+def _generic(metric: Metric, openmetrics_format: bool, escaping: str) -> bytes:
     if openmetrics_format:
-        text = openmetrics.generate_latest(_Single([metric]), escaping=escaping, version="1.0.0").decode()
-        return text[: -len("# EOF\n")]
-    return exposition.generate_latest(_Single([metric]), escaping=escaping).decode()
+        text = openmetrics.generate_latest(_Single([metric]), escaping=escaping, version="1.0.0")
+        return text[: -len(b"# EOF\n")]
+    return exposition.generate_latest(_Single([metric]), escaping=escaping)
 
 
 def encode(source, accept: str) -> tuple[bytes, str]:
     """(body, content type) for `source` (a registry) as prometheus_client would negotiate and encode it."""
+    parts, content_type = encode_parts(source, accept)
+    return b"".join(parts), content_type
+
+
+def encode_parts(source, accept: str) -> tuple[list[bytes], str]:
+    """`encode`'s body as one piece per family, to compress piece by piece: joining a 91 MB body
+    first (10,000 full workers) costs more than compressing it."""
     encoder, content_type = exposition.choose_encoder(accept)
     func = getattr(encoder, "func", encoder)
     keywords = getattr(encoder, "keywords", {})
@@ -168,14 +216,14 @@ def encode(source, accept: str) -> tuple[bytes, str]:
     elif func is exposition.generate_latest:
         openmetrics_format = False
     else:
-        return encoder(source), content_type  # a format this encoder does not know: the library's own
+        return [encoder(source)], content_type  # a format this encoder does not know: the library's own
     escaping = keywords.get("escaping", openmetrics.UNDERSCORES)
-    out: list[str] = []
+    out: list[bytes] = []
     for metric in source.collect():
         try:
-            out.extend(_family(metric, openmetrics_format, escaping))
+            out.append(b"".join(_family(metric, openmetrics_format, escaping)))
         except _Fallback:
             out.append(_generic(metric, openmetrics_format, escaping))
     if openmetrics_format:
-        out.append("# EOF\n")
-    return "".join(out).encode("utf-8"), content_type
+        out.append(b"# EOF\n")
+    return out, content_type

@@ -9,6 +9,7 @@ them go together, so a live worker's counters never reset and a dead one leaves 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -42,6 +43,7 @@ class WorkerState:
     gpu_seen: float = 0.0  # when they came; readings older than stale_after are not exported
     # The exposition's rendered label sets and GPU series of this worker (collector-owned; freed with it).
     label_cache: dict | None = None
+    worker_labels: RenderedLabels | None = None  # component, endpoint, worker_id, dp_rank
     gpu_rendered: tuple | None = None
 
     def labels(self, names: tuple[str, ...], values: tuple[str, ...]) -> "RenderedLabels":
@@ -102,6 +104,8 @@ class Fleet:
         self.workers: OrderedDict[WorkerKey, WorkerState] = OrderedDict()
         self.groups: dict[GroupKey, GroupTotals] = {}
         self.component_metrics = ComponentMetricsIndex(max_component_series)
+        # Set by the exposition side to render a GPU reading once, as it arrives (gpu_families.py).
+        self.on_gpu_reading: Callable[[WorkerState], object] | None = None
         # Hit-rate events name no endpoint: they go to the endpoint the worker reports load on.
         self._endpoint_of: dict[tuple[str, int, int], str] = {}
 
@@ -169,6 +173,7 @@ class Fleet:
         if previous is not None:
             self.component_metrics.remove(previous)
         self.component_metrics.add(metrics)
+        metrics.seal()
         state.component_metrics = metrics
         return problems
 
@@ -178,6 +183,8 @@ class Fleet:
         state = self._touch(key, now)
         state.gpu = event
         state.gpu_seen = now
+        if self.on_gpu_reading is not None:
+            self.on_gpu_reading(state)
         return state
 
     def expire(self, now: float) -> list[WorkerKey]:

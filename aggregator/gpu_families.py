@@ -77,109 +77,157 @@ class GpuGroupView:
     kv_blocks_per_gib: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class GpuSummary:
+    """One worker's reading reduced to what the fleet views add up; made once per reading."""
+
+    gpus: int = 0
+    util_sum: float = 0.0
+    util_n: int = 0
+    used_mib: int = 0  # framebuffer used, over the GPUs whose whole framebuffer is known
+    fb_mib: int = 0  # those GPUs' whole framebuffer
+    powers: tuple[float, ...] = ()
+    temperature_max_c: float | None = None
+    worker_fb_mib: int | None = None  # the worker's whole framebuffer; None if one GPU's is unknown
+
+
+def summarize(event: GpuMetricsEvent) -> GpuSummary:
+    util_sum, util_n, used, fb_sum, worker_fb = 0.0, 0, 0, 0, 0
+    worker_fb_known = bool(event.gpus)
+    powers: list[float] = []
+    temperature = None
+    for gpu in event.gpus:
+        if gpu.gpu_util is not None:
+            util_sum += gpu.gpu_util
+            util_n += 1
+        fb = framebuffer_mib(gpu)
+        if fb is None:
+            worker_fb_known = False
+        else:
+            worker_fb += fb
+            if gpu.fb_used_mib is not None:
+                used += gpu.fb_used_mib
+                fb_sum += fb
+        if gpu.power_usage_w is not None:
+            powers.append(gpu.power_usage_w)
+        if gpu.gpu_temp_c is not None:
+            temperature = max(temperature or 0, gpu.gpu_temp_c)
+    return GpuSummary(len(event.gpus), util_sum, util_n, used, fb_sum, tuple(powers), temperature,
+                      worker_fb if worker_fb_known else None)
+
+
 def group_views(
     workers: Iterable[tuple[GroupKey, GpuMetricsEvent, ForwardPassMetrics | None]],
 ) -> dict[GroupKey, GpuGroupView]:
     """Fleet views from (group, a worker's GPU readings, its load or None); pure."""
-    sums: dict[GroupKey, dict[str, float]] = {}
-    # Floats summed exactly (fsum), so the views do not depend on the order workers arrived in.
-    powers: dict[GroupKey, list[float]] = {}
+    return combine_views((group, summarize(event), load) for group, event, load in workers)
+
+
+def combine_views(
+    workers: Iterable[tuple[GroupKey, GpuSummary, ForwardPassMetrics | None]],
+) -> dict[GroupKey, GpuGroupView]:
+    """`group_views` from per-worker summaries (the scrape's path: each summary is made once per reading)."""
+    sums: dict[GroupKey, list] = {}  # [util, util_n, used, fb, kv_blocks, kv_mib, powers]
     views: dict[GroupKey, GpuGroupView] = {}
-    for group, event, load in workers:
-        view = views.setdefault(group, GpuGroupView())
-        s = sums.setdefault(group, dict.fromkeys(
-            ("util", "util_n", "used", "fb", "power_n", "kv_blocks", "kv_mib"), 0))
-        group_powers = powers.setdefault(group, [])
-        worker_fb = 0
-        worker_fb_known = bool(event.gpus)
-        for gpu in event.gpus:
-            view.gpus += 1
-            if gpu.gpu_util is not None:
-                s["util"] += gpu.gpu_util
-                s["util_n"] += 1
-            fb = framebuffer_mib(gpu)
-            if fb is None:
-                worker_fb_known = False
-            else:
-                worker_fb += fb
-                if gpu.fb_used_mib is not None:
-                    s["used"] += gpu.fb_used_mib
-                    s["fb"] += fb
-            if gpu.power_usage_w is not None:
-                group_powers.append(gpu.power_usage_w)
-                s["power_n"] += 1
-            if gpu.gpu_temp_c is not None:
-                view.temperature_max_c = max(view.temperature_max_c or 0, gpu.gpu_temp_c)
-        # KV capacity per GiB only for workers whose whole framebuffer is known.
-        if load is not None and worker_fb_known and worker_fb > 0:
-            s["kv_blocks"] += load.kv_stats.kv_total_blocks
-            s["kv_mib"] += worker_fb
-    for group, view in views.items():
+    for group, summary, load in workers:
+        view = views.get(group)
+        if view is None:
+            view = views[group] = GpuGroupView()
+            sums[group] = [0.0, 0, 0, 0, 0, 0, []]
         s = sums[group]
-        if s["util_n"]:
-            view.utilization_avg = s["util"] / s["util_n"]
-        if s["fb"]:
-            view.memory_used_ratio = s["used"] / s["fb"]
-        if s["power_n"]:
-            view.power_watts = math.fsum(powers[group])
-        if s["kv_mib"]:
-            view.kv_blocks_per_gib = s["kv_blocks"] / (s["kv_mib"] / 1024)
+        view.gpus += summary.gpus
+        s[0] += summary.util_sum
+        s[1] += summary.util_n
+        s[2] += summary.used_mib
+        s[3] += summary.fb_mib
+        s[6].extend(summary.powers)
+        if summary.temperature_max_c is not None:
+            view.temperature_max_c = max(view.temperature_max_c or 0, summary.temperature_max_c)
+        # KV capacity per GiB only for workers whose whole framebuffer is known.
+        if load is not None and summary.worker_fb_mib:
+            s[4] += load.kv_stats.kv_total_blocks
+            s[5] += summary.worker_fb_mib
+    for group, view in views.items():
+        util, util_n, used, fb, kv_blocks, kv_mib, powers = sums[group]
+        if util_n:
+            view.utilization_avg = util / util_n
+        if fb:
+            view.memory_used_ratio = used / fb
+        if powers:
+            # Summed exactly (fsum), so the view does not depend on the order workers arrived in.
+            view.power_watts = math.fsum(powers)
+        if kv_mib:
+            view.kv_blocks_per_gib = kv_blocks / (kv_mib / 1024)
     return views
+
+
+# Every per-GPU family, in exposition order: (name, help).
+_GPU_FAMILIES: list[tuple[str, str]] = [
+    *((name, doc) for name, doc, _ in DCGM_GAUGES),
+    ("llm_gpu_process_memory_used_mib", "Framebuffer used by one process on the GPU (in MiB), as NVML reports it"),
+    ("llm_gpu_sampler_up",
+     "1 if the worker's last GPU report read its GPUs, 0 if its sampler failed (the reason in `error`)"),
+]
+_GPU_FAMILY_INDEX = {name: i for i, (name, _) in enumerate(_GPU_FAMILIES)}
 
 
 def gpu_families(fleet: Fleet, now: float, hostname_label: str = "Hostname") -> Iterator[Metric]:
     """Every GPU family, from the readings of live workers fresher than the fleet's stale_after."""
-    gauges = [ChunkedMetric(name, doc, "gauge") for name, doc, _ in DCGM_GAUGES]
-    process_memory = ChunkedMetric(
-        "llm_gpu_process_memory_used_mib", "Framebuffer used by one process on the GPU (in MiB), as NVML reports it",
-        "gauge")
-    sampler_up = ChunkedMetric(
-        "llm_gpu_sampler_up",
-        "1 if the worker's last GPU report read its GPUs, 0 if its sampler failed (the reason in `error`)", "gauge")
-    families = [*gauges, process_memory, sampler_up]
-    fresh: list[tuple[GroupKey, GpuMetricsEvent, ForwardPassMetrics | None]] = []
+    fresh: list[tuple[GroupKey, GpuSummary, ForwardPassMetrics | None]] = []
+    rendered: list[tuple] = []
     deadline = now - fleet.stale_after
     for key, state in list(fleet.workers.items()):
         event = state.gpu
         if event is None or state.gpu_seen < deadline:
             continue
-        fresh.append((GroupKey(key.component, key.endpoint), event, state.load))
-        # A reading arrives every few seconds and is scraped many times: render it once.
         cached = state.gpu_rendered
         if cached is None or cached[0] is not event or cached[1] != hostname_label:
-            cached = state.gpu_rendered = (event, hostname_label, _worker_gpu_series(state, event, hostname_label))
-        series = cached[2]
-        for family in families:
-            entry = series.get(family.name)
-            if entry is not None:
-                family.add_chunk(*entry)
+            cached = render_reading(state, hostname_label)  # normally done on arrival
+        rendered.append(cached)
+        fresh.append((GroupKey(key.component, key.endpoint), cached[4], state.load))
+    families = [ChunkedMetric(name, doc, "gauge") for name, doc in _GPU_FAMILIES]
+    if rendered:
+        # One row per worker, one column per family: transposed by zip, not sample by sample.
+        sample_columns = zip(*(row[2] for row in rendered))
+        chunk_columns = zip(*(row[3] for row in rendered))
+        for family, samples, chunks in zip(families, sample_columns, chunk_columns):
+            family.add_column(samples, chunks)
     yield from families
-    yield from _group_families(group_views(fresh))
+    yield from _group_families(combine_views(fresh))
 
 
-def _worker_gpu_series(state, event: GpuMetricsEvent, hostname_label: str) -> dict[str, tuple[list, str | None]]:
-    """{family name: (samples, rendered lines)} of one worker's GPU reading."""
+def render_reading(state, hostname_label: str) -> tuple:
+    """Render the worker's latest reading once, when it arrives: readings come every few seconds
+    from every worker, so rendering them at scrape time would make every scrape re-render the fleet."""
+    event = state.gpu
+    samples, chunks = _worker_gpu_series(state, event, hostname_label)
+    rendered = state.gpu_rendered = (event, hostname_label, samples, chunks, summarize(event))
+    return rendered
+
+
+def _worker_gpu_series(state, event: GpuMetricsEvent, hostname_label: str) -> tuple[tuple, tuple]:
+    """One worker's GPU reading: (samples, rendered lines) per family of _GPU_FAMILIES."""
     gpu_names = tuple(dcgm_labels(hostname_label))
     worker = _worker_labels(state.key)
-    samples: dict[str, list] = {}
+    samples: list[list] = [[] for _ in _GPU_FAMILIES]
     up = "llm_gpu_sampler_up"
     up_labels = state.labels((*WORKER_LABELS, "error"), (*worker, event.sampler_error or ""))
-    samples[up] = [Sample(up, up_labels, 0 if event.sampler_error else 1)]
+    samples[_GPU_FAMILY_INDEX[up]].append(Sample(up, up_labels, 0 if event.sampler_error else 1))
     for gpu in event.gpus:
         gpu_values = (str(gpu.index), gpu.uuid, gpu.pci_bus_id, f"nvidia{gpu.index}", gpu.name,
                       event.hostname, event.driver_version or "", *worker)
         # Rendered once per GPU identity while the worker lives (see exposition.py).
         gpu_labels = state.labels(gpu_names, gpu_values)
-        for name, _, attr in DCGM_GAUGES:
+        for i, (name, _, attr) in enumerate(DCGM_GAUGES):
             value = getattr(gpu, attr)
             if value is not None:
-                samples.setdefault(name, []).append(Sample(name, gpu_labels, value))
+                samples[i].append(Sample(name, gpu_labels, value))
         for process in gpu.processes:
             if process.used_memory_mib is not None:
                 name = "llm_gpu_process_memory_used_mib"
                 labels = RenderedLabels(dict(zip((*gpu_names, "pid"), (*gpu_values, str(process.pid)))))
-                samples.setdefault(name, []).append(Sample(name, labels, process.used_memory_mib))
-    return {name: (family_samples, render_chunk(family_samples)) for name, family_samples in samples.items()}
+                samples[_GPU_FAMILY_INDEX[name]].append(Sample(name, labels, process.used_memory_mib))
+    return tuple(samples), tuple(render_chunk(family_samples) for family_samples in samples)
 
 
 def _worker_labels(key: WorkerKey) -> tuple[str, ...]:

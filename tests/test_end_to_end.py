@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.embedded_nats import NatsServer, free_port
 
@@ -53,6 +54,20 @@ def test_mock_workers_appear_then_expire_when_they_stop(nats_server, processes, 
         assert samples(families, name) == {}, name
     expired = samples(families, "llm_workers_expired", "llm_workers_expired_total")
     assert list(expired.values()) == [3]
+
+
+def test_metrics_are_gzipped_when_asked_as_prometheus_asks(nats_server, processes):
+    import gzip
+
+    aggregator = processes.aggregator(nats_server.url)
+    processes.add(mock_worker(nats_server.url, "--workers", "2", "--interval", "0.2", "--seed", "3"))
+    wait_until(lambda: live_workers(aggregator.url) == 2, 15, what="2 live workers")
+    status, headers, body = http_get(f"{aggregator.url}/metrics", {"Accept-Encoding": "gzip"})
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    families = {f.name: f for f in text_string_to_metric_families(gzip.decompress(body).decode())}
+    assert len(samples(families, "llm_kv_blocks_active")) == 2
+    status, headers, plain = http_get(f"{aggregator.url}/metrics")
+    assert "Content-Encoding" not in headers and plain.startswith(b"# HELP")
 
 
 def test_every_dynamo_subject_and_shape_over_nats(nats_server, processes):

@@ -105,6 +105,20 @@ def test_fast_bytes_equal_prometheus_clients(populated, accept):
     assert body == expected
 
 
+@pytest.mark.parametrize("accept", ACCEPTS[:3])
+def test_gzipped_body_inflates_to_prometheus_clients_bytes(populated, accept):
+    import gzip
+
+    from aggregator.http import _render
+
+    encoder, content_type = choose_encoder(accept)
+    body, headers = _render(populated.registry, accept, True)
+    assert headers == {"Content-Type": content_type, "Content-Encoding": "gzip"}
+    assert body[:2] == b"\x1f\x8b"  # a gzip member, which is what Content-Encoding: gzip promises
+    assert gzip.decompress(body) == encoder(populated.registry)
+    assert len(body) < len(encoder(populated.registry)) / 5
+
+
 def test_restricted_output_is_equal_too(populated):
     restricted = populated.registry.restricted_registry(["llm_kv_blocks_active", "DCGM_FI_DEV_GPU_UTIL"])
     encoder, _ = choose_encoder("")
