@@ -61,7 +61,7 @@ FLOOD = """
 import asyncio, json, sys, time
 import nats
 
-async def main(url, count, seconds):
+async def main(url, count, seconds, headers):
     nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
     deadline = time.monotonic() + seconds
     sent = 0
@@ -70,21 +70,25 @@ async def main(url, count, seconds):
             payload = json.dumps({"worker_id": sent % 50, "data": {
                 "worker_stats": {"request_active_slots": 1, "request_total_slots": 8},
                 "kv_stats": {"kv_active_blocks": sent % 100, "kv_total_blocks": 100}}}).encode()
-            await nc.publish("namespace.dynamo.component.backend.kv_metrics", payload)
+            await nc.publish("namespace.dynamo.component.backend.kv_metrics", payload, headers=headers)
             sent += 1
         await nc.flush()
     await nc.close()
     print(sent)
 
-asyncio.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), json.loads(sys.argv[4])))
 """
 
 
-def test_a_flood_is_dropped_and_counted_while_metrics_and_health_keep_answering(nats_server, processes):
+def test_a_flood_on_the_queued_path_is_dropped_and_counted_while_metrics_and_health_keep_answering(
+        nats_server, processes):
+    # Messages with headers take nats-py's queued path, bounded by --pending-msgs-limit (the
+    # direct path has no client-side queue: see the next test).
     aggregator = processes.aggregator(nats_server.url, "--pending-msgs-limit", "20", "--stale-after", "60",
                                       env={"DYN_LOGGING_JSONL": "1"})
     wait_until(lambda: aggregator.health() == 200, 15, what="connected")
-    flood = processes.add(Process([sys.executable, "-c", FLOOD, nats_server.url, "150000", "15"]))
+    flood = processes.add(Process([sys.executable, "-c", FLOOD, nats_server.url, "150000", "15",
+                                   json.dumps({"Nats-Msg-Id": "flood"})]))
 
     slowest = 0.0
     answered = 0
@@ -106,3 +110,31 @@ def test_a_flood_is_dropped_and_counted_while_metrics_and_health_keep_answering(
     drop_logs = [x for x in lines if x.get("message") == "slow consumer: messages dropped"]
     assert 1 <= len(drop_logs) <= 5 < dropped()  # counted per message, logged rarely
     wait_until(lambda: aggregator.health() == 200, 15, what="healthy after the flood")
+
+
+def test_a_frozen_aggregator_cut_off_as_a_slow_consumer_reconnects_and_resumes(processes, tmp_path):
+    """Direct delivery keeps no client-side queue: past nats-server's max_pending for the
+    connection the server cuts the aggregator off; it must reconnect, resubscribe and go on."""
+    from aggregator.embedded_nats import NatsServer
+
+    config = tmp_path / "strict.conf"
+    config.write_text('max_pending: 1MB\nwrite_deadline: "1s"\n')
+    with NatsServer(config=str(config)) as server:
+        aggregator = processes.aggregator(server.url, "--stale-after", "600", env={"DYN_LOGGING_JSONL": "1"})
+        wait_until(lambda: aggregator.health() == 200, 15, what="connected")
+        publish(server.url, [(SUBJECT, load(1))])
+        wait_until(lambda: workers_exported(aggregator.url) == {"1"}, 10, what="worker 1")
+        aggregator.signal(signal.SIGSTOP)
+        try:
+            flood = processes.add(Process([sys.executable, "-c", FLOOD, server.url, "30000", "15", "null"]))
+            assert flood.popen.wait(60) == 0, flood.output()  # ~4 MB: four times what the server holds for it
+        finally:
+            aggregator.signal(signal.SIGCONT)
+        wait_until(lambda: samples(scrape(aggregator.url), "llm_aggregator_nats_reconnects",
+                                   "llm_aggregator_nats_reconnects_total")[()] >= 1, 30, what="a reconnect")
+        wait_until(lambda: aggregator.health() == 200, 30, what="healthy again")
+        slowest_answer(aggregator.url)
+        publish(server.url, [(SUBJECT, load(2))])
+        wait_until(lambda: workers_exported(aggregator.url) >= {"1", "2"}, 10, what="subscriptions restored")
+        lines = [json.loads(x) for x in aggregator.output().splitlines() if x.startswith("{")]
+        assert any(x.get("message") == "connected to NATS" and x.get("delivery") == "direct" for x in lines)
