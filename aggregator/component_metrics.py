@@ -23,6 +23,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -70,7 +71,24 @@ class Family:
     name: str
     type: str
     documentation: str
-    samples: list[Sample]
+    samples: list[Sample] | None  # None once rendered into `chunk`: read back from it on demand
+    count: int  # how many samples
+    chunk: bytes | None = None
+
+    def get_samples(self) -> list[Sample]:
+        if self.samples is not None:
+            return self.samples
+        return samples_of_chunk(self.chunk)
+
+
+def samples_of_chunk(chunk: bytes) -> list[Sample]:
+    """A rendered family's samples, read back with prometheus_client's parser.
+
+    A live worker's series are kept only as their rendered lines, ~130 bytes each instead of
+    ~600 as Sample objects with their labels; the Samples are only needed for `?name[]=`
+    selections and prometheus_client's own encoders, which are rare and may pay for a parse.
+    """
+    return [sample for family in text_string_to_metric_families(chunk.decode()) for sample in family.samples]
 
 
 @dataclass(slots=True)
@@ -79,22 +97,29 @@ class WorkerMetrics:
 
     families: dict[str, Family] = field(default_factory=dict)
     # Set by seal() once the fleet has accepted the snapshot: the family names in order, and per
-    # family its samples and its rendered lines (None: only prometheus_client's encoder will do).
+    # family its rendered lines (None: only prometheus_client's encoder will do).
     names: tuple[str, ...] = ()
-    samples_row: tuple[list[Sample], ...] = ()
+    families_row: tuple[Family, ...] = ()
     chunks_row: tuple[bytes | None, ...] = ()
 
     @property
     def series(self) -> int:
-        return sum(len(f.samples) for f in self.families.values())
+        return sum(f.count for f in self.families.values())
 
     def seal(self) -> None:
         """Render the lines now, on arrival, so that no scrape has to: a fleet that sends snapshots
         every second would otherwise have every scrape re-render every worker's series."""
-        families = list(self.families.values())
-        self.names = tuple(f.name for f in families)
-        self.samples_row = tuple(f.samples for f in families)
-        self.chunks_row = tuple(render_chunk(f.samples) for f in families)
+        for family in self.families.values():
+            family.chunk = render_chunk(family.samples)
+            if family.chunk is not None:
+                family.samples = None
+        self.families_row = tuple(self.families.values())
+        self.names = tuple(f.name for f in self.families_row)
+        self.chunks_row = tuple(f.chunk for f in self.families_row)
+
+
+def _column_samples(column: tuple[Family, ...]) -> list[Sample]:
+    return [sample for family in column for sample in family.get_samples()]
 
 
 Problem = tuple[str, str]  # (reason, detail) of one dropped family
@@ -178,7 +203,7 @@ def parse_snapshot(text: str, worker_id: int, limits: SnapshotLimits) -> tuple[W
             # Labels rendered once per snapshot, not once per scrape (see exposition.py).
             samples = [Sample(s.name, RenderedLabels({**s.labels, WORKER_ID: worker}), s.value)
                        for s in parsed.samples]
-            result.families[name] = Family(name, parsed.type, parsed.documentation, samples)
+            result.families[name] = Family(name, parsed.type, parsed.documentation, samples, len(samples))
     except MessageRejected:
         raise
     except Exception as error:  # noqa: BLE001 - the parser raises ValueError, IndexError, KeyError...
@@ -304,18 +329,18 @@ class ComponentMetricsCollector(Collector):
             return out
 
         for names, group in same_names.items():
-            sample_columns = zip(*(m.samples_row for m in group))
+            family_columns = zip(*(m.families_row for m in group))
             chunk_columns = zip(*(m.chunks_row for m in group))
-            for name, samples, chunks in zip(names, sample_columns, chunk_columns):
+            for name, families, chunks in zip(names, family_columns, chunk_columns):
                 out = family_named(name)
                 if out is not None:
-                    out.add_column(samples, chunks)
+                    out.add_column(partial(_column_samples, families), chunks)
         seen: dict[str, set] = {}
         for metrics in shared:
             for name, family in metrics.families.items():
                 out = family_named(name)
                 if out is not None:
-                    out.add_chunk(list(self._unique(family.samples, seen.setdefault(name, set()))), None)
+                    out.add_chunk(list(self._unique(family.get_samples(), seen.setdefault(name, set()))), None)
         return iter(merged.values())
 
     @staticmethod

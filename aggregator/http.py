@@ -7,6 +7,7 @@ import gc
 import json
 import time
 from collections.abc import Callable
+from itertools import chain
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -38,14 +39,16 @@ def _render(source, accept: str, gzipped: bool) -> tuple[bytes, dict]:
     gc_enabled = gc.isenabled()
     gc.disable()
     try:
-        parts, content_type = exposition.encode_parts(source, accept)
+        families, content_type = exposition.encode_families(source, accept)
         headers = {"Content-Type": content_type}
         if gzipped:
             compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
-            parts = [compressor.compress(part) for part in parts]
-            parts.append(compressor.flush())
+            pieces = [compressor.compress(b"".join(family)) for family in families]
+            pieces.append(compressor.flush())
             headers["Content-Encoding"] = "gzip"
-        body = b"".join(parts)
+            body = b"".join(pieces)
+        else:
+            body = b"".join(chain.from_iterable(families))
     finally:
         if gc_enabled:
             gc.enable()

@@ -135,6 +135,17 @@ class AggregatorUnderTest:
             total += sum(s.value for s in family.samples if s.name.endswith("_total"))
         return total
 
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def scrape_seconds(self) -> tuple[float, float]:
+        """(sum, count) of the aggregator's own llm_aggregator_scrape_duration_seconds: time spent serving."""
+        name = "llm_aggregator_scrape_duration_seconds"
+        _, body = self.get(f"?name[]={name}_sum&name[]={name}_count")
+        found = {s.name: s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+        return found[f"{name}_sum"], found[f"{name}_count"]
+
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -197,6 +208,9 @@ def percentile(values: list[float], q: float) -> float:
 # -- measurements ---------------------------------------------------------------------------
 
 
+CPU: dict[str, list[float]] = {"bare": [], "aggregator": []}  # CPU seconds per message, per ingest run
+
+
 def bare_ceiling(nats_url: str, workers: int, messages: int) -> float:
     subscriber = Child("bench.counting_subscriber", nats_url, str(messages))
     try:
@@ -208,6 +222,7 @@ def bare_ceiling(nats_url: str, workers: int, messages: int) -> float:
         subscriber.stop()
     if result["received"] < messages:
         raise RuntimeError(f"bare subscriber got {result['received']} of {messages}")
+    CPU["bare"].append(result["cpu"] / messages)
     return messages / (result["last"] - started)
 
 
@@ -217,8 +232,10 @@ LOST: list[float] = []  # messages the aggregator never received (NATS slow-cons
 def aggregator_ingest(nats_url: str, aggregator: AggregatorUnderTest, workers: int, messages: int,
                       poll: float = 0.05) -> float:
     before = aggregator.accepted()
+    cpu_before = aggregator.cpu_seconds()
     publisher, started = publish_all(nats_url, workers, messages)
     finished, accepted = aggregator.wait_accepted(before + messages, poll=poll, stall=10.0)
+    CPU["aggregator"].append((aggregator.cpu_seconds() - cpu_before) / max(1.0, accepted - before))
     publisher.result()
     LOST.append(before + messages - accepted)
     return (accepted - before) / (finished - started)
@@ -275,14 +292,21 @@ def populate(nats_url: str, aggregator: AggregatorUnderTest, workers: int, full:
 
 
 def scrape_cost(aggregator: AggregatorUnderTest, repeats: int) -> dict:
+    """{format: (client-side times, size, server-side times)}; the server side is read from the
+    aggregator's own scrape-duration histogram around each scrape (render and compression,
+    without the transfer)."""
     out = {}
     for label, accept, gz in (("text", "", False), ("openmetrics+gzip", OPENMETRICS, True)):
-        times, size = [], 0
+        times, served, size = [], [], 0
         for _ in range(repeats):
+            before = aggregator.scrape_seconds()
             seconds, body = aggregator.get(accept=accept, gzip=gz)
+            after = aggregator.scrape_seconds()
             times.append(seconds)
+            # `before`'s own request is counted in `after` too: a name[] selection, well under 1 ms.
+            served.append(after[0] - before[0])
             size = len(body)
-        out[label] = (Figure(times), size)
+        out[label] = (Figure(times), size, Figure(served))
     return out
 
 
@@ -367,6 +391,8 @@ def run(sizes: Sizes, output: Path) -> str:
             aggregator = AggregatorUnderTest(url)
             try:
                 bare, ours = [], []
+                for lst in CPU.values():
+                    lst.clear()
                 for _ in range(sizes.repeats):
                     bare.append(bare_ceiling(url, workers, sizes.ingest_messages))
                     ours.append(aggregator_ingest(url, aggregator, workers, sizes.ingest_messages, sizes.poll))
@@ -374,9 +400,12 @@ def run(sizes: Sizes, output: Path) -> str:
             finally:
                 aggregator.stop()
             ratio = Figure([o / b for o, b in zip(ours, bare)])
-            rows.append((f"bare nats-py ceiling, {workers:,} workers", Figure(bare).fmt(" msg/s"), ""))
+            bare_cpu, our_cpu = Figure(CPU["bare"]), Figure(CPU["aggregator"])
+            rows.append((f"bare nats-py ceiling, {workers:,} workers", Figure(bare).fmt(" msg/s"),
+                         f"CPU {bare_cpu.fmt(' µs', 1e6, 2)} per message"))
             rows.append((f"aggregator ingest, {workers:,} workers", Figure(ours).fmt(" msg/s"),
-                         f"{ratio.fmt(' ', 100)}% of bare (target >= 60 % at 1,000)".replace("  ", " ")))
+                         f"{ratio.fmt(' ', 100)}% of bare (target >= 60 % at 1,000); "
+                         f"CPU {our_cpu.fmt(' µs', 1e6, 2)} per message".replace("  ", " ")))
             if workers == 1000 or workers == sizes.ingest_workers[-1]:
                 ingest_1k = Figure(ours)
 
@@ -400,9 +429,10 @@ def run(sizes: Sizes, output: Path) -> str:
             try:
                 populate(url, aggregator, workers, full=True)
                 cost = scrape_cost(aggregator, sizes.scrape_repeats)
-                for label, (figure, size) in cost.items():
+                for label, (figure, size, served) in cost.items():
                     rows.append((f"/metrics {label}, {workers:,} workers (KV, GPU, component series)",
-                                 figure.fmt(" ms", 1000, 1), f"{size:,} bytes"))
+                                 figure.fmt(" ms", 1000, 1), f"{size:,} bytes; in the aggregator "
+                                                             f"{served.fmt(' ms', 1000, 1)}, the rest is the transfer"))
                 if workers == sizes.scrape_workers[-1]:
                     quiet, busy = [], []
                     for _ in range(sizes.repeats):
@@ -421,7 +451,7 @@ def run(sizes: Sizes, output: Path) -> str:
                 aggregator = AggregatorUnderTest(url)
                 try:
                     populate(url, aggregator, workers)
-                    ours_1k_scrape, kv_size = scrape_cost(aggregator, sizes.scrape_repeats)["text"]
+                    ours_1k_scrape, kv_size, _ = scrape_cost(aggregator, sizes.scrape_repeats)["text"]
                     rows.append((f"/metrics text, {workers:,} workers, KV series only (the Pushgateway's data)",
                                  ours_1k_scrape.fmt(" ms", 1000, 1), f"{kv_size:,} bytes"))
                 finally:

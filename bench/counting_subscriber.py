@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import sys
 import time
 
 import nats
 
 from .payloads import BARE_SUBJECT
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def main() -> None:
@@ -31,10 +37,12 @@ async def main() -> None:
     await nc.subscribe(BARE_SUBJECT, cb=on_message, pending_msgs_limit=2_000_000, pending_bytes_limit=0)
     await nc.flush()
     print("ready", flush=True)
+    cpu_ready = _cpu_seconds()
     try:
         await asyncio.wait_for(done.wait(), 120)
     finally:
-        print(json.dumps({"received": count, "first": first, "last": last}), flush=True)
+        print(json.dumps({"received": count, "first": first, "last": last, "cpu": _cpu_seconds() - cpu_ready}),
+              flush=True)
         await nc.close()
 
 

@@ -97,6 +97,8 @@ def populated():
 
 @pytest.mark.parametrize("accept", ACCEPTS)
 def test_fast_bytes_equal_prometheus_clients(populated, accept):
+    # prometheus_client's encoder reads `samples`, which for component series are read back from
+    # their rendered lines: equal bytes prove the lines and the samples agree.
     encoder, content_type = choose_encoder(accept)
     expected = encoder(populated.registry)
     body, fast_content_type = exposition.encode(populated.registry, accept)
@@ -123,6 +125,28 @@ def test_restricted_output_is_equal_too(populated):
     restricted = populated.registry.restricted_registry(["llm_kv_blocks_active", "DCGM_FI_DEV_GPU_UTIL"])
     encoder, _ = choose_encoder("")
     assert exposition.encode(restricted, "")[0] == encoder(restricted)
+
+
+def test_component_samples_read_back_from_their_lines_equal_the_parsed_ones():
+    from aggregator.component_metrics import SnapshotLimits, parse_snapshot, samples_of_chunk
+
+    runtime = MetricsRegistry()
+    calls = EndpointMetrics(runtime.namespace("dynamo").component("backend").endpoint("gen\\e\"rate"))
+    for i in range(7):
+        with calls.track(request_bytes=100 * i) as call:
+            call.duration = 0.037 * i
+    metrics, problems = parse_snapshot(runtime.render()[0].decode(), 2**63 + 1, SnapshotLimits())
+    assert problems == []
+    parsed = {name: list(family.samples) for name, family in metrics.families.items()}
+    metrics.seal()
+    rendered = [family for family in metrics.families.values() if family.samples is None]
+    assert len(rendered) >= 3  # counters and histograms are kept as lines only
+    for family in metrics.families.values():
+        assert family.count == len(parsed[family.name])
+        assert [(s.name, dict(s.labels), float(s.value)) for s in family.get_samples()] == \
+            [(s.name, dict(s.labels), float(s.value)) for s in parsed[family.name]]
+        if family.chunk is not None:
+            assert samples_of_chunk(family.chunk) == family.get_samples()
 
 
 def test_rendered_labels_are_reused_across_scrapes(populated):
