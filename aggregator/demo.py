@@ -11,6 +11,7 @@ import socket
 import sys
 
 import nats
+import nats.errors
 import structlog
 from prometheus_client import disable_created_metrics
 
@@ -51,7 +52,7 @@ async def run(args) -> None:
     stop = stop_event(args.duration)
 
     nats_port = 4222 if _port_free(4222) else free_port()
-    with NatsServer(nats_port) as server:
+    with NatsServer(nats_port, own_process_group=True) as server:
         aggregator = Aggregator(parse_aggregator_args(
             ["--nats-url", server.url, "--host", "127.0.0.1", "--port", str(args.port)]))
         serving = asyncio.create_task(aggregator.run(stop))
@@ -65,7 +66,11 @@ async def run(args) -> None:
                  nats=server.url, workers=args.workers)
         await stop.wait()
         await asyncio.gather(workers, serving)
-        await nc.drain()
+        try:
+            await asyncio.wait_for(nc.drain(), 5)
+        except (nats.errors.Error, asyncio.TimeoutError) as error:  # stopping anyway
+            log.warning("workers' NATS connection did not drain", error=str(error) or type(error).__name__)
+            await nc.close()
 
 
 def main(argv: list[str] | None = None) -> None:

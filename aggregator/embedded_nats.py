@@ -66,8 +66,13 @@ class NatsServer:
         jetstream: bool = False,
         config: str | None = None,
         extra_args: list[str] | None = None,
+        own_process_group: bool = False,
     ) -> None:
         self.host = host
+        # For an interactive owner (the demo): Ctrl-C signals the terminal's whole foreground
+        # process group, and nats-server must outlive the clients that still drain through it;
+        # the owner stops it last.
+        self.own_process_group = own_process_group
         self.port = port or free_port(host)
         self.jetstream = jetstream
         self.config = config
@@ -86,7 +91,8 @@ class NatsServer:
         if self.jetstream:
             args += ["-js", "-sd", self.store_dir]
         args += self.extra_args
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=self.own_process_group)
         try:
             wait_for_port(self.host, self.port, timeout)
         except TimeoutError:
