@@ -28,8 +28,10 @@ History can still have holes that no restart logic can fill, and they are export
 (`llm_aggregator_hit_rate_journal_*`) rather than only logged: events that left the stream
 (retention, a purge) before they were applied show as a jump in the stream sequence, counted
 per event in `lost_events_total` and per hole in `gaps_total{reason="retention"}`; a stream
-recreated behind the snapshot (its last sequence below the snapshot's) is a
-`gaps_total{reason="stream_reset"}` whose size cannot be known. Sequence jumps mean loss only
+recreated since the snapshot (its creation time differs from the one the snapshot recorded,
+or, for a snapshot without one, its last sequence is below the snapshot's) is a
+`gaps_total{reason="stream_reset"}` whose size cannot be known: the new stream is then read
+from its start. Sequence jumps mean loss only
 when the stream captures nothing but the hit-rate subjects (true of the stream this module
 creates); on a wider stream they are not counted (logged once).
 """
@@ -69,6 +71,9 @@ class Snapshot(msgspec.Struct):
     workers: list[tuple[str, str, int, int, int, int, float]]
     # [component, endpoint, isl_blocks, overlap_blocks, expired]
     groups: list[tuple[str, str, int, int, int]]
+    # When the stream whose sequence `last_seq` is was created (ISO 8601): a stream deleted and
+    # recreated restarts its sequence at 1, and may pass `last_seq` again before the next start.
+    stream_created: str | None = None
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -95,13 +100,14 @@ def stream_subjects(namespace: str) -> list[str]:
             protocol.component_subject(namespace, "*", protocol.KV_HIT_RATE)]
 
 
-def take_snapshot(fleet: Fleet, stream: str, last_seq: int, *, wall: float, monotonic: float) -> Snapshot:
+def take_snapshot(fleet: Fleet, stream: str, last_seq: int, *, wall: float, monotonic: float,
+                  stream_created: str | None = None) -> Snapshot:
     """The hit-rate part of the fleet state, consistent with `last_seq` (pure)."""
     offset = wall - monotonic
     workers = [(k.component, k.endpoint, k.worker_id, k.dp_rank, s.isl_blocks, s.overlap_blocks, s.last_seen + offset)
                for k, s in fleet.workers.items() if s.isl_blocks or s.overlap_blocks]
     groups = [(g.component, g.endpoint, t.isl_blocks, t.overlap_blocks, t.expired) for g, t in fleet.groups.items()]
-    return Snapshot(SNAPSHOT_VERSION, stream, last_seq, wall, workers, groups)
+    return Snapshot(SNAPSHOT_VERSION, stream, last_seq, wall, workers, groups, stream_created)
 
 
 def restore(fleet: Fleet, snapshot: Snapshot, *, wall: float, monotonic: float) -> None:
@@ -174,6 +180,8 @@ class HitRateJournal:
                          protocol.component_subject(ingest.namespace, "*", protocol.KV_HIT_RATE)}
         self.last_seq = 0
         self.written_seq = 0  # nothing applied, nothing to write
+        self.stream_created: str | None = None  # of the stream last_seq counts in (from the snapshot, then NATS)
+        self._rewrite = False  # the file names another stream: write even if nothing new is applied
         self.subscription = None
         # A sequence jump is a loss only if every stream sequence is a hit-rate event (see the module doc).
         self.jumps_are_losses = True
@@ -189,40 +197,47 @@ class HitRateJournal:
                              f"not {self.stream!r}")
         restore(self.fleet, snapshot, wall=time.time(), monotonic=time.monotonic())
         self.last_seq = self.written_seq = snapshot.last_seq
+        self.stream_created = snapshot.stream_created
         log.info("hit-rate sums restored", snapshot=str(self.snapshot_path), last_seq=snapshot.last_seq,
                  workers=len(snapshot.workers), groups=len(snapshot.groups))
 
     def snapshot_bytes(self) -> bytes:
-        return msgspec.json.encode(take_snapshot(self.fleet, self.stream, self.last_seq,
-                                                 wall=time.time(), monotonic=time.monotonic()))
+        return msgspec.json.encode(take_snapshot(self.fleet, self.stream, self.last_seq, wall=time.time(),
+                                                 monotonic=time.monotonic(), stream_created=self.stream_created))
 
     async def write(self) -> None:
-        if self.snapshot_path is None or self.written_seq == self.last_seq:
+        if self.snapshot_path is None or (self.written_seq == self.last_seq and not self._rewrite):
             return
         seq, data = self.last_seq, self.snapshot_bytes()  # taken in one step: consistent with seq
         await asyncio.to_thread(write_atomically, self.snapshot_path, data)
         self.written_seq = seq
+        self._rewrite = False
 
     async def _ensure_stream(self, js) -> None:
         try:
             info = await js.stream_info(self.stream)
         except NotFoundError:
-            await js.add_stream(api.StreamConfig(
+            info = await js.add_stream(api.StreamConfig(
                 name=self.stream, subjects=self.subjects, retention=api.RetentionPolicy.LIMITS,
                 storage=api.StorageType.FILE, max_age=self.max_age))
             log.info("hit-rate stream created", stream=self.stream, subjects=self.subjects, max_age=self.max_age)
-            return
+        created = info.created.isoformat() if info.created is not None else None
         state = info.state
-        if state.last_seq < self.last_seq:
-            log.warning("hit-rate stream is behind the snapshot (recreated?); reading it from its start",
-                        stream=self.stream, stream_last_seq=state.last_seq, snapshot_seq=self.last_seq)
+        recreated = created is not None and self.stream_created is not None and created != self.stream_created
+        if self.last_seq and (recreated or state.last_seq < self.last_seq):
+            log.warning("hit-rate stream was recreated since the snapshot; reading it from its start",
+                        stream=self.stream, stream_created=created, snapshot_stream_created=self.stream_created,
+                        stream_last_seq=state.last_seq, snapshot_seq=self.last_seq)
             self.last_seq = 0
-            # The file's sequence belongs to the old stream: write again as soon as anything is applied.
+            # The file's sequence and creation time belong to the old stream: write it again at the
+            # next interval, so a restart before any new event does not count the same reset twice.
             self.written_seq = 0
+            self._rewrite = True
             self.telemetry.gaps["stream_reset"].inc()
         elif state.first_seq > self.last_seq + 1 and state.messages:
             log.warning("hit-rate events older than the stream's retention are gone; history has a gap",
                         stream=self.stream, first_seq=state.first_seq, snapshot_seq=self.last_seq)
+        self.stream_created = created
         extra = sorted(set(info.config.subjects or ()) - set(self.subjects))
         if extra:
             self.jumps_are_losses = False

@@ -2,7 +2,7 @@
 
 Holes are made the way production makes them: a stream whose retention (here `max_msgs`)
 dropped events before the aggregator read them, and a stream deleted and recreated while
-the aggregator was stopped (its sequence restarts below the snapshot's).
+the aggregator was stopped (its sequence restarts at 1: below the snapshot's, or already past it).
 """
 
 from __future__ import annotations
@@ -97,11 +97,59 @@ def test_a_stream_recreated_behind_the_snapshot_is_counted_as_a_reset(jetstream_
     want = {"applied": 2, "duplicates": 0, "last_sequence": 2, "snapshot_sequence": 0, "retention_gaps": 0,
             "reset_gaps": 1, "lost": 0, "isl": 21 + 30}  # snapshot sums + the new stream's events
     wait_until(lambda: journal(second.url) == want, 15, what=f"journal metrics {want}")
-    assert "hit-rate stream is behind the snapshot" in second.output()
+    assert "hit-rate stream was recreated since the snapshot" in second.output()
 
     # The file is rewritten for the new stream at shutdown, so a third start sees no reset.
     second.signal(signal.SIGTERM)
     assert second.popen.wait(15) == 0
     third = processes.aggregator(url, *extra)
     want.update(applied=0, reset_gaps=0, snapshot_sequence=2)
+    wait_until(lambda: journal(third.url) == want, 15, what=f"journal metrics {want}")
+
+
+def test_a_stream_recreated_and_refilled_past_the_snapshot_is_read_from_its_start(jetstream_server, processes,
+                                                                                  tmp_path):
+    url = jetstream_server.url
+    extra = ["--hit-rate-stream", "HITRATE", "--hit-rate-snapshot", str(tmp_path / "snap.json"),
+             "--hit-rate-snapshot-interval", "3600", "--stale-after", "600"]
+    first = processes.aggregator(url, *extra)
+    wait_until(lambda: "consuming hit-rate events" in first.output(), 15, what="stream consumer")
+    stream_ops(url, publish=[1, 2, 3])
+    wait_until(lambda: journal(first.url)["applied"] == 3, 15, what="3 events applied")
+    first.signal(signal.SIGTERM)
+    assert first.popen.wait(15) == 0  # final snapshot: sequence 3 of the first stream
+
+    # Recreated while no aggregator ran and refilled past sequence 3: a sequence check alone would
+    # take events 1-3 of the new stream for ones already applied, and skip them.
+    stream_ops(url, delete=True, create={}, publish=[10, 20, 30, 40, 50])
+    second = processes.aggregator(url, *extra)
+    want = {"applied": 5, "duplicates": 0, "last_sequence": 5, "snapshot_sequence": 0, "retention_gaps": 0,
+            "reset_gaps": 1, "lost": 0, "isl": 6 + 150}
+    wait_until(lambda: journal(second.url) == want, 15, what=f"journal metrics {want}")
+    assert "hit-rate stream was recreated since the snapshot" in second.output()
+
+
+def test_a_stream_gone_while_stopped_is_recreated_and_counted_as_a_reset(jetstream_server, processes, tmp_path):
+    url = jetstream_server.url
+    extra = ["--hit-rate-stream", "HITRATE", "--hit-rate-snapshot", str(tmp_path / "snap.json"),
+             "--hit-rate-snapshot-interval", "0.2", "--stale-after", "600"]
+    first = processes.aggregator(url, *extra)
+    wait_until(lambda: "consuming hit-rate events" in first.output(), 15, what="stream consumer")
+    stream_ops(url, publish=[1, 2])
+    wait_until(lambda: journal(first.url)["snapshot_sequence"] == 2, 15, what="snapshot at sequence 2")
+    first.signal(signal.SIGKILL)
+    first.popen.wait(15)
+
+    stream_ops(url, delete=True)  # nobody recreates it: the aggregator will
+    second = processes.aggregator(url, *extra)
+    wait_until(lambda: "hit-rate stream created" in second.output(), 15, what="stream recreated")
+    stream_ops(url, publish=[7])
+    want = {"applied": 1, "duplicates": 0, "last_sequence": 1, "snapshot_sequence": 1, "retention_gaps": 0,
+            "reset_gaps": 1, "lost": 0, "isl": 3 + 7}
+    wait_until(lambda: journal(second.url) == want, 15, what=f"journal metrics {want}")
+    # The snapshot now names the new stream: a restart finds no reset.
+    second.signal(signal.SIGKILL)
+    second.popen.wait(15)
+    third = processes.aggregator(url, *extra)
+    want.update(applied=0, reset_gaps=0)
     wait_until(lambda: journal(third.url) == want, 15, what=f"journal metrics {want}")
