@@ -39,16 +39,19 @@ class SimulatedWorker:
     services: list = field(default_factory=list)  # nats.micro services, in pull mode
     runtime: MetricsRegistry | None = None  # the worker process's MetricsRegistry
     generate: object = None  # the `generate` endpoint's handler, wrapped by EndpointMetrics
+    endpoint_metrics: EndpointMetrics | None = None  # its automatic metrics
     gpus: list[SimulatedGpus] | None = None  # one set per data-parallel rank, with --gpu simulated
     hostname: str = ""
 
 
 def serve_generate(endpoint: MetricsRegistry):
-    """The simulated `generate` endpoint behind the automatic endpoint metrics.
+    """The simulated `generate` endpoint behind the automatic endpoint metrics: (handler, metrics).
 
     The engine already decided each request's fate; the handler answers it, so the
     endpoint metrics are the simulation's own numbers: its latency (simulated seconds),
-    its failures, and bytes as 4-byte token ids in and out.
+    its failures, and bytes as 4-byte token ids in and out. Simulated requests run in
+    simulated time and the handler is called when one completes, so the in-flight gauge is
+    set from the engine's running requests instead (`MockFleet.tick`).
     """
     metrics = EndpointMetrics(endpoint)
 
@@ -59,7 +62,7 @@ def serve_generate(endpoint: MetricsRegistry):
             raise HandlerError(completion.error, "simulated engine failure")
         return bytes(4 * completion.output_tokens)
 
-    return generate
+    return generate, metrics
 
 
 def answer(worker: SimulatedWorker, completion: Completion) -> None:
@@ -138,7 +141,7 @@ class MockFleet:
         if component_metrics:
             for worker in self.workers:
                 worker.runtime = MetricsRegistry()
-                worker.generate = serve_generate(
+                worker.generate, worker.endpoint_metrics = serve_generate(
                     worker.runtime.namespace(namespace).component(component).endpoint(endpoint))
         self.gpu = gpu
         self.gpu_interval = gpu_interval
@@ -183,6 +186,9 @@ class MockFleet:
                     await worker.publisher.publish_load(metrics)
                 else:
                     await worker.publisher.publish_raw(protocol.KV_METRICS, self._payload(worker, metrics))
+            if worker.endpoint_metrics is not None:
+                # Requests run in simulated time (see serve_generate): in flight = running in the engines.
+                worker.endpoint_metrics.inflight.set(sum(len(engine.running) for engine in worker.engines))
 
     async def serve_stats(self) -> None:
         """Pull mode: run each worker as a NATS micro service with Dynamo's naming (see `stats_service`)."""

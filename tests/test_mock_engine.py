@@ -60,3 +60,26 @@ def test_worker_ids_are_lease_like_and_distinct():
     ids = worker_ids(1000, random.Random(1))
     assert len(set(ids)) == 1000
     assert all(2**62 <= i < 2**63 for i in ids)
+
+
+async def test_the_mock_workers_in_flight_gauge_is_the_engines_running_requests(nats_server):
+    import nats
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mock_worker.fleet import MockFleet
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        fleet = MockFleet(nc, workers=3, seed=5, dp_ranks=2)
+        seen = set()
+        for _ in range(12):
+            await fleet.tick(0.5)
+            for worker in fleet.workers:
+                families = text_string_to_metric_families(worker.runtime.render()[0].decode())
+                (inflight,) = [s.value for f in families for s in f.samples
+                               if s.name == "dynamo_component_inflight_requests"]
+                assert inflight == sum(len(engine.running) for engine in worker.engines)
+                seen.add(inflight)
+        assert max(seen) > 0 and len(seen) > 3  # it follows the load, not a constant 0
+    finally:
+        await nc.close()
