@@ -280,15 +280,19 @@ async def freshness(nats_url: str, aggregator: AggregatorUnderTest, sizes: Sizes
     return delays
 
 
-def populate(nats_url: str, aggregator: AggregatorUnderTest, workers: int, full: bool = False) -> None:
-    """One message per worker, or with `full` one of every kind (KV, hit rate, GPU, component metrics)."""
+def populate(nats_url: str, aggregator: AggregatorUnderTest, workers: int, full: bool = False) -> tuple[float, float]:
+    """One message per worker, or with `full` one of every kind (KV, hit rate, GPU, component metrics);
+    (seconds until all were accepted, aggregator CPU seconds meanwhile)."""
     before = aggregator.accepted()
+    cpu_before = aggregator.cpu_seconds()
     publisher = Child("bench.publisher", nats_url, "--workers", str(workers), "--messages", str(workers),
                       *(["--full"] if full else []))
     publisher.expect("ready")
-    publisher.go()
-    aggregator.wait_accepted(before + workers * (4 if full else 1), poll=0.01)
+    started = publisher.go()
+    finished, _ = aggregator.wait_accepted(before + workers * (4 if full else 1), poll=0.01)
+    cpu = aggregator.cpu_seconds() - cpu_before
     publisher.result()
+    return finished - started, cpu
 
 
 def scrape_cost(aggregator: AggregatorUnderTest, repeats: int) -> dict:
@@ -427,7 +431,12 @@ def run(sizes: Sizes, output: Path) -> str:
             # Every worker sends ~20 component series: lift the default total (100,000) for 10,000 workers.
             aggregator = AggregatorUnderTest(url, "--component-metrics-max-series", "5000000")
             try:
-                populate(url, aggregator, workers, full=True)
+                seconds, cpu = populate(url, aggregator, workers, full=True)
+                if workers == sizes.scrape_workers[-1]:
+                    rows.append((f"ingest of full workers (KV, hit rate, GPU and a component-metric snapshot of "
+                                 f"{payloads.snapshot_lines()} lines each), {workers:,} workers",
+                                 f"{workers / seconds:,.0f} workers/s",
+                                 f"CPU {cpu / workers * 1e6:,.0f} µs per worker, most of it parsing the snapshot"))
                 cost = scrape_cost(aggregator, sizes.scrape_repeats)
                 for label, (figure, size, served) in cost.items():
                     rows.append((f"/metrics {label}, {workers:,} workers (KV, GPU, component series)",

@@ -59,6 +59,11 @@ def _component_snapshot_text() -> str:
     return runtime.render()[0].decode()
 
 
+def snapshot_lines() -> int:
+    """Sample lines in the component-metric snapshot every full worker sends."""
+    return sum(1 for line in _component_snapshot_text().splitlines() if line and not line.startswith("#"))
+
+
 def full_worker_messages(workers: int, first: int = 0) -> list[tuple[str, bytes]]:
     """Every kind of message one worker sends: KV stats, a hit-rate event, one GPU, its component metrics."""
     import random
