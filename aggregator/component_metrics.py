@@ -19,6 +19,7 @@ No I/O here.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from . import protocol
 from .exposition import ChunkedMetric, RenderedLabels, render_chunk
@@ -46,13 +48,14 @@ DEFAULT_PREFIXES = ("dynamo_component_", "dynamo_frontend_")
 RESERVED_PREFIXES = ("llm_", "process_", "python_")
 WORKER_ID = "worker_id"
 
-_PREFIX = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _TYPES = ("counter", "gauge", "histogram", "summary", "unknown")
 
 
 def check_prefix(prefix: str) -> str:
     """A configured allowed prefix: a valid name start that cannot reach the aggregator's own names."""
-    if not _PREFIX.match(prefix):
+    if not _METRIC_NAME.match(prefix):
         raise ValueError(f"{prefix!r} is not the start of a Prometheus metric name")
     for reserved in RESERVED_PREFIXES:
         if prefix.startswith(reserved) or reserved.startswith(prefix):
@@ -150,20 +153,109 @@ def _check_family(family) -> str | None:
         if key in seen:  # Prometheus would reject the whole scrape
             return f"series {sample.name}{dict(key[1])} appears twice"
         seen.add(key)
-    if family.type == "histogram":
-        series_with_inf = set()
-        series = set()
-        for sample in family.samples:
-            if sample.name.endswith("_bucket"):
-                if "le" not in sample.labels:
-                    return "bucket without an le label"
-                rest = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
-                series.add(rest)
-                if sample.labels["le"] == "+Inf":
-                    series_with_inf.add(rest)
-        if series != series_with_inf:
-            return "histogram without a +Inf bucket"
+    return _openmetrics_problem(family)
+
+
+_COUNTER_LIKE = ("_total", "_sum", "_count", "_bucket")
+
+
+@dataclass(slots=True)
+class _HistogramGroup:
+    le: float | None = None  # the last bucket's bound
+    bucket: float = 0.0  # the last bucket's count
+    count: float | None = None
+    has_sum: bool = False
+    negative_le: bool = False
+
+    def problem(self) -> str | None:
+        if self.le != math.inf:
+            return "a histogram series without a +Inf bucket (or buckets after it)"
+        if self.count is not None and self.count != self.bucket:
+            return f"_count {self.count} is not the +Inf bucket's {self.bucket}"
+        if self.has_sum != (self.count is not None):
+            return "_sum and _count come together or not at all"
+        if self.negative_le and self.has_sum:
+            return "_sum with negative buckets"
+        return None
+
+
+def _openmetrics_problem(family) -> str | None:
+    """What OpenMetrics forbids in a family's values and order: re-exported, it would make
+    Prometheus's OpenMetrics scrape (and prometheus_client's parser) reject the whole
+    /metrics, every worker's series with it. The rules are OpenMetrics 1.0's, as
+    prometheus_client's parser enforces them; tests check this against that parser."""
+    name, typ = family.name, family.type
+    seen_groups: set = set()
+    group = histogram = None
+    for sample in family.samples:
+        suffix = sample.name[len(name):]
+        value = sample.value
+        labels = sample.labels
+        if typ == "histogram" and suffix == "_bucket":
+            key = frozenset((k, v) for k, v in labels.items() if k != "le")
+        elif typ == "summary" and not suffix:
+            key = frozenset((k, v) for k, v in labels.items() if k != "quantile")
+        else:
+            key = frozenset(labels.items())
+        if key != group:
+            if histogram is not None and (why := histogram.problem()):
+                return why
+            if key in seen_groups:
+                return "the samples of one series are not next to each other"
+            seen_groups.add(key)
+            group, histogram = key, (_HistogramGroup() if typ == "histogram" else None)
+        if suffix in _COUNTER_LIKE and typ != "gauge" and typ != "unknown":
+            if math.isnan(value) or value < 0:
+                return f"{sample.name} is {value}: a counted value is never negative or NaN"
+            if suffix in ("_count", "_bucket") and not float(value).is_integer():
+                return f"{sample.name} is {value}: a count is a whole number"
+        if typ == "summary" and not suffix:
+            quantile = _number(labels.get("quantile"))
+            if quantile is None or not 0 <= quantile <= 1:
+                return f"quantile label {labels.get('quantile')!r} is not a number in [0, 1]"
+            if value < 0:
+                return f"quantile value {value} is negative"
+        if histogram is not None:
+            if suffix == "_bucket":
+                le = _number(labels.get("le"))
+                if le is None or math.isnan(le):
+                    return f"le label {labels.get('le')!r} is not a number"
+                if histogram.le is not None and le <= histogram.le:
+                    return "buckets are not in increasing le order"
+                if value < histogram.bucket:
+                    return "bucket counts decrease"
+                histogram.le, histogram.bucket = le, value
+                histogram.negative_le |= le < 0
+            elif suffix == "_count":
+                histogram.count = value
+            elif suffix == "_sum":
+                histogram.has_sum = True
+    if histogram is not None:
+        return histogram.problem()
     return None
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _canonical(family, samples: list[Sample]) -> list[Sample]:
+    """`le` and `quantile` written as prometheus_client writes numbers ("1" -> "1.0"), as OpenMetrics
+    requires of them; Prometheus 3 normalises them the same way on ingestion."""
+    key = "le" if family.type == "histogram" else "quantile" if family.type == "summary" else None
+    if key is None:
+        return samples
+    out = []
+    for sample in samples:
+        text = sample.labels.get(key)
+        number = _number(text)
+        if number is not None and not math.isnan(number) and floatToGoString(number) != text:
+            sample = Sample(sample.name, {**sample.labels, key: floatToGoString(number)}, sample.value)
+        out.append(sample)
+    return out
 
 
 def parse_snapshot(text: str, worker_id: int, limits: SnapshotLimits) -> tuple[WorkerMetrics, list[Problem]]:
@@ -173,42 +265,85 @@ def parse_snapshot(text: str, worker_id: int, limits: SnapshotLimits) -> tuple[W
     format, or more series than `max_series_per_worker`); returns the accepted families
     and the reasons some families were dropped.
     """
-    worker = str(worker_id)
-    result = WorkerMetrics()
     problems: list[Problem] = []
-    series = 0
     try:
-        for parsed in text_string_to_metric_families(text):
-            series += len(parsed.samples)
-            if series > limits.max_series_per_worker:
-                raise MessageRejected(SERIES_LIMIT, f"more than {limits.max_series_per_worker} series in one "
-                                                    "snapshot")
-            name = parsed.name
-            if not parsed.samples:  # a HELP/TYPE without series (e.g. a vector no child was made of)
-                continue
-            if name.startswith(RESERVED_PREFIXES):
-                problems.append((RESERVED_NAME, f"{name!r} is one of the aggregator's own names"))
-                continue
-            if not name.startswith(limits.prefixes):
-                problems.append((BAD_NAME, f"{name!r} does not start with one of {limits.prefixes}"))
-                continue
-            if name in result.families:
-                problems.append((BAD_FAMILY, f"{name!r} appears twice"))
-                continue
-            why = _check_family(parsed)
-            if why is not None:
-                problems.append((BAD_FAMILY, f"{name!r}: {why}"))
-                continue
-            # Timestamps and exemplars are dropped: the aggregator re-exports the latest value.
-            # Labels rendered once per snapshot, not once per scrape (see exposition.py).
-            samples = [Sample(s.name, RenderedLabels({**s.labels, WORKER_ID: worker}), s.value)
-                       for s in parsed.samples]
-            result.families[name] = Family(name, parsed.type, parsed.documentation, samples, len(samples))
+        return _accept(text_string_to_metric_families(text), worker_id, limits, problems), problems
     except MessageRejected:
         raise
     except Exception as error:  # noqa: BLE001 - the parser raises ValueError, IndexError, KeyError...
         raise MessageRejected(NOT_EXPOSITION, f"{type(error).__name__}: {error}"[:300]) from None
-    return result, problems
+
+
+def read_families(families: list[protocol.SnapshotFamily], worker_id: int,
+                  limits: SnapshotLimits) -> tuple[WorkerMetrics, list[Problem]]:
+    """`parse_snapshot` for a snapshot sent already structured (`MetricsSnapshot.families`).
+
+    What the text parser would refuse in a family (a name or label name that is not a
+    Prometheus name, a value that is not a number) drops that family as `bad_family`.
+    """
+    problems: list[Problem] = []
+    return _accept(_checked(families, problems), worker_id, limits, problems), problems
+
+
+@dataclass(slots=True)
+class _Parsed:
+    """A structured family in the shape prometheus_client's parser yields."""
+
+    name: str
+    type: str
+    documentation: str
+    samples: list[Sample]
+
+
+def _checked(families: list[protocol.SnapshotFamily], problems: list[Problem]) -> Iterator[_Parsed]:
+    for family in families:
+        try:
+            if not _METRIC_NAME.match(family.name):
+                raise MessageRejected(BAD_FAMILY, "not a Prometheus metric name")
+            samples = []
+            for sample in family.samples:
+                if not _METRIC_NAME.match(sample.name):
+                    raise MessageRejected(BAD_FAMILY, f"sample name {sample.name[:80]!r} is not a Prometheus name")
+                for label in sample.labels:
+                    if not _LABEL_NAME.match(label) or label.startswith("__"):
+                        raise MessageRejected(BAD_FAMILY, f"label name {label[:80]!r} is not a Prometheus label name")
+                samples.append(Sample(sample.name, sample.labels, protocol.sample_value(sample.value)))
+        except MessageRejected as error:
+            problems.append((BAD_FAMILY, f"{family.name[:80]!r}: {error.detail}"))
+            continue
+        yield _Parsed(family.name, "unknown" if family.type == "untyped" else family.type, family.help, samples)
+
+
+def _accept(parsed_families, worker_id: int, limits: SnapshotLimits, problems: list[Problem]) -> WorkerMetrics:
+    worker = str(worker_id)
+    result = WorkerMetrics()
+    series = 0
+    for parsed in parsed_families:
+        series += len(parsed.samples)
+        if series > limits.max_series_per_worker:
+            raise MessageRejected(SERIES_LIMIT, f"more than {limits.max_series_per_worker} series in one snapshot")
+        name = parsed.name
+        if not parsed.samples:  # a HELP/TYPE without series (e.g. a vector no child was made of)
+            continue
+        if name.startswith(RESERVED_PREFIXES):
+            problems.append((RESERVED_NAME, f"{name!r} is one of the aggregator's own names"))
+            continue
+        if not name.startswith(limits.prefixes):
+            problems.append((BAD_NAME, f"{name!r} does not start with one of {limits.prefixes}"))
+            continue
+        if name in result.families:
+            problems.append((BAD_FAMILY, f"{name!r} appears twice"))
+            continue
+        parsed = _Parsed(name, parsed.type, parsed.documentation, _canonical(parsed, parsed.samples))
+        why = _check_family(parsed)
+        if why is not None:
+            problems.append((BAD_FAMILY, f"{name!r}: {why}"))
+            continue
+        # Timestamps and exemplars are dropped: the aggregator re-exports the latest value.
+        # Labels rendered once per snapshot, not once per scrape (see exposition.py).
+        samples = [Sample(s.name, RenderedLabels({**s.labels, WORKER_ID: worker}), s.value) for s in parsed.samples]
+        result.families[name] = Family(name, parsed.type, parsed.documentation, samples, len(samples))
+    return result
 
 
 def snapshot_route(limits: SnapshotLimits, max_bytes: int):
@@ -216,7 +351,10 @@ def snapshot_route(limits: SnapshotLimits, max_bytes: int):
 
     def apply(fleet, component: str, payload: bytes, now: float) -> list[Problem]:
         snapshot = protocol.decode_metrics_snapshot(payload, max_bytes)
-        metrics, problems = parse_snapshot(snapshot.text, snapshot.worker_id, limits)
+        if snapshot.families is not None:
+            metrics, problems = read_families(snapshot.families, snapshot.worker_id, limits)
+        else:
+            metrics, problems = parse_snapshot(snapshot.text, snapshot.worker_id, limits)
         return problems + fleet.observe_component_metrics(component, snapshot, metrics, now)
 
     return apply

@@ -69,9 +69,15 @@ class WorkerPublisher:
         await self.nc.publish(self.hit_rate_subject, protocol.encode(event))
 
     async def publish_component_metrics(self, registry: MetricsRegistry, dp_rank: int | None = None) -> int:
-        """Publish a snapshot of `registry` (text exposition format); returns the payload size."""
-        text = registry.render()[0].decode()
-        snapshot = MetricsSnapshot(worker_id=self.worker_id, text=text, endpoint=self.endpoint, dp_rank=dp_rank)
+        """Publish a snapshot of `registry`, as typed families (the text exposition format where the
+        registry holds a type that has no structured form); returns the payload size."""
+        families = registry.families()
+        if families is not None:
+            snapshot = MetricsSnapshot(worker_id=self.worker_id, families=families, endpoint=self.endpoint,
+                                       dp_rank=dp_rank)
+        else:
+            snapshot = MetricsSnapshot(worker_id=self.worker_id, text=registry.render()[0].decode(),
+                                       endpoint=self.endpoint, dp_rank=dp_rank)
         payload = protocol.encode(snapshot)
         await self.nc.publish(self.metrics_subject, payload)
         return len(payload)

@@ -29,6 +29,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
+from .protocol import SnapshotFamily, SnapshotSample, snapshot_value
+
 NAME_PREFIX = "dynamo_component_"
 NAMESPACE_LABEL = "dynamo_namespace"
 COMPONENT_LABEL = "dynamo_component"
@@ -281,9 +283,25 @@ class MetricsRegistry:
         encoder, content_type = choose_encoder(accept)
         return encoder(_WithoutCreated(self.registry)), content_type
 
+    def families(self) -> list[SnapshotFamily] | None:
+        """The whole registry as typed families (`MetricsSnapshot.families`), as `render()` would
+        write it; None if it holds a family type the text format writes differently (info,
+        stateset, gauge histogram: publish `render()` instead)."""
+        out = []
+        for family in _WithoutCreated(self.registry).collect():
+            if family.type not in _STRUCTURED_TYPES:
+                return None
+            out.append(SnapshotFamily(family.name, family.type, family.documentation,
+                                      [SnapshotSample(s.name, s.labels, snapshot_value(s.value))
+                                       for s in family.samples]))
+        return out
+
     def prometheus_metrics_fmt(self) -> str:
         """Dynamo's name for the text exposition of the whole registry."""
         return self.render()[0].decode()
+
+
+_STRUCTURED_TYPES = ("counter", "gauge", "histogram", "summary", "unknown")
 
 
 class _WithoutCreated:

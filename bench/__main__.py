@@ -436,7 +436,7 @@ def run(sizes: Sizes, output: Path) -> str:
                     rows.append((f"ingest of full workers (KV, hit rate, GPU and a component-metric snapshot of "
                                  f"{payloads.snapshot_lines()} lines each), {workers:,} workers",
                                  f"{workers / seconds:,.0f} workers/s",
-                                 f"CPU {cpu / workers * 1e6:,.0f} µs per worker, most of it parsing the snapshot"))
+                                 f"CPU {cpu / workers * 1e6:,.0f} µs per worker, most of it reading the snapshot"))
                 cost = scrape_cost(aggregator, sizes.scrape_repeats)
                 for label, (figure, size, served) in cost.items():
                     rows.append((f"/metrics {label}, {workers:,} workers (KV, GPU, component series)",

@@ -46,8 +46,8 @@ def exposition_body(worker: int, active: int = 100) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def _component_snapshot_text() -> str:
-    """A worker MetricsRegistry after some traffic: the automatic endpoint metrics, as a worker publishes them."""
+def _component_registry():
+    """A worker MetricsRegistry after some traffic: the automatic endpoint metrics."""
     from aggregator.endpoint_metrics import EndpointMetrics
     from aggregator.registry import MetricsRegistry
 
@@ -56,12 +56,12 @@ def _component_snapshot_text() -> str:
     for i in range(50):
         with calls.track(request_bytes=2048) as call:
             call.duration = 0.05 * (i % 20)
-    return runtime.render()[0].decode()
+    return runtime
 
 
 def snapshot_lines() -> int:
     """Sample lines in the component-metric snapshot every full worker sends."""
-    return sum(1 for line in _component_snapshot_text().splitlines() if line and not line.startswith("#"))
+    return sum(len(family.samples) for family in _component_registry().families())
 
 
 def full_worker_messages(workers: int, first: int = 0) -> list[tuple[str, bytes]]:
@@ -71,7 +71,7 @@ def full_worker_messages(workers: int, first: int = 0) -> list[tuple[str, bytes]
     from mock_worker.engine import EngineConfig, SimulatedEngine
     from mock_worker.gpus import SimulatedGpus
 
-    text = _component_snapshot_text()
+    families = _component_registry().families()  # as WorkerPublisher.publish_component_metrics sends them
     engine = SimulatedEngine(EngineConfig(), random.Random(1))
     for _ in range(20):
         engine.step(0.5)
@@ -87,5 +87,5 @@ def full_worker_messages(workers: int, first: int = 0) -> list[tuple[str, bytes]
         out.append((subject[protocol.GPU_METRICS], protocol.encode(protocol.GpuMetricsEvent(
             worker_id=worker_id, hostname=f"node-{w // 8}", gpus=gpus, driver_version="570.133.20"))))
         out.append((subject[protocol.COMPONENT_METRICS], protocol.encode(protocol.MetricsSnapshot(
-            worker_id=worker_id, text=text))))
+            worker_id=worker_id, families=families))))
     return out

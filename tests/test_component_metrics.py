@@ -260,3 +260,216 @@ def test_flags_validate_prefixes_and_limits(capsys):
         with pytest.raises(SystemExit):
             parse_aggregator_args(bad)
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# -- snapshots sent as typed families (MetricsSnapshot.families) ------------------------------------
+
+
+def busy_registry() -> MetricsRegistry:
+    """Every metric kind a worker registry makes, nasty label values, and values JSON cannot carry."""
+    runtime = MetricsRegistry()
+    endpoint = runtime.namespace("dynamo").component("backend").endpoint('ge"n\\e\nrate')
+    calls = EndpointMetrics(endpoint)
+    for i in range(9):
+        with calls.track(request_bytes=10 * i) as call:
+            call.duration = 0.07 * i
+            if i == 4:
+                call.fail("cancelled")
+    special = endpoint.create_gaugevec("special", "NaN, infinities and big values", ["kind"])
+    for kind, value in (("nan", float("nan")), ("inf", float("inf")), ("ninf", float("-inf")), ("big", 3.5e12),
+                        ("tiny", -1e-9)):
+        special.labels(kind=kind).set(value)
+    runtime.namespace("dynamo").component("backend").create_counter("kv_blocks_moved", "A counter").inc(7)
+    return runtime
+
+
+def comparable(metrics) -> dict:
+    import math
+
+    return {name: (f.type, f.documentation,
+                   [(s.name, dict(s.labels), "nan" if math.isnan(s.value) else s.value) for s in f.get_samples()])
+            for name, f in metrics.families.items()}
+
+
+def test_typed_families_read_as_the_text_parser_reads_the_same_registry():
+    from aggregator.component_metrics import read_families
+
+    runtime = busy_registry()
+    from_text, text_problems = parse_snapshot(runtime.render()[0].decode(), 42, SnapshotLimits())
+    families = protocol.decode_metrics_snapshot(protocol.encode(protocol.MetricsSnapshot(
+        worker_id=42, families=runtime.families())), 1 << 20).families  # through JSON, as on the wire
+    from_families, family_problems = read_families(families, 42, SnapshotLimits())
+    assert text_problems == family_problems == []
+    for metrics in (from_text, from_families):  # a clock, read twice: the only value that differs
+        assert metrics.families.pop("dynamo_component_uptime_seconds").count == 1
+    assert len(from_text.families) >= 6
+    assert comparable(from_families) == comparable(from_text)
+    from_text.seal()
+    from_families.seal()
+    assert from_families.chunks_row == from_text.chunks_row  # the same lines on /metrics
+
+
+def test_the_publisher_sends_typed_families_and_the_aggregator_exports_them_like_text():
+    stack_typed, stack_text = Stack(), Stack()
+    runtime = busy_registry()
+    payload = protocol.encode(protocol.MetricsSnapshot(worker_id=5, families=runtime.families()))
+    assert stack_typed.ingest.handle(PATTERN, "namespace.dynamo.component.backend.metrics", payload)
+    assert stack_text.send(5, runtime.render()[0].decode())
+    typed, text = stack_typed.families(), stack_text.families()
+    for name in ("dynamo_component_requests", "dynamo_component_request_duration_seconds",
+                 "dynamo_component_special", "dynamo_component_kv_blocks_moved"):
+        assert typed[name].type == text[name].type
+        assert [(s.name, s.labels, repr(s.value)) for s in typed[name].samples] == \
+            [(s.name, s.labels, repr(s.value)) for s in text[name].samples]
+
+
+@pytest.mark.parametrize("family,why", [
+    ({"name": "dynamo_component_bad name", "type": "gauge", "help": "", "samples": [["x", {}, 1]]},
+     "not a Prometheus metric name"),
+    ({"name": "dynamo_component_x", "type": "gauge", "help": "", "samples": [["dynamo_component_x", {"a-b": "1"}, 1]]},
+     "label name 'a-b'"),
+    ({"name": "dynamo_component_x", "type": "gauge", "help": "", "samples": [["dynamo_component_x", {"__x": "1"}, 1]]},
+     "label name '__x'"),
+    ({"name": "dynamo_component_x", "type": "gauge", "help": "", "samples": [["dynamo_component_x", {}, "lots"]]},
+     "is not a number"),
+    ({"name": "dynamo_component_x", "type": "gauge", "help": "", "samples": [["dynamo_component_y", {}, 1]]},
+     "does not belong to a gauge"),
+    ({"name": "dynamo_component_x", "type": "info", "help": "", "samples": [["dynamo_component_x", {}, 1]]},
+     "is not re-exported"),
+])
+def test_a_bad_typed_family_is_dropped_alone(family, why):
+    import json
+
+    stack = Stack()
+    good = {"name": "dynamo_component_ok", "type": "gauge", "help": "fine",
+            "samples": [["dynamo_component_ok", {"a": "1"}, "+Inf"]]}
+    payload = json.dumps({"worker_id": 3, "families": [family, good]}).encode()
+    assert stack.ingest.handle(PATTERN, "namespace.dynamo.component.backend.metrics", payload)
+    assert stack.rejected() == {"bad_family": 1}
+    fams = stack.families()
+    assert [s.value for s in fams["dynamo_component_ok"].samples] == [float("inf")]
+    assert "dynamo_component_x" not in fams
+
+
+@pytest.mark.parametrize("envelope,reason", [
+    ({"worker_id": 1}, "missing_field"),
+    ({"worker_id": 1, "text": "", "families": []}, "inconsistent"),
+    ({"worker_id": 1, "families": [{"name": "x", "type": "gauge"}]}, "missing_field"),
+    ({"worker_id": 1, "families": [{"name": "x", "type": "gauge", "help": "", "samples": [["x", {}, None]]}]},
+     "wrong_type"),
+    ({"worker_id": 1, "families": "x"}, "wrong_type"),
+])
+def test_a_snapshot_envelope_without_exactly_one_body_is_rejected(envelope, reason):
+    import json
+
+    stack = Stack()
+    assert not stack.ingest.handle(PATTERN, "namespace.dynamo.component.backend.metrics", json.dumps(envelope).encode())
+    assert stack.rejected() == {reason: 1}
+
+
+def test_hostile_typed_families_never_raise_and_what_is_kept_stays_valid_exposition():
+    """Families that are well-formed, then damaged by hypothesis: whatever is kept must leave the
+    whole scrape readable by prometheus_client's text and OpenMetrics parsers (the oracle)."""
+    import json
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    values = st.one_of(st.floats(allow_nan=False, allow_infinity=False, width=32), st.integers(-5, 2**60),
+                       st.sampled_from(["NaN", "+Inf", "-Inf", "inf", "", "1", None, True]))
+    bounds = st.one_of(st.floats(-100, 100, allow_nan=False, width=16), st.sampled_from([0.5, 1, 2.5]))
+
+    @st.composite
+    def family(draw):
+        kind = draw(st.sampled_from(["counter", "gauge", "histogram", "summary", "unknown"]))
+        name = "dynamo_component_" + draw(st.sampled_from(["a", "b", "c"]))
+        rows = []
+        for labels in draw(st.lists(st.dictionaries(st.sampled_from(["x", "y"]), st.text("pq\"\n", max_size=2),
+                                                    max_size=2), min_size=1, max_size=3)):
+            if kind == "counter":
+                rows.append([name + "_total", labels, draw(st.integers(0, 100))])
+            elif kind in ("gauge", "unknown"):
+                rows.append([name, labels, draw(st.floats(allow_nan=False, allow_infinity=False))])
+            elif kind == "histogram":
+                les = sorted(set(draw(st.lists(bounds, max_size=4))))
+                counts = sorted(draw(st.lists(st.integers(0, 50), min_size=len(les) + 1, max_size=len(les) + 1)))
+                for le, count in zip([*map(str, les), "+Inf"], counts):
+                    rows.append([name + "_bucket", {**labels, "le": le}, count])
+                rows += [[name + "_count", labels, counts[-1]], [name + "_sum", labels, draw(st.integers(0, 99))]]
+            else:
+                for q in sorted(set(draw(st.lists(st.sampled_from(["0.5", "0.9", "1", "0.99"]), max_size=3)))):
+                    rows.append([name, {**labels, "quantile": q}, draw(st.floats(0, 10))])
+                rows += [[name + "_sum", labels, draw(st.integers(0, 99))], [name + "_count", labels, 3]]
+        for _ in range(draw(st.integers(0, 2))):  # damage
+            if not rows:
+                break
+            row = rows[draw(st.integers(0, len(rows) - 1))]
+            how = draw(st.sampled_from(["value", "le", "quantile", "drop", "swap"]))
+            if how == "value":
+                row[2] = draw(values)
+            elif how in ("le", "quantile") and how in row[1]:
+                row[1] = {**row[1], how: draw(st.sampled_from(["NaN", "x", "-1", "2", "1e3", "+Inf", "inf", "0.50"]))}
+            elif how == "drop":
+                rows.remove(row)
+            elif how == "swap" and len(rows) > 1:
+                i = rows.index(row)
+                rows[i], rows[i - 1] = rows[i - 1], rows[i]
+        return {"name": name, "type": kind, "help": "h", "samples": rows}
+
+    kept, dropped = [], []
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(families=st.lists(family(), max_size=3), worker_id=st.integers(0, 2**64 - 1))
+    def check(families, worker_id):
+        stack = Stack()
+        payload = json.dumps({"worker_id": worker_id, "families": families}, allow_nan=True).encode()
+        stack.ingest.handle(PATTERN, "namespace.dynamo.component.backend.metrics", payload)  # must not raise
+        exported = stack.families()
+        stack.families(openmetrics=True)  # raises if anything kept breaks the OpenMetrics scrape
+        kept.extend(name for name in exported if name.startswith("dynamo_component_"))
+        dropped.append(stack.rejected().get("bad_family", 0))
+
+    check()
+    assert len(kept) >= 50 and sum(dropped) >= 20  # both paths are reached
+
+
+@pytest.mark.parametrize("typed", [False, True], ids=["text", "typed"])
+def test_le_and_quantile_are_written_canonically(typed):
+    import json
+
+    stack = Stack()
+    rows = [["dynamo_component_h_bucket", {"le": "1e3"}, 1], ["dynamo_component_h_bucket", {"le": "inf"}, 2],
+            ["dynamo_component_h_count", {}, 2], ["dynamo_component_h_sum", {}, 5]]
+    quantiles = [["dynamo_component_s", {"quantile": "0.50"}, 1.5], ["dynamo_component_s_sum", {}, 3],
+                 ["dynamo_component_s_count", {}, 2]]
+    if typed:
+        payload = json.dumps({"worker_id": 1, "families": [
+            {"name": "dynamo_component_h", "type": "histogram", "help": "", "samples": rows},
+            {"name": "dynamo_component_s", "type": "summary", "help": "", "samples": quantiles}]}).encode()
+        assert stack.ingest.handle(PATTERN, "namespace.dynamo.component.backend.metrics", payload)
+    else:
+        def lines(kind, name, samples):
+            body = "".join(f"{n}{{{','.join(f'{k}={json.dumps(v)}' for k, v in labels.items())}}} {value}\n"
+                           for n, labels, value in samples)
+            return f"# TYPE {name} {kind}\n{body}"
+        assert stack.send(1, lines("histogram", "dynamo_component_h", rows)
+                          + lines("summary", "dynamo_component_s", quantiles))
+    assert stack.rejected() == {}
+    fams = stack.families(openmetrics=True)  # prometheus_client's parser requires "+Inf", not "inf"
+    assert [s.labels.get("le") for s in fams["dynamo_component_h"].samples if s.name.endswith("_bucket")] == \
+        ["1000.0", "+Inf"]
+    assert [s.labels["quantile"] for s in fams["dynamo_component_s"].samples if s.name == "dynamo_component_s"] == \
+        ["0.5"]
+
+
+@pytest.mark.parametrize("lines,why", [
+    ('dynamo_component_c_total{a="1"} -1\n', "never negative"),
+    ('dynamo_component_c_total{a="1"} NaN\n', "never negative or NaN"),
+])
+def test_a_text_family_openmetrics_forbids_is_dropped_alone(lines, why):
+    stack = Stack()
+    assert stack.send(2, "# TYPE dynamo_component_c_total counter\n" + lines + "# TYPE dynamo_component_g gauge\n"
+                      "dynamo_component_g 1\n")
+    assert stack.rejected() == {"bad_family": 1}
+    fams = stack.families(openmetrics=True)
+    assert "dynamo_component_c" not in fams and "dynamo_component_g" in fams
