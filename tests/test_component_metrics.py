@@ -421,13 +421,25 @@ def test_hostile_typed_families_never_raise_and_what_is_kept_stays_valid_exposit
     @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(families=st.lists(family(), max_size=3), worker_id=st.integers(0, 2**64 - 1))
     def check(families, worker_id):
-        stack = Stack()
+        typed, text = Stack(), Stack()
         payload = json.dumps({"worker_id": worker_id, "families": families}, allow_nan=True).encode()
-        stack.ingest.handle(PATTERN, "namespace.dynamo.component.backend.metrics", payload)  # must not raise
-        exported = stack.families()
-        stack.families(openmetrics=True)  # raises if anything kept breaks the OpenMetrics scrape
-        kept.extend(name for name in exported if name.startswith("dynamo_component_"))
-        dropped.append(stack.rejected().get("bad_family", 0))
+        typed.ingest.handle(PATTERN, "namespace.dynamo.component.backend.metrics", payload)  # must not raise
+        text.send(worker_id, as_text(families))  # the same families, as the text format
+        for stack in (typed, text):
+            exported = stack.families()
+            stack.families(openmetrics=True)  # raises if anything kept breaks the OpenMetrics scrape
+            kept.extend(name for name in exported if name.startswith("dynamo_component_"))
+            dropped.append(stack.rejected().get("bad_family", 0))
+
+    def as_text(families) -> str:
+        out = []
+        for f in families:
+            header = f["name"] + ("_total" if f["type"] == "counter" else "")
+            out.append(f"# HELP {header} {f['help']}\n# TYPE {header} {f['type']}\n")
+            for name, labels, value in f["samples"]:
+                rendered = ",".join(f"{k}={json.dumps(v)}" for k, v in labels.items())  # \\, \" and \n as Prometheus
+                out.append(f"{name}{{{rendered}}} {value}\n")
+        return "".join(out)
 
     check()
     assert len(kept) >= 50 and sum(dropped) >= 20  # both paths are reached
