@@ -65,6 +65,24 @@ def stream_ops(url: str, *, create: dict | None = None, delete: bool = False, pu
     asyncio.run(run())
 
 
+def with_snapshot(tmp_path, interval: str = "3600") -> list[str]:
+    return ["--hit-rate-stream", "HITRATE", "--hit-rate-snapshot", str(tmp_path / "snap.json"),
+            "--hit-rate-snapshot-interval", interval, "--stale-after", "600"]
+
+
+def consume_then_stop(processes, url: str, extra: list[str], events: list[int], signum=signal.SIGTERM) -> None:
+    """An aggregator takes `events` into its snapshot file, then is stopped by `signum`."""
+    first = processes.aggregator(url, *extra)
+    wait_until(lambda: "consuming hit-rate events" in first.output(), 15, what="stream consumer")
+    stream_ops(url, publish=events)
+    # SIGTERM writes a final snapshot; SIGKILL does not, so wait for the periodic one.
+    measure = "applied" if signum == signal.SIGTERM else "snapshot_sequence"
+    wait_until(lambda: journal(first.url)[measure] == len(events), 15, what=f"{len(events)} events in {measure}")
+    first.signal(signum)
+    status = first.popen.wait(15)
+    assert signum != signal.SIGTERM or status == 0
+
+
 def test_events_lost_to_retention_are_counted_as_a_gap(jetstream_server, processes):
     url = jetstream_server.url
     # Retention of 5 messages: of events 1..8 (isl 1..8), 1-3 are gone before any aggregator reads them.
@@ -82,14 +100,8 @@ def test_events_lost_to_retention_are_counted_as_a_gap(jetstream_server, process
 
 def test_a_stream_recreated_behind_the_snapshot_is_counted_as_a_reset(jetstream_server, processes, tmp_path):
     url = jetstream_server.url
-    extra = ["--hit-rate-stream", "HITRATE", "--hit-rate-snapshot", str(tmp_path / "snap.json"),
-             "--hit-rate-snapshot-interval", "3600", "--stale-after", "600"]
-    first = processes.aggregator(url, *extra)
-    wait_until(lambda: "consuming hit-rate events" in first.output(), 15, what="stream consumer")
-    stream_ops(url, publish=[1, 2, 3, 4, 5, 6])
-    wait_until(lambda: journal(first.url)["applied"] == 6, 15, what="6 events applied")
-    first.signal(signal.SIGTERM)
-    assert first.popen.wait(15) == 0  # final snapshot: sequence 6
+    extra = with_snapshot(tmp_path)
+    consume_then_stop(processes, url, extra, [1, 2, 3, 4, 5, 6])  # final snapshot: sequence 6
 
     # Deleted and recreated while no aggregator ran: its sequence restarts at 1.
     stream_ops(url, delete=True, create={}, publish=[10, 20])
@@ -110,14 +122,8 @@ def test_a_stream_recreated_behind_the_snapshot_is_counted_as_a_reset(jetstream_
 def test_a_stream_recreated_and_refilled_past_the_snapshot_is_read_from_its_start(jetstream_server, processes,
                                                                                   tmp_path):
     url = jetstream_server.url
-    extra = ["--hit-rate-stream", "HITRATE", "--hit-rate-snapshot", str(tmp_path / "snap.json"),
-             "--hit-rate-snapshot-interval", "3600", "--stale-after", "600"]
-    first = processes.aggregator(url, *extra)
-    wait_until(lambda: "consuming hit-rate events" in first.output(), 15, what="stream consumer")
-    stream_ops(url, publish=[1, 2, 3])
-    wait_until(lambda: journal(first.url)["applied"] == 3, 15, what="3 events applied")
-    first.signal(signal.SIGTERM)
-    assert first.popen.wait(15) == 0  # final snapshot: sequence 3 of the first stream
+    extra = with_snapshot(tmp_path)
+    consume_then_stop(processes, url, extra, [1, 2, 3])  # final snapshot: sequence 3 of the first stream
 
     # Recreated while no aggregator ran and refilled past sequence 3: a sequence check alone would
     # take events 1-3 of the new stream for ones already applied, and skip them.
@@ -131,14 +137,8 @@ def test_a_stream_recreated_and_refilled_past_the_snapshot_is_read_from_its_star
 
 def test_a_stream_gone_while_stopped_is_recreated_and_counted_as_a_reset(jetstream_server, processes, tmp_path):
     url = jetstream_server.url
-    extra = ["--hit-rate-stream", "HITRATE", "--hit-rate-snapshot", str(tmp_path / "snap.json"),
-             "--hit-rate-snapshot-interval", "0.2", "--stale-after", "600"]
-    first = processes.aggregator(url, *extra)
-    wait_until(lambda: "consuming hit-rate events" in first.output(), 15, what="stream consumer")
-    stream_ops(url, publish=[1, 2])
-    wait_until(lambda: journal(first.url)["snapshot_sequence"] == 2, 15, what="snapshot at sequence 2")
-    first.signal(signal.SIGKILL)
-    first.popen.wait(15)
+    extra = with_snapshot(tmp_path, interval="0.2")
+    consume_then_stop(processes, url, extra, [1, 2], signal.SIGKILL)  # periodic snapshot: sequence 2
 
     stream_ops(url, delete=True)  # nobody recreates it: the aggregator will
     second = processes.aggregator(url, *extra)
