@@ -55,7 +55,7 @@ _TYPES = ("counter", "gauge", "histogram", "summary", "unknown")
 
 def check_prefix(prefix: str) -> str:
     """A configured allowed prefix: a valid name start that cannot reach the aggregator's own names."""
-    if not _METRIC_NAME.match(prefix):
+    if not _METRIC_NAME.fullmatch(prefix):
         raise ValueError(f"{prefix!r} is not the start of a Prometheus metric name")
     for reserved in RESERVED_PREFIXES:
         if prefix.startswith(reserved) or reserved.startswith(prefix):
@@ -298,14 +298,14 @@ class _Parsed:
 def _checked(families: list[protocol.SnapshotFamily], problems: list[Problem]) -> Iterator[_Parsed]:
     for family in families:
         try:
-            if not _METRIC_NAME.match(family.name):
+            if not _METRIC_NAME.fullmatch(family.name):
                 raise MessageRejected(BAD_FAMILY, "not a Prometheus metric name")
             samples = []
             for sample in family.samples:
-                if not _METRIC_NAME.match(sample.name):
+                if not _METRIC_NAME.fullmatch(sample.name):
                     raise MessageRejected(BAD_FAMILY, f"sample name {sample.name[:80]!r} is not a Prometheus name")
                 for label in sample.labels:
-                    if not _LABEL_NAME.match(label) or label.startswith("__"):
+                    if not _LABEL_NAME.fullmatch(label) or label.startswith("__"):
                         raise MessageRejected(BAD_FAMILY, f"label name {label[:80]!r} is not a Prometheus label name")
                 samples.append(Sample(sample.name, sample.labels, protocol.sample_value(sample.value)))
         except MessageRejected as error:

@@ -46,7 +46,7 @@ def env_flag(parser: argparse.ArgumentParser, flag: str, env: str | None, defaul
 
 
 def nats_token(value: str) -> str:
-    if not _TOKEN.match(value):
+    if not _TOKEN.fullmatch(value):
         raise ValueError(f"{value!r} must be 1-64 letters, digits, '_' or '-' (one NATS subject token)")
     return value
 

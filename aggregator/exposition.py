@@ -39,7 +39,7 @@ def label_text(labels: dict[str, str]) -> str:
     """`k="v",...` as prometheus_client writes it: sorted by name, values escaped."""
     parts = []
     for name, value in sorted(labels.items()):
-        if not _LEGACY_LABEL.match(name):
+        if not _LEGACY_LABEL.fullmatch(name):
             raise _Fallback
         parts.append(f'{name}="{_escape(value)}"')
     return ",".join(parts)
@@ -183,7 +183,7 @@ def _sample_lines(samples, moved) -> list[str]:
 
 def _family(metric: Metric, openmetrics_format: bool, escaping: str) -> list[bytes]:
     name = metric.name
-    if not _LEGACY_NAME.match(name):
+    if not _LEGACY_NAME.fullmatch(name):
         raise _Fallback
     moved = (
         {name + suffix for suffix in _TEXT_MOVED}

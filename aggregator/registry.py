@@ -54,7 +54,7 @@ class MetricsError(ValueError):
 def sanitize_name(name: str) -> str:
     """A metric name with characters outside `[a-zA-Z0-9_:]` removed, then validated."""
     cleaned = _NAME_INVALID.sub("", name)
-    if not _NAME.match(cleaned):
+    if not _NAME.fullmatch(cleaned):
         raise MetricsError(f"metric name {name!r} is not valid after sanitising ({cleaned!r}); "
                            "it must match [a-zA-Z_:][a-zA-Z0-9_:]*")
     return cleaned
@@ -91,7 +91,7 @@ def check_label_names(names: Iterable[str]) -> list[str]:
     """User label names: valid, not reserved, not duplicated."""
     seen: list[str] = []
     for name in names:
-        if not isinstance(name, str) or not _LABEL_NAME.match(name) or name.startswith("__"):
+        if not isinstance(name, str) or not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
             raise MetricsError(f"label name {name!r} must match [a-zA-Z_][a-zA-Z0-9_]* and not start with '__'")
         if name in AUTO_LABELS:
             raise MetricsError(f"label {name!r} is automatically added by auto_label feature and cannot be "

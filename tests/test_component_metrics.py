@@ -485,3 +485,19 @@ def test_a_text_family_openmetrics_forbids_is_dropped_alone(lines, why):
     assert stack.rejected() == {"bad_family": 1}
     fams = stack.families(openmetrics=True)
     assert "dynamo_component_c" not in fams and "dynamo_component_g" in fams
+
+
+@pytest.mark.parametrize("where", ["family", "sample", "label"])
+def test_a_typed_name_ending_in_a_newline_is_not_a_name(where):
+    import json
+
+    # Python's `$` matches before a final newline: a check with re.match would let these through
+    # and the newline would split a line of /metrics.
+    name = "dynamo_component_x\n" if where in ("family", "sample") else "dynamo_component_x"
+    family = {"name": name if where == "family" else "dynamo_component_x", "type": "gauge", "help": "",
+              "samples": [[name, {"a\n" if where == "label" else "a": "1"}, 1]]}
+    stack = Stack()
+    payload = json.dumps({"worker_id": 1, "families": [family]}).encode()
+    assert stack.ingest.handle(PATTERN, "namespace.dynamo.component.backend.metrics", payload)
+    assert stack.rejected() == {"bad_family": 1}
+    assert "dynamo_component_x" not in stack.families(openmetrics=True)

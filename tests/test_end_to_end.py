@@ -179,6 +179,7 @@ def test_live_is_always_ok(processes):
     (["--stale-after", "0"], {}, "--stale-after: 0 is outside"),
     (["--nats-url", "http://x"], {}, "is not a NATS URL"),
     ([], {"DYN_NAMESPACE": "a.b"}, "(env DYN_NAMESPACE)"),
+    ([], {"DYN_NAMESPACE": "dynamo\n"}, "must be 1-64 letters"),  # `$` alone would match before the newline
     ([], {"AGGREGATOR_PORT": "abc"}, "(env AGGREGATOR_PORT)"),
     ([], {"DYN_LOG": "loud"}, "DYN_LOG: unknown level"),
 ])
