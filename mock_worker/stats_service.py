@@ -73,4 +73,7 @@ async def start_worker_service(
         description=f"Dynamo component {component} in namespace {namespace}", stats_handler=stats,
     )
     await instance.add_group(name=service).add_endpoint(name=endpoint_name(endpoint, worker_id), handler=handle)
+    # Started means reachable: once the server has the subscriptions, a request on any other
+    # connection finds this instance (without it, one sent right away could miss it).
+    await nc.flush()
     return instance
