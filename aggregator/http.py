@@ -27,11 +27,6 @@ GZIP_LEVEL = 1
 _GZIP_WBITS = 16 + 15  # a gzip member (header and CRC), not a bare zlib stream
 
 
-def render_metrics(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
-    """prometheus_client's negotiation and bytes, through the faster encoder of exposition.py."""
-    return exposition.encode(registry, accept)
-
-
 def _render(source, accept: str, gzipped: bool) -> tuple[bytes, dict]:
     # A render allocates a few objects per sample; with a large fleet alive, CPython's cyclic GC
     # would run full collections over the whole heap several times mid-render (measured at

@@ -61,9 +61,9 @@ def scrape(base_url: str, *, openmetrics: bool = False) -> dict:
 
 def render_families(registry, *, openmetrics: bool = False) -> dict:
     """Render `registry` as /metrics would and parse it back with prometheus_client's parser."""
-    from aggregator.http import render_metrics
+    from aggregator.exposition import encode
 
-    body, _ = render_metrics(registry, OPENMETRICS if openmetrics else "")
+    body, _ = encode(registry, OPENMETRICS if openmetrics else "")
     parser = parse_openmetrics if openmetrics else parse_text
     families = {}
     for family in parser(body.decode()):

@@ -18,8 +18,8 @@ from aggregator.component_metrics import (
     snapshot_route,
 )
 from aggregator.endpoint_metrics import EndpointMetrics
+from aggregator.exposition import encode
 from aggregator.fleet import Fleet
-from aggregator.http import render_metrics
 from aggregator.ingest import Ingest
 from aggregator.registry import MetricsRegistry
 from aggregator.telemetry import Telemetry
@@ -56,7 +56,7 @@ class Stack:
         return self.ingest.handle(PATTERN, f"namespace.dynamo.component.{component}.metrics", payload)
 
     def families(self, openmetrics=False) -> dict:
-        body, _ = render_metrics(self.registry, OPENMETRICS if openmetrics else "")
+        body, _ = encode(self.registry, OPENMETRICS if openmetrics else "")
         result = {}
         for family in (parse_openmetrics if openmetrics else parse_text)(body.decode()):
             assert family.name not in result, f"duplicate family {family.name}"
@@ -243,7 +243,7 @@ def test_promtool_accepts_the_merged_exposition():
     stack = Stack()
     stack.send(11, text_of(worker_registry(3, errors=1)))
     stack.send(22, text_of(worker_registry(5)))
-    body, _ = render_metrics(stack.registry, "")
+    body, _ = encode(stack.registry, "")
     result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60)
     errors = [line for line in result.stdout.decode().splitlines() + result.stderr.decode().splitlines()
               if "dynamo_component" in line and "error" in line.lower()]

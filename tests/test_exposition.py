@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from aggregator.collector import FleetCollector
+from aggregator.exposition import encode
 from aggregator.fleet import Fleet
-from aggregator.http import render_metrics
 from aggregator.ingest import Ingest
 from aggregator.telemetry import Telemetry
 
@@ -109,7 +109,7 @@ def test_zero_live_workers_export_a_zero_count_and_no_load(stack):
 def test_a_bad_message_is_counted_and_leaves_every_worker_as_it_was(stack):
     ingest, registry, clock = stack
     publish_load(ingest, 1, 40)
-    before = render_metrics(registry, "")[0]
+    before = encode(registry, "")[0]
     bad = json.dumps({"worker_id": 1, "data": {"request_active_slots": 1}}).encode()
     assert not ingest.handle("namespace.dynamo.component.*.kv_metrics",
                              "namespace.dynamo.component.backend.kv_metrics", bad)
@@ -123,7 +123,7 @@ def test_a_bad_message_is_counted_and_leaves_every_worker_as_it_was(stack):
     assert rejected[("kv_metrics", "not_json")] == 1
     assert sum(rejected.values()) == 2
     # nothing but the counters moved
-    changed = [line for line in set(render_metrics(registry, "")[0].decode().splitlines())
+    changed = [line for line in set(encode(registry, "")[0].decode().splitlines())
                - set(before.decode().splitlines()) if line.startswith("llm_") and "aggregator" not in line]
     assert changed == []
 
@@ -143,7 +143,7 @@ def test_promtool_check_metrics_is_clean_except_dynamos_names(stack):
     publish_load(ingest, 1, 40)
     ingest.handle("namespace.dynamo.kv-hit-rate", "namespace.dynamo.kv-hit-rate",
                   b'{"worker_id":1,"isl_blocks":12,"overlap_blocks":8}')
-    body, _ = render_metrics(registry, "")
+    body, _ = encode(registry, "")
     result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30)
     problems = [line for line in result.stderr.decode().splitlines() if line.strip()]
     # Kept for compatibility with Dynamo's dashboards (README, "Compatibility"):

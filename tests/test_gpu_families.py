@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from aggregator.collector import FleetCollector
+from aggregator.exposition import encode
 from aggregator.fleet import Fleet, GroupKey
 from aggregator.gpu_families import framebuffer_mib, group_views
-from aggregator.http import render_metrics
 from aggregator.ingest import Ingest
 from aggregator.protocol import ForwardPassMetrics, GpuMetricsEvent, GpuReading, KvStats, WorkerStats
 from aggregator.telemetry import Telemetry
@@ -114,7 +114,7 @@ def test_dcgm_names_labels_and_units(openmetrics):
 def test_energy_is_exact_as_a_sample_value_in_text_format():
     ingest, registry, _ = make_stack()
     send_gpu(ingest, 1, [{**H100, "total_energy_mj": 9_007_199_254_740_993}])  # above 2**53: float rounds
-    body, _ = render_metrics(registry, "")
+    body, _ = encode(registry, "")
     (line,) = [l for l in body.decode().splitlines() if l.startswith("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{")]
     assert float(line.rsplit(" ", 1)[1]) == pytest.approx(9_007_199_254_740_993, rel=1e-15)
 
@@ -177,7 +177,7 @@ def test_a_bad_gpu_message_is_counted_and_touches_nothing():
     ingest, registry, _ = make_stack()
     send_load(ingest, 1)
     send_gpu(ingest, 1, [H100])
-    before = render_metrics(registry, "")[0]
+    before = encode(registry, "")[0]
     assert not send_gpu(ingest, 1, [{**H100, "gpu_util": 101}])
     assert not send_gpu(ingest, 1, [H100, H100])
     assert not send_gpu(ingest, 2, [{**H100, "fb_used_mib": "lots"}])
@@ -188,7 +188,7 @@ def test_a_bad_gpu_message_is_counted_and_touches_nothing():
     assert rejected == {("gpu_metrics", "out_of_range"): 1, ("gpu_metrics", "inconsistent"): 1,
                         ("gpu_metrics", "wrong_type"): 1, ("gpu_metrics", "not_json"): 1}
     assert len(ingest.fleet) == 1  # worker 2 was never created
-    changed = [line for line in set(render_metrics(registry, "")[0].decode().splitlines())
+    changed = [line for line in set(encode(registry, "")[0].decode().splitlines())
                - set(before.decode().splitlines()) if not line.startswith(("llm_aggregator", "#"))]
     assert changed == []
 
@@ -252,7 +252,7 @@ def test_promtool_accepts_the_gpu_series():
     ingest, registry, _ = make_stack()
     send_load(ingest, 1)
     send_gpu(ingest, 1, [H100])
-    body, _ = render_metrics(registry, "")
+    body, _ = encode(registry, "")
     result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30)
     problems = [line for line in result.stderr.decode().splitlines() if line.strip()]
     gpu_problems = [p for p in problems if p.startswith(("DCGM_", "llm_gpu", "llm_kv_blocks_per_gib"))]

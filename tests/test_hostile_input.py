@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry
 
 from aggregator import protocol
 from aggregator.collector import FleetCollector
+from aggregator.exposition import encode
 from aggregator.fleet import Fleet
-from aggregator.http import render_metrics
 from aggregator.ingest import Ingest
 from aggregator.telemetry import LIMIT_REASONS, Telemetry
 
@@ -188,7 +188,7 @@ def test_ingest_never_raises_counts_everything_and_exports_accepted_labels_escap
     expected = {(k.component, k.endpoint, str(k.worker_id), str(k.dp_rank)) for k in fleet.workers}
     assert {component for component, *_ in expected} <= accepted_components
     for accept, parser in (("", parse_text), (OPENMETRICS, parse_openmetrics)):
-        body, _ = render_metrics(registry, accept)
+        body, _ = encode(registry, accept)
         families = {}
         for family in parser(body.decode("utf-8")):
             assert family.name not in families  # a label value never creates or splits a family

@@ -19,8 +19,8 @@ import json
 from prometheus_client import CollectorRegistry
 
 from aggregator.collector import FleetCollector
+from aggregator.exposition import encode
 from aggregator.fleet import Fleet
-from aggregator.http import render_metrics
 from aggregator.ingest import Ingest
 from aggregator.telemetry import Telemetry
 
@@ -48,7 +48,7 @@ def stack():
 
 
 def exported(registry, name) -> dict:
-    body, _ = render_metrics(registry, "")
+    body, _ = encode(registry, "")
     for family in parse_text(body.decode()):
         if family.name == name:
             return {(s.labels["component"], s.labels["worker_id"]): s.value for s in family.samples
@@ -119,7 +119,7 @@ def test_a_restarted_worker_continues_its_counters_until_it_expires():
     hit(ingest, "backend", 1, 10, 1)
     assert exported(registry, "llm_kv_hit_rate_isl_blocks") == {("backend", "1"): 10}
     # The fleet counter never goes backwards: it keeps what expired workers contributed.
-    body, _ = render_metrics(registry, "")
+    body, _ = encode(registry, "")
     fleet_isl = [s.value for f in parse_text(body.decode()) if f.name == "llm_fleet_kv_hit_rate_isl_blocks"
                  for s in f.samples]
     assert fleet_isl == [30]
