@@ -46,6 +46,18 @@ def _direct_delivery_supported() -> bool:
 DIRECT_DELIVERY = _direct_delivery_supported()
 
 
+async def settle(nc: Client) -> None:
+    """Return once the server holds every subscription made so far on `nc`.
+
+    nats-py sends SUB through its flusher task but writes PING straight to the socket, so the
+    PONG of a flush() right after subscribe() can come back before the server has the
+    subscriptions, and a message published at once is then not delivered (seen in tests under
+    load). The flusher runs while the first PONG is awaited: the second PING follows the SUBs.
+    """
+    await nc.flush()
+    await nc.flush()
+
+
 class DirectClient(Client):
     """nats-py's client; messages of the subscriptions in `direct` (by sid) go from the protocol
     parser straight to their handler as (subject, payload) bytes. A message with headers or a
@@ -185,7 +197,7 @@ class NatsSubscriber:
             if isinstance(self.nc, DirectClient):
                 # nats-py keeps a subscription's sid across reconnects (it resubscribes with it).
                 self.nc.direct[subscription._id] = self._direct_handler(pattern)
-        await self.nc.flush()
+        await settle(self.nc)  # only then is the aggregator ready (/health)
         self.subscribed = True
 
     def _direct_handler(self, pattern: str) -> Callable[[bytes, bytes], None]:

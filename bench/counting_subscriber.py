@@ -10,6 +10,8 @@ import time
 
 import nats
 
+from aggregator.transport import settle
+
 from .payloads import BARE_SUBJECT
 
 
@@ -35,7 +37,7 @@ async def main() -> None:
 
     nc = await nats.connect(url)
     await nc.subscribe(BARE_SUBJECT, cb=on_message, pending_msgs_limit=2_000_000, pending_bytes_limit=0)
-    await nc.flush()
+    await settle(nc)  # the server has the subscription before "ready"
     print("ready", flush=True)
     cpu_ready = _cpu_seconds()
     try:

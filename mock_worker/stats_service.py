@@ -22,6 +22,7 @@ from nats.micro.request import Request, ServiceError
 from nats.micro.service import EndpointStats, Service
 
 from aggregator.service_stats import endpoint_name, service_name
+from aggregator.transport import settle
 
 from .engine import SimulatedEngine
 
@@ -75,5 +76,5 @@ async def start_worker_service(
     await instance.add_group(name=service).add_endpoint(name=endpoint_name(endpoint, worker_id), handler=handle)
     # Started means reachable: once the server has the subscriptions, a request on any other
     # connection finds this instance (without it, one sent right away could miss it).
-    await nc.flush()
+    await settle(nc)
     return instance

@@ -133,3 +133,31 @@ async def test_without_the_hook_the_public_callback_path_is_used(nats_server, mo
     finally:
         await publisher.close()
         await subscriber.close()
+
+
+async def test_settle_returns_only_once_the_server_has_the_subscriptions(nats_server):
+    # nats-py writes PING straight to the socket and SUB through its flusher task; a single flush()
+    # right after subscribe() was seen answered before the server had the subscriptions.
+    from aggregator.transport import settle
+
+    listener = await nats.connect(nats_server.url)
+    publisher = await nats.connect(nats_server.url)
+    try:
+        got = []
+
+        async def on_message(msg) -> None:
+            got.append(msg)
+
+        for round_ in range(30):
+            got.clear()
+            subscriptions = [await listener.subscribe(f"settle.{round_}.{i}", cb=on_message) for i in range(20)]
+            await settle(listener)
+            for i in range(20):
+                await publisher.publish(f"settle.{round_}.{i}", b"x")
+            await publisher.flush()
+            await until(lambda: len(got) == 20, timeout=5)
+            for subscription in subscriptions:
+                await subscription.unsubscribe()
+    finally:
+        await listener.close()
+        await publisher.close()
