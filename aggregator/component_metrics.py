@@ -20,7 +20,6 @@ No I/O here.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from . import protocol
-from .exposition import ChunkedMetric, RenderedLabels, render_chunk
+from .exposition import LABEL_NAME, METRIC_NAME, ChunkedMetric, RenderedLabels, render_chunk
 from .protocol import MessageRejected
 
 NOT_EXPOSITION = "not_exposition"
@@ -48,14 +47,12 @@ DEFAULT_PREFIXES = ("dynamo_component_", "dynamo_frontend_")
 RESERVED_PREFIXES = ("llm_", "process_", "python_")
 WORKER_ID = "worker_id"
 
-_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _TYPES = ("counter", "gauge", "histogram", "summary", "unknown")
 
 
 def check_prefix(prefix: str) -> str:
     """A configured allowed prefix: a valid name start that cannot reach the aggregator's own names."""
-    if not _METRIC_NAME.fullmatch(prefix):
+    if not METRIC_NAME.fullmatch(prefix):
         raise ValueError(f"{prefix!r} is not the start of a Prometheus metric name")
     for reserved in RESERVED_PREFIXES:
         if prefix.startswith(reserved) or reserved.startswith(prefix):
@@ -298,14 +295,14 @@ class _Parsed:
 def _checked(families: list[protocol.SnapshotFamily], problems: list[Problem]) -> Iterator[_Parsed]:
     for family in families:
         try:
-            if not _METRIC_NAME.fullmatch(family.name):
+            if not METRIC_NAME.fullmatch(family.name):
                 raise MessageRejected(BAD_FAMILY, "not a Prometheus metric name")
             samples = []
             for sample in family.samples:
-                if not _METRIC_NAME.fullmatch(sample.name):
+                if not METRIC_NAME.fullmatch(sample.name):
                     raise MessageRejected(BAD_FAMILY, f"sample name {sample.name[:80]!r} is not a Prometheus name")
                 for label in sample.labels:
-                    if not _LABEL_NAME.fullmatch(label) or label.startswith("__"):
+                    if not LABEL_NAME.fullmatch(label) or label.startswith("__"):
                         raise MessageRejected(BAD_FAMILY, f"label name {label[:80]!r} is not a Prometheus label name")
                 samples.append(Sample(sample.name, sample.labels, protocol.sample_value(sample.value)))
         except MessageRejected as error:

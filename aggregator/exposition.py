@@ -22,8 +22,10 @@ from prometheus_client.core import Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.utils import floatToGoString
 
-_LEGACY_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LEGACY_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# What a metric and a label name are in the text format (check with fullmatch: `$` also matches
+# before a final newline).
+METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _TEXT_MOVED = ("_created", "_gsum", "_gcount")  # text 0.0.4 moves these into gauges after the family
 
 
@@ -39,7 +41,7 @@ def label_text(labels: dict[str, str]) -> str:
     """`k="v",...` as prometheus_client writes it: sorted by name, values escaped."""
     parts = []
     for name, value in sorted(labels.items()):
-        if not _LEGACY_LABEL.fullmatch(name):
+        if not LABEL_NAME.fullmatch(name):
             raise _Fallback
         parts.append(f'{name}="{_escape(value)}"')
     return ",".join(parts)
@@ -183,7 +185,7 @@ def _sample_lines(samples, moved) -> list[str]:
 
 def _family(metric: Metric, openmetrics_format: bool, escaping: str) -> list[bytes]:
     name = metric.name
-    if not _LEGACY_NAME.fullmatch(name):
+    if not METRIC_NAME.fullmatch(name):
         raise _Fallback
     moved = (
         {name + suffix for suffix in _TEXT_MOVED}

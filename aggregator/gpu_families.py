@@ -116,17 +116,11 @@ def summarize(event: GpuMetricsEvent) -> GpuSummary:
                       worker_fb if worker_fb_known else None)
 
 
-def group_views(
-    workers: Iterable[tuple[GroupKey, GpuMetricsEvent, ForwardPassMetrics | None]],
-) -> dict[GroupKey, GpuGroupView]:
-    """Fleet views from (group, a worker's GPU readings, its load or None); pure."""
-    return combine_views((group, summarize(event), load) for group, event, load in workers)
-
-
 def combine_views(
     workers: Iterable[tuple[GroupKey, GpuSummary, ForwardPassMetrics | None]],
 ) -> dict[GroupKey, GpuGroupView]:
-    """`group_views` from per-worker summaries (the scrape's path: each summary is made once per reading)."""
+    """Fleet views from (group, a worker's `summarize`d readings, its load or None); pure. Each summary
+    is made once per reading (`render_reading`), not once per scrape."""
     sums: dict[GroupKey, list] = {}  # [util, util_n, used, fb, kv_blocks, kv_mib, powers]
     views: dict[GroupKey, GpuGroupView] = {}
     for group, summary, load in workers:

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
+from .exposition import LABEL_NAME, METRIC_NAME
 from .protocol import SnapshotFamily, SnapshotSample, snapshot_value
 
 NAME_PREFIX = "dynamo_component_"
@@ -41,9 +42,7 @@ RESERVED_LABELS = frozenset((*AUTO_LABELS, WORKER_ID_LABEL, "le", "quantile"))
 
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
-_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _NAME_INVALID = re.compile(r"[^a-zA-Z0-9_:]")
-_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _LABEL_VALUE_INVALID = re.compile(r"[^a-zA-Z0-9_]")
 
 
@@ -54,7 +53,7 @@ class MetricsError(ValueError):
 def sanitize_name(name: str) -> str:
     """A metric name with characters outside `[a-zA-Z0-9_:]` removed, then validated."""
     cleaned = _NAME_INVALID.sub("", name)
-    if not _NAME.fullmatch(cleaned):
+    if not METRIC_NAME.fullmatch(cleaned):
         raise MetricsError(f"metric name {name!r} is not valid after sanitising ({cleaned!r}); "
                            "it must match [a-zA-Z_:][a-zA-Z0-9_:]*")
     return cleaned
@@ -91,7 +90,7 @@ def check_label_names(names: Iterable[str]) -> list[str]:
     """User label names: valid, not reserved, not duplicated."""
     seen: list[str] = []
     for name in names:
-        if not isinstance(name, str) or not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
+        if not isinstance(name, str) or not LABEL_NAME.fullmatch(name) or name.startswith("__"):
             raise MetricsError(f"label name {name!r} must match [a-zA-Z_][a-zA-Z0-9_]* and not start with '__'")
         if name in AUTO_LABELS:
             raise MetricsError(f"label {name!r} is automatically added by auto_label feature and cannot be "

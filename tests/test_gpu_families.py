@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from aggregator.collector import FleetCollector
 from aggregator.exposition import encode
 from aggregator.fleet import Fleet, GroupKey
-from aggregator.gpu_families import framebuffer_mib, group_views
+from aggregator.gpu_families import combine_views, framebuffer_mib, summarize
 from aggregator.ingest import Ingest
 from aggregator.protocol import ForwardPassMetrics, GpuMetricsEvent, GpuReading, KvStats, WorkerStats
 from aggregator.telemetry import Telemetry
@@ -234,9 +234,9 @@ def test_group_views_on_plain_values():
     load = ForwardPassMetrics(WorkerStats(1, 8), KvStats(10, 2048))
     known = GpuReading(0, "GPU-a", "A100", fb_used_mib=1024, fb_free_mib=1024, fb_reserved_mib=0)
     unknown = GpuReading(1, "GPU-b", "A100", gpu_util=30)
-    views = group_views([
-        (group, GpuMetricsEvent(1, gpus=[known]), load),  # 2 GiB from used + free
-        (group, GpuMetricsEvent(2, gpus=[known, unknown]), load),  # framebuffer not fully known: skipped
+    views = combine_views([
+        (group, summarize(GpuMetricsEvent(1, gpus=[known])), load),  # 2 GiB from used + free
+        (group, summarize(GpuMetricsEvent(2, gpus=[known, unknown])), load),  # framebuffer not fully known: skipped
     ])
     view = views[group]
     assert view.gpus == 3
