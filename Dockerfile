@@ -9,9 +9,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY fleet_protocol ./fleet_protocol
+COPY fleet_runtime ./fleet_runtime
+COPY fleet_worker ./fleet_worker
 COPY aggregator ./aggregator
 COPY mock_worker ./mock_worker
-RUN pip install . \
+RUN pip install ".[aggregator,worker]" \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
 
 USER 10001

@@ -1,8 +1,10 @@
-"""NATS-based metrics aggregation for LLM inference fleets.
+"""The aggregator service (`python -m aggregator`), in layers that data flows through one way:
 
-The package holds both sides of the wire: the aggregator service (`python -m aggregator`)
-and the worker-side publisher library (`aggregator.publisher`), which share
-`aggregator.protocol`.
+edges (NATS, HTTP) -> ingest (one pipeline) -> state (pure) <- collectors -> exposition.
+
+The wire types come from `fleet_protocol`; nothing here imports the worker library.
 """
 
-__version__ = "0.1.0"
+from fleet_protocol import __version__
+
+__all__ = ["__version__"]

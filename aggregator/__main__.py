@@ -9,10 +9,10 @@ import sys
 import structlog
 from prometheus_client import disable_created_metrics
 
-from . import logs
-from .config import parse_aggregator_args
-from .service import Aggregator
-from .shutdown import stop_event
+from aggregator.cli import parse_aggregator_args
+from aggregator.service import Aggregator
+from fleet_runtime import logs
+from fleet_runtime.signals import stop_event
 
 
 async def _serve(aggregator: Aggregator) -> None:

@@ -31,9 +31,10 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from . import protocol
-from .exposition import LABEL_NAME, METRIC_NAME, ChunkedMetric, RenderedLabels, render_chunk
-from .protocol import MessageRejected
+import fleet_protocol as protocol
+from aggregator.exposition.encoder import ChunkedMetric, RenderedLabels, render_chunk
+from fleet_protocol import MessageRejected
+from fleet_protocol.names import LABEL_NAME, METRIC_NAME
 
 NOT_EXPOSITION = "not_exposition"
 BAD_NAME = "bad_name"

@@ -10,18 +10,23 @@ import time
 import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
-from . import nats_auth, protocol
-from .collector import FleetCollector
-from .component_metrics import ComponentMetricsCollector, SnapshotLimits, snapshot_route
-from .fleet import Fleet
-from .hit_rate_journal import HitRateJournal
-from .http import bound_port, build_app, start_server
-from .ingest import Ingest
-from .service_stats import ENDPOINT_REASONS, plan_services
-from .stats_scraper import StatsScraper
-from .telemetry import StatsScrapeTelemetry, Telemetry
-from .transport import NatsSubscriber
-from .web_config import basic_auth_middleware
+import fleet_protocol as protocol
+from aggregator.collectors.fleet_kv import FleetCollector
+from aggregator.collectors.telemetry import StatsScrapeTelemetry, Telemetry
+from aggregator.component_metrics import (
+    ComponentMetricsCollector,
+    SnapshotLimits,
+    snapshot_route,
+)
+from aggregator.edges import nats_auth
+from aggregator.edges.hit_rate_journal import HitRateJournal
+from aggregator.edges.http_server import bound_port, build_app, start_server
+from aggregator.edges.nats_transport import NatsSubscriber
+from aggregator.edges.stats_scraper import StatsScraper
+from aggregator.edges.web_config import basic_auth_middleware
+from aggregator.ingest.pipeline import Ingest
+from aggregator.ingest.stats_replies import ENDPOINT_REASONS, plan_services
+from aggregator.state.fleet import Fleet
 
 log = structlog.get_logger("aggregator")
 

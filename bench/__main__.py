@@ -27,8 +27,8 @@ from pathlib import Path
 import nats
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator import __version__
-from aggregator.embedded_nats import NatsServer, free_port, terminate, wait_for_port
+from fleet_demo.nats_server import NatsServer, free_port, terminate, wait_for_port
+from fleet_protocol import __version__
 
 from . import payloads
 

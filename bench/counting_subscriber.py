@@ -10,7 +10,7 @@ import time
 
 import nats
 
-from aggregator.transport import settle
+from fleet_runtime.nats_settle import settle
 
 from .payloads import BARE_SUBJECT
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from aggregator import protocol
-from aggregator.protocol import ForwardPassMetrics, KvStats, LoadEvent, WorkerStats
+import fleet_protocol as protocol
+from fleet_protocol import ForwardPassMetrics, KvStats, LoadEvent, WorkerStats
 
 SUBJECT = protocol.component_subject("dynamo", "backend", protocol.KV_METRICS)
 # The bare ceiling runs on a namespace no aggregator listens to (same length, same payloads), so
@@ -48,8 +48,8 @@ def exposition_body(worker: int, active: int = 100) -> bytes:
 
 def _component_registry():
     """A worker MetricsRegistry after some traffic: the automatic endpoint metrics."""
-    from aggregator.endpoint_metrics import EndpointMetrics
-    from aggregator.registry import MetricsRegistry
+    from fleet_worker.endpoint_metrics import EndpointMetrics
+    from fleet_worker.registry import MetricsRegistry
 
     runtime = MetricsRegistry()
     calls = EndpointMetrics(runtime.namespace("dynamo").component("backend").endpoint("generate"))

@@ -9,10 +9,19 @@ import sys
 import nats
 import structlog
 
-from aggregator import logs, protocol
-from aggregator.config import OneLineParser, bounded, choice, env_flag, label_value, nats_token, nats_urls
-from aggregator.shutdown import stop_event
-from aggregator.status_server import StatusServer, StatusServerConfig
+import fleet_protocol as protocol
+from fleet_runtime import logs
+from fleet_runtime.flags import (
+    OneLineParser,
+    bounded,
+    choice,
+    env_flag,
+    label_value,
+    nats_token,
+    nats_urls,
+)
+from fleet_runtime.signals import stop_event
+from fleet_worker.status_server import StatusServer, StatusServerConfig
 
 from .fleet import GPU_SOURCES, MODES, SHAPES, MockFleet
 

@@ -14,7 +14,7 @@ import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from aggregator.protocol import ForwardPassMetrics, KvStats, WorkerStats
+from fleet_protocol import ForwardPassMetrics, KvStats, WorkerStats
 
 
 @dataclass(frozen=True)

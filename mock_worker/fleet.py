@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import structlog
 from nats.aio.client import Client
 
-from aggregator import protocol
-from aggregator.endpoint_metrics import EndpointMetrics, HandlerError, current_call
-from aggregator.gpu import NvmlGpuSource, node_hostname, read_gpus
-from aggregator.publisher import WorkerPublisher, run_periodically
-from aggregator.registry import MetricsRegistry
+import fleet_protocol as protocol
+from fleet_worker.endpoint_metrics import EndpointMetrics, HandlerError, current_call
+from fleet_worker.nvml_sampler import NvmlGpuSource, node_hostname, read_gpus
+from fleet_worker.publisher import WorkerPublisher, run_periodically
+from fleet_worker.registry import MetricsRegistry
 
 from .engine import Completion, EngineConfig, SimulatedEngine
 from .gpus import SimulatedGpus
@@ -227,7 +227,7 @@ class MockFleet:
     async def run(self, interval: float, stop: asyncio.Event, metrics_interval: float = 5.0) -> None:
         component_metrics = bool(self.workers) and self.workers[0].runtime is not None
         if self.pull:
-            from aggregator.service_stats import service_name, stats_subject
+            from fleet_protocol.service_stats import service_name, stats_subject
 
             log.info("serving stats", workers=len(self.workers), interval=interval, freeze_after=self.freeze_after,
                      stats_subject=stats_subject(service_name(self.namespace, self.component)))

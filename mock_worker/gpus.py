@@ -14,7 +14,7 @@ import random
 import uuid
 from dataclasses import dataclass, field
 
-from aggregator.protocol import ForwardPassMetrics, GpuProcess, GpuReading
+from fleet_protocol import ForwardPassMetrics, GpuProcess, GpuReading
 
 
 @dataclass(frozen=True)

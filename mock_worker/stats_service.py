@@ -21,8 +21,8 @@ from nats.micro import add_service
 from nats.micro.request import Request, ServiceError
 from nats.micro.service import EndpointStats, Service
 
-from aggregator.service_stats import endpoint_name, service_name
-from aggregator.transport import settle
+from fleet_protocol.service_stats import endpoint_name, service_name
+from fleet_runtime.nats_settle import settle
 
 from .engine import SimulatedEngine
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from aggregator.embedded_nats import NatsServer
+from fleet_demo.nats_server import NatsServer
 
 from .support import AggregatorProcess, Process
 

@@ -12,10 +12,12 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from aggregator.embedded_nats import free_port, terminate
+from fleet_demo.nats_server import free_port, terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
@@ -61,7 +63,7 @@ def scrape(base_url: str, *, openmetrics: bool = False) -> dict:
 
 def render_families(registry, *, openmetrics: bool = False) -> dict:
     """Render `registry` as /metrics would and parse it back with prometheus_client's parser."""
-    from aggregator.exposition import encode
+    from aggregator.exposition.encoder import encode
 
     body, _ = encode(registry, OPENMETRICS if openmetrics else "")
     parser = parse_openmetrics if openmetrics else parse_text

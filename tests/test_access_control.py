@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from aggregator.embedded_nats import NatsServer
+from fleet_demo.nats_server import NatsServer
 
 from .support import ROOT, http_get, samples, scrape, wait_until
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from aggregator.aggregate import hit_rate_percent, load_mean_std
+from aggregator.state.fleet_stats import hit_rate_percent, load_mean_std
 
 
 def test_population_standard_deviation_divides_by_n():

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 
-from aggregator.embedded_nats import NatsServer
+from fleet_demo.nats_server import NatsServer
 
 from .support import Process, samples, scrape, slowest_answer, wait_until
 

@@ -8,8 +8,9 @@ import subprocess
 import pytest
 from prometheus_client import CollectorRegistry
 
-from aggregator import protocol
-from aggregator.collector import FleetCollector
+import fleet_protocol as protocol
+from aggregator.collectors.fleet_kv import FleetCollector
+from aggregator.collectors.telemetry import Telemetry
 from aggregator.component_metrics import (
     ComponentMetricsCollector,
     SnapshotLimits,
@@ -17,12 +18,11 @@ from aggregator.component_metrics import (
     parse_snapshot,
     snapshot_route,
 )
-from aggregator.endpoint_metrics import EndpointMetrics
-from aggregator.exposition import encode
-from aggregator.fleet import Fleet
-from aggregator.ingest import Ingest
-from aggregator.registry import MetricsRegistry
-from aggregator.telemetry import Telemetry
+from aggregator.exposition.encoder import encode
+from aggregator.ingest.pipeline import Ingest
+from aggregator.state.fleet import Fleet
+from fleet_worker.endpoint_metrics import EndpointMetrics
+from fleet_worker.registry import MetricsRegistry
 
 from .support import OPENMETRICS, parse_openmetrics, parse_text, samples
 
@@ -251,7 +251,7 @@ def test_promtool_accepts_the_merged_exposition():
 
 
 def test_flags_validate_prefixes_and_limits(capsys):
-    from aggregator.config import parse_aggregator_args
+    from aggregator.cli import parse_aggregator_args
 
     args = parse_aggregator_args(["--component-metrics-prefixes", "dynamo_component_, dynamo_preprocessor_"])
     assert args.component_metrics_prefixes == ("dynamo_component_", "dynamo_preprocessor_")

@@ -7,10 +7,19 @@ import sys
 
 import pytest
 
-from aggregator import protocol
-from aggregator.embedded_nats import free_port
+import fleet_protocol as protocol
+from fleet_demo.nats_server import free_port
 
-from .support import Process, http_get, mock_worker, parse_text, publish, samples, scrape, wait_until
+from .support import (
+    Process,
+    http_get,
+    mock_worker,
+    parse_text,
+    publish,
+    samples,
+    scrape,
+    wait_until,
+)
 
 REQUESTS = ("dynamo_component_requests", "dynamo_component_requests_total")
 DURATION = "dynamo_component_request_duration_seconds"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from aggregator.embedded_nats import free_port
+from fleet_demo.nats_server import free_port
 
 from .support import Process, samples, scrape, wait_until
 
 
 def test_demo_serves_live_fleet_metrics_and_stops_cleanly(processes):
     port = free_port()
-    demo = processes.add(Process([sys.executable, "-m", "aggregator.demo", "--port", str(port),
+    demo = processes.add(Process([sys.executable, "-m", "fleet_demo", "--port", str(port),
                                   "--workers", "3", "--interval", "0.2"]))
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: sum(samples(scrape(url), "llm_workers").values()) == 3, 20,
@@ -30,7 +30,7 @@ def test_ctrl_c_in_a_terminal_stops_everything_cleanly(processes):
     import subprocess
 
     port = free_port()
-    demo = subprocess.Popen([sys.executable, "-m", "aggregator.demo", "--port", str(port), "--workers", "2",
+    demo = subprocess.Popen([sys.executable, "-m", "fleet_demo", "--port", str(port), "--workers", "2",
                              "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own group, like a shell job
     try:

@@ -10,7 +10,7 @@ import sys
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.embedded_nats import NatsServer, free_port
+from fleet_demo.nats_server import NatsServer, free_port
 
 from .support import http_get, mock_worker, publish, samples, scrape, wait_until
 

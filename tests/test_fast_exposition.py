@@ -11,11 +11,12 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from aggregator import exposition, protocol
-from aggregator.config import parse_aggregator_args
-from aggregator.endpoint_metrics import EndpointMetrics
-from aggregator.registry import MetricsRegistry
+import fleet_protocol as protocol
+from aggregator.cli import parse_aggregator_args
+from aggregator.exposition import encoder as exposition
 from aggregator.service import Aggregator
+from fleet_worker.endpoint_metrics import EndpointMetrics
+from fleet_worker.registry import MetricsRegistry
 from mock_worker.engine import EngineConfig, SimulatedEngine
 from mock_worker.gpus import SimulatedGpus
 
@@ -68,7 +69,7 @@ def populated():
     # Freeze what changes between two renders by itself: process CPU/RSS and the clocks.
     from prometheus_client import ProcessCollector
 
-    from aggregator.collector import FleetCollector
+    from aggregator.collectors.fleet_kv import FleetCollector
 
     for collector in list(aggregator.registry._collector_to_names):
         if isinstance(collector, ProcessCollector):
@@ -111,7 +112,7 @@ def test_fast_bytes_equal_prometheus_clients(populated, accept):
 def test_gzipped_body_inflates_to_prometheus_clients_bytes(populated, accept):
     import gzip
 
-    from aggregator.http import _render
+    from aggregator.edges.http_server import _render
 
     encoder, content_type = choose_encoder(accept)
     body, headers = _render(populated.registry, accept, True)
@@ -128,7 +129,11 @@ def test_restricted_output_is_equal_too(populated):
 
 
 def test_component_samples_read_back_from_their_lines_equal_the_parsed_ones():
-    from aggregator.component_metrics import SnapshotLimits, parse_snapshot, samples_of_chunk
+    from aggregator.component_metrics import (
+        SnapshotLimits,
+        parse_snapshot,
+        samples_of_chunk,
+    )
 
     runtime = MetricsRegistry()
     calls = EndpointMetrics(runtime.namespace("dynamo").component("backend").endpoint("gen\\e\"rate"))
@@ -163,7 +168,7 @@ def test_rendering_in_a_thread_while_the_fleet_changes_never_fails():
     import threading
     import time
 
-    from aggregator.http import _render
+    from aggregator.edges.http_server import _render
     from bench.payloads import full_worker_messages
 
     aggregator = Aggregator(parse_aggregator_args(["--port", "0", "--stale-after", "0.2"]))

@@ -11,8 +11,15 @@ import signal
 import sys
 import time
 
-
-from .support import Process, mock_worker, publish, samples, scrape, slowest_answer, wait_until
+from .support import (
+    Process,
+    mock_worker,
+    publish,
+    samples,
+    scrape,
+    slowest_answer,
+    wait_until,
+)
 
 NESTED = {"worker_stats": {"request_active_slots": 3, "request_total_slots": 8},
           "kv_stats": {"kv_active_blocks": 30, "kv_total_blocks": 100}}
@@ -115,7 +122,7 @@ def test_a_flood_on_the_queued_path_is_dropped_and_counted_while_metrics_and_hea
 def test_a_frozen_aggregator_cut_off_as_a_slow_consumer_reconnects_and_resumes(processes, tmp_path):
     """Direct delivery keeps no client-side queue: past nats-server's max_pending for the
     connection the server cuts the aggregator off; it must reconnect, resubscribe and go on."""
-    from aggregator.embedded_nats import NatsServer
+    from fleet_demo.nats_server import NatsServer
 
     config = tmp_path / "strict.conf"
     config.write_text('max_pending: 1MB\nwrite_deadline: "1s"\n')

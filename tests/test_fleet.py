@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from aggregator.fleet import Fleet, GroupKey, LimitExceeded, WorkerKey
-from aggregator.protocol import ForwardPassMetrics, KvHitRateEvent, KvStats, LoadEvent, WorkerStats
+from aggregator.state.fleet import Fleet, GroupKey, LimitExceeded, WorkerKey
+from fleet_protocol import (
+    ForwardPassMetrics,
+    KvHitRateEvent,
+    KvStats,
+    LoadEvent,
+    WorkerStats,
+)
 
 
 def load(worker_id: int, active: int, *, total: int = 100, rank: int | None = None, endpoint: str = "generate"):

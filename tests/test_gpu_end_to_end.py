@@ -74,7 +74,7 @@ def test_simulated_gpus_of_three_workers_appear_with_dcgm_labels_then_expire(nat
 
 
 def test_without_a_driver_the_worker_says_so_once_and_keeps_publishing(nats_server, processes):
-    from aggregator.gpu import NvmlGpuSource
+    from fleet_worker.nvml_sampler import NvmlGpuSource
 
     if NvmlGpuSource(visible_devices=None).sample().error is None:
         pytest.skip("this machine has an NVIDIA driver; the no-driver path cannot be shown here")

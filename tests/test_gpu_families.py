@@ -9,13 +9,19 @@ import subprocess
 import pytest
 from prometheus_client import CollectorRegistry
 
-from aggregator.collector import FleetCollector
-from aggregator.exposition import encode
-from aggregator.fleet import Fleet, GroupKey
-from aggregator.gpu_families import combine_views, framebuffer_mib, summarize
-from aggregator.ingest import Ingest
-from aggregator.protocol import ForwardPassMetrics, GpuMetricsEvent, GpuReading, KvStats, WorkerStats
-from aggregator.telemetry import Telemetry
+from aggregator.collectors.fleet_kv import FleetCollector
+from aggregator.collectors.gpus import combine_views, framebuffer_mib, summarize
+from aggregator.collectors.telemetry import Telemetry
+from aggregator.exposition.encoder import encode
+from aggregator.ingest.pipeline import Ingest
+from aggregator.state.fleet import Fleet, GroupKey
+from fleet_protocol import (
+    ForwardPassMetrics,
+    GpuMetricsEvent,
+    GpuReading,
+    KvStats,
+    WorkerStats,
+)
 
 from .support import render_families
 

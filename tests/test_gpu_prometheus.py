@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.embedded_nats import free_port
+from fleet_demo.nats_server import free_port
 
 from .support import Process, http_get, mock_worker, wait_until
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from aggregator import protocol
-from aggregator.protocol import GpuMetricsEvent, GpuProcess, GpuReading, MessageRejected
+import fleet_protocol as protocol
+from fleet_protocol import GpuMetricsEvent, GpuProcess, GpuReading, MessageRejected
 
 LIMIT = 256 * 1024
 

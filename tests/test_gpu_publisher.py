@@ -8,10 +8,10 @@ import nats
 import pynvml
 import pytest
 
-from aggregator import protocol
-from aggregator.gpu import NvmlGpuSource, report_gpus
-from aggregator.protocol import GpuReading, MessageRejected
-from aggregator.publisher import WorkerPublisher
+import fleet_protocol as protocol
+from fleet_protocol import GpuReading, MessageRejected
+from fleet_worker.nvml_sampler import NvmlGpuSource, report_gpus
+from fleet_worker.publisher import WorkerPublisher
 
 from .fake_nvml import FakeGpu, FakeNvml, RecordingLog
 
@@ -84,7 +84,7 @@ async def test_report_gpus_skips_a_report_the_aggregator_would_reject_and_goes_o
             calls = 0
 
             def sample(self):
-                from aggregator.gpu import GpuSnapshot
+                from fleet_worker.nvml_sampler import GpuSnapshot
 
                 self.calls += 1
                 twice = [GpuReading(0, "GPU-a", "A100")] * (2 if self.calls == 1 else 1)  # first: inconsistent

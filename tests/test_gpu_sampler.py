@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator import protocol
-from aggregator.gpu import (
+import fleet_protocol as protocol
+from fleet_worker.nvml_sampler import (
     NvmlGpuSource,
     choose_devices,
     mib,

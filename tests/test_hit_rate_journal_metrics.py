@@ -15,8 +15,8 @@ import nats
 import pytest
 from nats.js import api
 
-from aggregator.embedded_nats import NatsServer
-from aggregator.hit_rate_journal import stream_subjects
+from aggregator.edges.hit_rate_journal import stream_subjects
+from fleet_demo.nats_server import NatsServer
 
 from .support import samples, scrape, wait_until
 

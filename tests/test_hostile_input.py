@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from aggregator import protocol
-from aggregator.collector import FleetCollector
-from aggregator.exposition import encode
-from aggregator.fleet import Fleet
-from aggregator.ingest import Ingest
-from aggregator.telemetry import LIMIT_REASONS, Telemetry
+import fleet_protocol as protocol
+from aggregator.collectors.fleet_kv import FleetCollector
+from aggregator.collectors.telemetry import LIMIT_REASONS, Telemetry
+from aggregator.exposition.encoder import encode
+from aggregator.ingest.pipeline import Ingest
+from aggregator.state.fleet import Fleet
 
 from .support import OPENMETRICS, parse_openmetrics, parse_text
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from aggregator import protocol
-from aggregator.protocol import ForwardPassMetrics, KvStats, WorkerStats
+import fleet_protocol as protocol
+from fleet_protocol import ForwardPassMetrics, KvStats, WorkerStats
 from mock_worker.engine import EngineConfig, SimulatedEngine
 from mock_worker.gpus import (
     GpuModel,

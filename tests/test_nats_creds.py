@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from aggregator.embedded_nats import NatsServer
+from fleet_demo.nats_server import NatsServer
 
 from . import nats_jwt
 from .support import samples, scrape, wait_until

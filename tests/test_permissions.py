@@ -17,7 +17,7 @@ import sys
 import nats
 import pytest
 
-from aggregator.embedded_nats import NatsServer
+from fleet_demo.nats_server import NatsServer
 
 from .support import ROOT, Process, samples, scrape, wait_until
 

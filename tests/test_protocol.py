@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from aggregator import protocol
-from aggregator.protocol import MessageRejected
+import fleet_protocol as protocol
+from fleet_protocol import MessageRejected
 
 LIMIT = 64 * 1024
 

@@ -12,7 +12,7 @@ import sys
 import nats
 import pytest
 
-from aggregator.service_stats import endpoint_name, service_name
+from fleet_protocol.service_stats import endpoint_name, service_name
 from mock_worker.fleet import build_engines
 
 from .support import mock_worker, samples, scrape, wait_until

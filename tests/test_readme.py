@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from aggregator.config import aggregator_parser
+from aggregator.cli import build_parser as aggregator_parser
 from mock_worker.__main__ import parser as mock_worker_parser
 
 from .support import ROOT

@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from aggregator.endpoint_metrics import EndpointMetrics, HandlerError, current_call, payload_size
-from aggregator.registry import (
+from fleet_worker.endpoint_metrics import (
+    EndpointMetrics,
+    HandlerError,
+    current_call,
+    payload_size,
+)
+from fleet_worker.registry import (
     MetricsError,
     MetricsRegistry,
     component_metric_name,

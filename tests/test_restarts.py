@@ -13,8 +13,8 @@ import sys
 import msgspec
 import pytest
 
-from aggregator.embedded_nats import NatsServer
-from aggregator.hit_rate_journal import Snapshot
+from aggregator.edges.hit_rate_journal import Snapshot
+from fleet_demo.nats_server import NatsServer
 
 from .support import Process, http_get, samples, scrape, wait_until
 

@@ -9,19 +9,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator import protocol
-from aggregator.protocol import MessageRejected
-from aggregator.service_stats import (
+import fleet_protocol as protocol
+from aggregator.ingest.stats_replies import (
     NO_DATA,
     NO_WORKER_ID,
     NotWanted,
     ScrapeTarget,
     ServicePlan,
-    endpoint_subject,
     match_subject,
-    parse_worker_id,
     plan_services,
     read_stats_reply,
+)
+from fleet_protocol import MessageRejected
+from fleet_protocol.service_stats import (
+    endpoint_subject,
+    parse_worker_id,
     service_name,
     slugify,
     stats_subject,

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aggregator.embedded_nats import NatsServer, free_port
+from fleet_demo.nats_server import NatsServer, free_port
 
 from .support import ROOT, AggregatorProcess, Process, http_get, mock_worker, wait_until
 
@@ -144,7 +144,7 @@ def test_compose_mounts_the_files_that_exist_where_their_consumers_look():
 
 def test_compose_commands_are_accepted_by_the_programs(monkeypatch):
     """The aggregator and mock-worker commands and environment of compose.yml, through the real parsers."""
-    from aggregator.config import aggregator_parser
+    from aggregator.cli import build_parser as aggregator_parser
     from mock_worker.__main__ import parser as mock_worker_parser
 
     services = compose_file()["services"]

@@ -9,10 +9,11 @@ import msgspec
 import nats
 from prometheus_client import CollectorRegistry
 
-from aggregator.fleet import Fleet
-from aggregator.service_stats import ENDPOINT_REASONS, ServicePlan, service_name
-from aggregator.stats_scraper import StatsScraper
-from aggregator.telemetry import StatsScrapeTelemetry
+from aggregator.collectors.telemetry import StatsScrapeTelemetry
+from aggregator.edges.stats_scraper import StatsScraper
+from aggregator.ingest.stats_replies import ENDPOINT_REASONS, ServicePlan
+from aggregator.state.fleet import Fleet
+from fleet_protocol.service_stats import service_name
 from mock_worker.engine import EngineConfig, SimulatedEngine
 from mock_worker.stats_service import start_worker_service
 

@@ -6,12 +6,14 @@ import json
 
 import aiohttp
 import pytest
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from aggregator.endpoint_metrics import EndpointMetrics
-from aggregator.registry import MetricsRegistry
-from aggregator.status_server import HealthState, StatusServer, StatusServerConfig
+from fleet_worker.endpoint_metrics import EndpointMetrics
+from fleet_worker.registry import MetricsRegistry
+from fleet_worker.status_server import HealthState, StatusServer, StatusServerConfig
 
 from .support import OPENMETRICS
 

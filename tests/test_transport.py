@@ -9,11 +9,11 @@ import nats
 import pytest
 from prometheus_client import CollectorRegistry
 
-from aggregator import transport
-from aggregator.fleet import Fleet
-from aggregator.ingest import Ingest
-from aggregator.telemetry import Telemetry
-from aggregator.transport import DirectClient, NatsSubscriber
+from aggregator.collectors.telemetry import Telemetry
+from aggregator.edges import nats_transport as transport
+from aggregator.edges.nats_transport import DirectClient, NatsSubscriber
+from aggregator.ingest.pipeline import Ingest
+from aggregator.state.fleet import Fleet
 
 SUBJECT = "namespace.dynamo.component.backend.kv_metrics"
 
@@ -138,7 +138,7 @@ async def test_without_the_hook_the_public_callback_path_is_used(nats_server, mo
 async def test_settle_returns_only_once_the_server_has_the_subscriptions(nats_server):
     # nats-py writes PING straight to the socket and SUB through its flusher task; a single flush()
     # right after subscribe() was seen answered before the server had the subscriptions.
-    from aggregator.transport import settle
+    from fleet_runtime.nats_settle import settle
 
     listener = await nats.connect(nats_server.url)
     publisher = await nats.connect(nats_server.url)

@@ -18,11 +18,11 @@ import json
 
 from prometheus_client import CollectorRegistry
 
-from aggregator.collector import FleetCollector
-from aggregator.exposition import encode
-from aggregator.fleet import Fleet
-from aggregator.ingest import Ingest
-from aggregator.telemetry import Telemetry
+from aggregator.collectors.fleet_kv import FleetCollector
+from aggregator.collectors.telemetry import Telemetry
+from aggregator.exposition.encoder import encode
+from aggregator.ingest.pipeline import Ingest
+from aggregator.state.fleet import Fleet
 
 from .support import parse_text
 

@@ -1,0 +1,1 @@
+"""Collectors: the fleet state as Prometheus metric families, one collector per concept."""

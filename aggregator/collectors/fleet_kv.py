@@ -1,0 +1,156 @@
+"""Turns the fleet state into Prometheus metric families at scrape time.
+
+A custom collector rather than labelled Gauge objects: an expired worker simply stops
+being yielded (nothing to remove), and the state is read once per scrape instead of
+being copied into metric children on every message.
+
+Names follow Dynamo's `components/metrics` aggregator so its dashboards keep working.
+prometheus_client writes counters with a `_total` suffix, so Dynamo's counter
+`llm_kv_hit_rate_isl_blocks` is exposed as `llm_kv_hit_rate_isl_blocks_total` (OpenMetrics
+requires the suffix). `llm_kv_blocks_total` is a gauge whose name merely ends in
+`_total`; it keeps Dynamo's name although linters flag it (see README, "Compatibility").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from functools import partial
+from operator import attrgetter
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    Sample,
+)
+from prometheus_client.registry import Collector
+
+from aggregator.collectors.gpus import gpu_families, render_reading
+from aggregator.exposition.encoder import ChunkedMetric, RenderedLabels, rows_chunk
+from aggregator.state.fleet import Fleet, WorkerState
+from aggregator.state.fleet_stats import hit_rate_percent
+
+WORKER_LABELS = ["component", "endpoint", "worker_id", "dp_rank"]
+GROUP_LABELS = ["component", "endpoint"]
+
+# (name, help, field of ForwardPassMetrics); None values are omitted, never exported as 0.
+_LOAD_GAUGES: list[tuple[str, str, str]] = [
+    ("llm_kv_blocks_active", "Active KV cache blocks", "kv_stats.kv_active_blocks"),
+    ("llm_kv_blocks_total", "Total KV cache blocks", "kv_stats.kv_total_blocks"),
+    ("llm_requests_active_slots", "Active request slots", "worker_stats.request_active_slots"),
+    ("llm_requests_total_slots", "Total request slots", "worker_stats.request_total_slots"),
+    ("llm_requests_waiting", "Requests waiting for a slot, as the worker reports",
+     "worker_stats.num_requests_waiting"),
+    ("llm_gpu_cache_usage_ratio", "KV cache usage (0..1), as the worker reports (gpu_cache_usage_perc)",
+     "kv_stats.gpu_cache_usage_perc"),
+    ("llm_gpu_prefix_cache_hit_ratio", "Prefix cache hit rate (0..1), as the worker reports "
+     "(gpu_prefix_cache_hit_rate)", "kv_stats.gpu_prefix_cache_hit_rate"),
+]
+# All seven values of one worker in one C call.
+_load_values = attrgetter(*(path for _, _, path in _LOAD_GAUGES))
+
+
+class FleetCollector(Collector):
+    def __init__(self, fleet: Fleet, *, wall_clock=time.time, monotonic_clock=time.monotonic,
+                 gpu_hostname_label: str = "Hostname") -> None:
+        self.fleet = fleet
+        self.gpu_hostname_label = gpu_hostname_label
+        fleet.on_gpu_reading = partial(render_reading, hostname_label=gpu_hostname_label)
+        self._wall = wall_clock
+        self._monotonic = monotonic_clock
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._worker_families()
+        yield from self._group_families()
+        yield from self._gpu_families()
+
+    def _gpu_families(self) -> Iterator[Metric]:
+        yield from gpu_families(self.fleet, self._monotonic(), self.gpu_hostname_label)
+
+    def _worker_families(self) -> Iterator[Metric]:
+        # Rendered straight from the state into one chunk per family (see exposition.py): a
+        # scrape of 10,000 workers makes no Sample objects here unless something reads them.
+        offset = self._wall() - self._monotonic()  # last-seen is kept on the monotonic clock
+        rows = [(_worker_labels(state), state) for state in list(self.fleet.workers.values())]
+        loaded = [(labels, state.load) for labels, state in rows if state.load is not None]
+        # One row of values per worker, transposed into one column per family.
+        columns = zip(*(_load_values(metrics) for _, metrics in loaded)) if loaded else ((),) * len(_LOAD_GAUGES)
+        worker_labels = [labels for labels, _ in loaded]
+        for (name, doc, _), column in zip(_LOAD_GAUGES, columns):
+            values = [(labels, value) for labels, value in zip(worker_labels, column) if value is not None]
+            yield _chunked(name, doc, "gauge", name, values)
+        counted = [(labels, state.isl_blocks, state.overlap_blocks) for labels, state in rows
+                   if state.isl_blocks or state.overlap_blocks]
+        rates = [(labels, rate) for labels, isl, overlap in counted
+                 if (rate := hit_rate_percent(overlap, isl)) is not None]
+        yield _chunked("llm_kv_hit_rate_percent",
+                       "Cumulative KV hit rate per worker, 100 * sum(overlap_blocks) / sum(isl_blocks) of its "
+                       "hit-rate events", "gauge", "llm_kv_hit_rate_percent", rates)
+        yield _chunked("llm_kv_hit_rate_isl_blocks", "Cumulative count of ISL blocks in KV hit rate events",
+                       "counter", "llm_kv_hit_rate_isl_blocks_total", [(labels, isl) for labels, isl, _ in counted])
+        yield _chunked("llm_kv_hit_rate_overlap_blocks", "Cumulative count of overlapping blocks in KV hit rate "
+                       "events", "counter", "llm_kv_hit_rate_overlap_blocks_total",
+                       [(labels, overlap) for labels, _, overlap in counted])
+        yield _chunked("llm_worker_last_seen_timestamp_seconds", "Unix time of the last message from the worker",
+                       "gauge", "llm_worker_last_seen_timestamp_seconds",
+                       [(labels, state.last_seen + offset) for labels, state in rows])
+
+    def _group_families(self) -> Iterator[Metric]:
+        live = GaugeMetricFamily("llm_workers", "Live workers (seen within --stale-after)", labels=GROUP_LABELS)
+        avg = GaugeMetricFamily(
+            "llm_load_avg", "Average load (kv_active_blocks) across live workers", labels=GROUP_LABELS
+        )
+        std = GaugeMetricFamily(
+            "llm_load_std",
+            "Population standard deviation of load (kv_active_blocks) across live workers",
+            labels=GROUP_LABELS,
+        )
+        fleet_rate = GaugeMetricFamily(
+            "llm_fleet_kv_hit_rate_percent",
+            "Cumulative KV hit rate of the component endpoint since the aggregator started, expired workers included",
+            labels=GROUP_LABELS,
+        )
+        fleet_isl = CounterMetricFamily(
+            "llm_fleet_kv_hit_rate_isl_blocks", "ISL blocks in all KV hit rate events", labels=GROUP_LABELS
+        )
+        fleet_overlap = CounterMetricFamily(
+            "llm_fleet_kv_hit_rate_overlap_blocks", "Overlapping blocks in all KV hit rate events", labels=GROUP_LABELS
+        )
+        expired = CounterMetricFamily(
+            "llm_workers_expired", "Workers dropped after --stale-after seconds of silence", labels=GROUP_LABELS
+        )
+        for stats in self.fleet.group_stats():
+            labels = [stats.key.component, stats.key.endpoint]
+            live.add_metric(labels, stats.live_workers)
+            if stats.load_avg is not None:
+                avg.add_metric(labels, stats.load_avg)
+                std.add_metric(labels, stats.load_std)
+            if stats.hit_rate_percent is not None:
+                fleet_rate.add_metric(labels, stats.hit_rate_percent)
+            fleet_isl.add_metric(labels, stats.totals.isl_blocks)
+            fleet_overlap.add_metric(labels, stats.totals.overlap_blocks)
+            expired.add_metric(labels, stats.totals.expired)
+        yield from (live, avg, std, fleet_rate, fleet_isl, fleet_overlap, expired)
+
+    def describe(self) -> Iterator[Metric]:
+        # The families of an empty fleet: every name this collector yields, without reading the
+        # live state, so registration catches name clashes and `/metrics?name[]=` can select them.
+        return FleetCollector(Fleet(stale_after=1.0)).collect()
+
+
+def _worker_labels(state: WorkerState) -> RenderedLabels:
+    """The worker's label set, rendered once for as long as it lives."""
+    labels = state.worker_labels
+    if labels is None:
+        key = state.key
+        labels = state.worker_labels = RenderedLabels(dict(zip(
+            WORKER_LABELS, (key.component, key.endpoint, str(key.worker_id), str(key.dp_rank)))))
+    return labels
+
+
+def _chunked(name: str, doc: str, typ: str, sample_name: str, rows: list[tuple[RenderedLabels, float]]) -> Metric:
+    family = ChunkedMetric(name, doc, typ)
+    family.add_chunk(lambda: [Sample(sample_name, labels, value) for labels, value in rows],
+                     rows_chunk(sample_name, rows))
+    return family

@@ -1,0 +1,1 @@
+"""Edges: where data enters and leaves the process (NATS, the JetStream journal, pull mode, HTTP)."""

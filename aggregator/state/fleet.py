@@ -1,0 +1,241 @@
+"""Per-worker state of the fleet, with expiry. No I/O: time comes in as a number.
+
+A worker is one data-parallel rank of one worker process on one component endpoint:
+`WorkerKey(component, endpoint, worker_id, dp_rank)`. Every message from it refreshes
+all of its series together, and when it falls silent for `stale_after` seconds all of
+them go together, so a live worker's counters never reset and a dead one leaves nothing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from aggregator.component_metrics import ComponentMetricsIndex, Problem, WorkerMetrics
+from aggregator.exposition.encoder import RenderedLabels
+from aggregator.state.fleet_stats import hit_rate_percent, load_mean_std
+from fleet_protocol import (
+    MAX_LABEL_LENGTH,
+    ForwardPassMetrics,
+    GpuMetricsEvent,
+    KvHitRateEvent,
+    LoadEvent,
+    MetricsSnapshot,
+)
+
+
+class WorkerKey(NamedTuple):
+    component: str
+    endpoint: str
+    worker_id: int
+    dp_rank: int
+
+
+class GroupKey(NamedTuple):
+    component: str
+    endpoint: str
+
+
+@dataclass(slots=True)
+class WorkerState:
+    key: WorkerKey
+    last_seen: float
+    load: ForwardPassMetrics | None = None
+    isl_blocks: int = 0
+    overlap_blocks: int = 0
+    component_metrics: WorkerMetrics | None = None  # the worker's latest MetricsRegistry snapshot
+    gpu: GpuMetricsEvent | None = None  # the latest GPU readings, replaced whole
+    gpu_seen: float = 0.0  # when they came; readings older than stale_after are not exported
+    # The exposition's rendered label sets and GPU series of this worker (collector-owned; freed with it).
+    label_cache: dict | None = None
+    worker_labels: RenderedLabels | None = None  # component, endpoint, worker_id, dp_rank
+    gpu_rendered: tuple | None = None
+
+    def labels(self, names: tuple[str, ...], values: tuple[str, ...]) -> "RenderedLabels":
+        """The label set `names=values`, rendered once for as long as this worker lives."""
+        cache = self.label_cache
+        if cache is None:
+            cache = self.label_cache = {}
+        labels = cache.get(values)
+        if labels is None:
+            if len(cache) >= 256:  # a worker whose GPUs keep changing identity must not grow this
+                cache.clear()
+            labels = cache[values] = RenderedLabels(dict(zip(names, values)))
+        return labels
+
+
+@dataclass(slots=True)
+class GroupTotals:
+    """What a component endpoint accumulated over its lifetime, expired workers included."""
+
+    isl_blocks: int = 0
+    overlap_blocks: int = 0
+    expired: int = 0
+
+
+@dataclass(slots=True)
+class GroupStats:
+    key: GroupKey
+    live_workers: int
+    load_avg: float | None
+    load_std: float | None
+    hit_rate_percent: float | None
+    totals: GroupTotals = field(default_factory=GroupTotals)
+
+
+class LimitExceeded(Exception):
+    """A new worker or group would pass a configured cardinality limit."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Fleet:
+    def __init__(
+        self,
+        stale_after: float,
+        *,
+        max_workers: int = 100_000,
+        max_groups: int = 10_000,
+        default_endpoint: str = "generate",
+        max_component_series: int = 100_000,
+    ) -> None:
+        self.stale_after = stale_after
+        self.max_workers = max_workers
+        self.max_groups = max_groups
+        self.default_endpoint = default_endpoint
+        # Ordered by last update, oldest first, so expiry only looks at the stale head.
+        self.workers: OrderedDict[WorkerKey, WorkerState] = OrderedDict()
+        self.groups: dict[GroupKey, GroupTotals] = {}
+        self.component_metrics = ComponentMetricsIndex(max_component_series)
+        # Set by the exposition side to render a GPU reading once, as it arrives (gpu_families.py).
+        self.on_gpu_reading: Callable[[WorkerState], object] | None = None
+        # Hit-rate events name no endpoint: they go to the endpoint the worker reports load on.
+        self._endpoint_of: dict[tuple[str, int, int], str] = {}
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def _touch(self, key: tuple[str, str, int, int], now: float) -> WorkerState:
+        # `key` may be a plain tuple (hot path): it hashes and compares equal to its WorkerKey.
+        state = self.workers.get(key)
+        if state is not None:
+            state.last_seen = now
+            self.workers.move_to_end(key)
+            return state
+        key = WorkerKey(*key)
+        if len(self.workers) >= self.max_workers:
+            raise LimitExceeded("worker_limit")
+        # The endpoint is bounded by the decoder; the component comes from the subject.
+        if len(key.component) > MAX_LABEL_LENGTH:
+            raise LimitExceeded("label_limit")
+        group = GroupKey(key.component, key.endpoint)
+        if group not in self.groups:
+            if len(self.groups) >= self.max_groups:
+                raise LimitExceeded("group_limit")
+            self.groups[group] = GroupTotals()
+        state = self.workers[key] = WorkerState(key, now)
+        return state
+
+    def observe_load(self, component: str, event: LoadEvent, now: float) -> WorkerState:
+        rank = event.data.worker_stats.data_parallel_rank or 0
+        state = self._touch((component, event.endpoint, event.worker_id, rank), now)
+        state.load = event.data
+        self._endpoint_of[(component, event.worker_id, rank)] = event.endpoint
+        return state
+
+    def observe_hit_rate(self, component: str, event: KvHitRateEvent, now: float) -> WorkerState:
+        rank = event.dp_rank or 0
+        endpoint = self._endpoint_of.get((component, event.worker_id, rank), self.default_endpoint)
+        state = self._touch((component, endpoint, event.worker_id, rank), now)
+        state.isl_blocks += event.isl_blocks
+        state.overlap_blocks += event.overlap_blocks
+        totals = self.groups[GroupKey(component, endpoint)]
+        totals.isl_blocks += event.isl_blocks
+        totals.overlap_blocks += event.overlap_blocks
+        return state
+
+    def restore_hit_rate(self, key: WorkerKey, isl_blocks: int, overlap_blocks: int, last_seen: float) -> None:
+        """Put back a worker's hit-rate sums from a snapshot; group totals are restored separately."""
+        state = self._touch(key, last_seen)
+        state.isl_blocks += isl_blocks
+        state.overlap_blocks += overlap_blocks
+        self._endpoint_of.setdefault((key.component, key.worker_id, key.dp_rank), key.endpoint)
+
+    def observe_component_metrics(self, component: str, snapshot: MetricsSnapshot, metrics: WorkerMetrics,
+                                  now: float) -> list[Problem]:
+        """Replace the worker's snapshot (`metrics`, parsed from `snapshot.text`).
+
+        Families whose type conflicts with other workers' are dropped and returned as
+        problems. Raises MessageRejected (series_limit) or LimitExceeded before changing anything.
+        """
+        key = WorkerKey(component, snapshot.endpoint, snapshot.worker_id, snapshot.dp_rank or 0)
+        state = self.workers.get(key)
+        previous = state.component_metrics if state is not None else None
+        problems = self.component_metrics.admit(metrics, previous)
+        state = self._touch(key, now)
+        if previous is not None:
+            self.component_metrics.remove(previous)
+        self.component_metrics.add(metrics)
+        metrics.seal()
+        state.component_metrics = metrics
+        return problems
+
+    def observe_gpu(self, component: str, event: GpuMetricsEvent, now: float) -> WorkerState:
+        """The worker's latest GPU readings; the message also keeps the worker alive."""
+        key = WorkerKey(component, event.endpoint, event.worker_id, event.dp_rank or 0)
+        state = self._touch(key, now)
+        state.gpu = event
+        state.gpu_seen = now
+        if self.on_gpu_reading is not None:
+            self.on_gpu_reading(state)
+        return state
+
+    def expire(self, now: float) -> list[WorkerKey]:
+        """Drop every worker last seen more than `stale_after` seconds before `now`."""
+        expired: list[WorkerKey] = []
+        deadline = now - self.stale_after
+        while self.workers:
+            key, state = next(iter(self.workers.items()))
+            if state.last_seen > deadline:
+                break
+            del self.workers[key]
+            if state.component_metrics is not None:
+                self.component_metrics.remove(state.component_metrics)
+            expired.append(key)
+            self.groups[GroupKey(key.component, key.endpoint)].expired += 1
+            index = (key.component, key.worker_id, key.dp_rank)
+            if self._endpoint_of.get(index) == key.endpoint:
+                del self._endpoint_of[index]
+        return expired
+
+    def group_stats(self) -> list[GroupStats]:
+        """Load mean/std over the live workers that reported load, per component endpoint."""
+        # Snapshots: /metrics renders in a thread while the event loop keeps adding workers and groups.
+        groups = list(self.groups.items())
+        loads: dict[GroupKey, list[float]] = {group: [] for group, _ in groups}
+        live: dict[GroupKey, int] = {group: 0 for group, _ in groups}
+        for key, state in list(self.workers.items()):
+            group = GroupKey(key.component, key.endpoint)
+            if group not in live:  # a group born after the snapshot: next scrape
+                continue
+            live[group] += 1
+            if state.load is not None:
+                loads[group].append(float(state.load.kv_stats.kv_active_blocks))
+        stats = []
+        for group, totals in groups:
+            mean_std = load_mean_std(loads[group])
+            stats.append(
+                GroupStats(
+                    key=group,
+                    live_workers=live[group],
+                    load_avg=mean_std[0] if mean_std else None,
+                    load_std=mean_std[1] if mean_std else None,
+                    hit_rate_percent=hit_rate_percent(totals.overlap_blocks, totals.isl_blocks),
+                    totals=totals,
+                )
+            )
+        return stats

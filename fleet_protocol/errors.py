@@ -1,0 +1,24 @@
+"""Why a message is not used: the reasons every decoder of this package raises."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Reasons a message is rejected; each is a label value of the rejected-messages counter.
+OVERSIZED: Final = "oversized"
+NOT_JSON: Final = "not_json"
+MISSING_FIELD: Final = "missing_field"
+WRONG_TYPE: Final = "wrong_type"
+OUT_OF_RANGE: Final = "out_of_range"
+INCONSISTENT: Final = "inconsistent"
+REJECT_REASONS: Final = (OVERSIZED, NOT_JSON, MISSING_FIELD, WRONG_TYPE, OUT_OF_RANGE, INCONSISTENT)
+
+
+class MessageRejected(Exception):
+    """A message that cannot be used; `reason` is one of REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
