@@ -27,7 +27,7 @@ from pathlib import Path
 import nats
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleet_demo.nats_server import NatsServer, free_port, terminate, wait_for_port
+from fleet_demo.nats_server import NatsServer, free_port, nats_server_binary, terminate, wait_for_port
 from fleet_protocol import __version__
 
 from . import payloads
@@ -375,7 +375,7 @@ def machine() -> str:
     from importlib.metadata import version
 
     versions = ", ".join(f"{p} {version(p)}" for p in ("nats-py", "prometheus-client", "msgspec", "aiohttp"))
-    nats_version = subprocess.run([shutil.which("nats-server") or "nats-server", "--version"], capture_output=True,
+    nats_version = subprocess.run([nats_server_binary(), "--version"], capture_output=True,
                                   text=True).stdout.strip()
     return (f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, aggregator {__version__}, {nats_version}, {versions}")

@@ -28,3 +28,12 @@ def test_quick_benchmark_writes_every_row(tmp_path):
         assert any(m.startswith(prefix) for m in measures), (prefix, measures)
     assert "x the Pushgateway's time" in output.read_text()
     assert " per message" in output.read_text() and "in the aggregator" in output.read_text()
+
+
+def test_benchmark_finds_nats_server_when_the_scripts_folder_is_not_on_path():
+    """Run from a venv without activating it: nats-server is beside this Python, not on PATH."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+    result = subprocess.run([sys.executable, "-c", "from bench.__main__ import machine; print(machine())"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "nats-server: v" in result.stdout, result.stdout
