@@ -1,5 +1,11 @@
 """Writes the Grafana dashboards in deploy/grafana/dashboards/ (run: python3 deploy/grafana/generate.py).
 
+Built with Grafana's own SDK, grafana-foundation-sdk, pinned in the `dashboards` extra
+(`pip install -e '.[dashboards]'`). Its builds follow Grafana minor versions; there is none for
+Grafana 12 (compose.yml runs 12.2) other than the moving "next" build, so the pin is the
+newest 11.6 build, whose dashboard schema (v1, schemaVersion 41) Grafana 12 reads as it is.
+Only this script needs the SDK; the committed JSON is what Grafana loads.
+
 The dashboards are generated rather than hand-edited so that every panel names the
 provisioned datasource, uses the template variables the same way and gets a unique id;
 tests/test_stack.py checks the committed JSON is exactly this script's output and runs
@@ -19,10 +25,27 @@ with `=~`. On the Components dashboard they read Dynamo's `dynamo_component` and
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+try:
+    from grafana_foundation_sdk.builders import (
+        common,
+        gauge,
+        prometheus,
+        stat,
+        timeseries,
+    )
+    from grafana_foundation_sdk.builders import dashboard as board
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models import common as common_model
+    from grafana_foundation_sdk.models import dashboard as model
+    from grafana_foundation_sdk.models import prometheus as prometheus_model
+except ModuleNotFoundError as error:
+    raise SystemExit(f"{error}: install the `dashboards` extra (pip install -e '.[dashboards]')") from error
+
 OUT = Path(__file__).resolve().parent / "dashboards"
-DATASOURCE = {"type": "prometheus", "uid": "prometheus"}  # provisioning/datasources/prometheus.yml
+DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="prometheus")  # provisioning/datasources/prometheus.yml
 TAG = "llm-fleet"
 
 # Label filters shared by the queries.
@@ -34,28 +57,19 @@ WORKER_LEGEND = "{{component}}/{{endpoint}} {{worker_id}} r{{dp_rank}}"
 GROUP_LEGEND = "{{component}}/{{endpoint}}"
 
 
-def variable(name: str, label: str, query: str, *, multi: bool = True) -> dict:
-    return {
-        "name": name,
-        "label": label,
-        "type": "query",
-        "datasource": DATASOURCE,
-        "definition": query,
-        "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
-        "refresh": 2,  # on time-range change: workers come and go
-        "sort": 1,
-        "multi": multi,
-        "includeAll": multi,
-        **({"allValue": ".*", "current": {"selected": True, "text": ["All"], "value": ["$__all"]}} if multi
-           else {"current": {}}),
-        "options": [],
-        "hide": 0,
-        "regex": "",
-        "skipUrlSync": False,
-    }
+def variable(name: str, label: str, query: str, *, multi: bool = True) -> board.QueryVariable:
+    # A plain-string query is what Grafana shows as the variable's definition and what its
+    # Prometheus variable editor migrates on opening; the SDK has no `definition` field.
+    built = (board.QueryVariable(name).label(label).datasource(DATASOURCE).query(query)
+             .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)  # workers come and go
+             .sort(model.VariableSort.ALPHABETICAL_ASC).multi(multi).include_all(multi)
+             .hide(model.VariableHide.DONT_HIDE).regex("").options([]))
+    if multi:
+        built = built.all_value(".*").current(model.VariableOption(selected=True, text=["All"], value=["$__all"]))
+    return built
 
 
-def fleet_variables(metric: str, worker_metric: str) -> list[dict]:
+def fleet_variables(metric: str, worker_metric: str) -> list[board.QueryVariable]:
     return [
         variable("namespace", "Namespace", f"label_values({metric}, namespace)", multi=False),
         variable("component", "Component", f'label_values({metric}{{namespace="$namespace"}}, component)'),
@@ -65,93 +79,77 @@ def fleet_variables(metric: str, worker_metric: str) -> list[dict]:
     ]
 
 
-def target(expr: str, legend: str = "", ref: str = "A") -> dict:
-    return {"datasource": DATASOURCE, "refId": ref, "expr": expr, "legendFormat": legend or "__auto",
-            "range": True, "instant": False, "editorMode": "code"}
+def target(expr: str, legend: str = "") -> prometheus.Dataquery:
+    return (prometheus.Dataquery().datasource(DATASOURCE).expr(expr).legend_format(legend or "__auto").range()
+            .editor_mode(prometheus_model.QueryEditorMode.CODE))
 
 
-class Layout:
-    """Places panels left to right on Grafana's 24-column grid and numbers them."""
+Panel = stat.Panel | gauge.Panel | timeseries.Panel
+
+
+class Panels:
+    """The panels of one dashboard in reading order; the SDK places them on the 24-column grid."""
 
     def __init__(self) -> None:
-        self.panels: list[dict] = []
-        self.x = self.y = self.row_height = 0
+        self.panels: list[Panel] = []
 
-    def add(self, panel: dict, w: int, h: int) -> None:
-        if self.x + w > 24:
-            self.x, self.y, self.row_height = 0, self.y + self.row_height, 0
-        panel["id"] = len(self.panels) + 1
-        panel["gridPos"] = {"x": self.x, "y": self.y, "w": w, "h": h}
-        self.panels.append(panel)
-        self.x += w
-        self.row_height = max(self.row_height, h)
-
-    def timeseries(self, title: str, description: str, targets: list[dict], unit: str = "short", *,
-                   w: int = 12, h: int = 8, min_value: float | None = None, max_value: float | None = None) -> None:
-        defaults: dict = {"unit": unit, "custom": {"lineWidth": 1, "fillOpacity": 10, "showPoints": "never"}}
-        if min_value is not None:
-            defaults["min"] = min_value
-        if max_value is not None:
-            defaults["max"] = max_value
-        self.add({
-            "type": "timeseries", "title": title, "description": description, "datasource": DATASOURCE,
-            "fieldConfig": {"defaults": defaults, "overrides": []},
-            "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                        "tooltip": {"mode": "multi", "sort": "desc"}},
-            "targets": _refs(targets),
-        }, w, h)
+    def timeseries(self, title: str, description: str, targets: Sequence[prometheus.Dataquery], unit: str = "short",
+                   *, w: int = 12, h: int = 8, min_value: float | None = None,
+                   max_value: float | None = None) -> None:
+        panel = (timeseries.Panel().line_width(1).fill_opacity(10).show_points(common_model.VisibilityMode.NEVER)
+                 .legend(common.VizLegendOptions().display_mode(common_model.LegendDisplayMode.LIST)
+                         .placement(common_model.LegendPlacement.BOTTOM).show_legend(True))
+                 .tooltip(common.VizTooltipOptions().mode(common_model.TooltipDisplayMode.MULTI)
+                          .sort(common_model.SortOrder.DESCENDING)))
+        self._add(panel, title, description, targets, unit, w, h, min_value, max_value)
 
     def single(self, kind: str, title: str, description: str, expr: str, unit: str = "short", *,
                thresholds: tuple[float, float] | None = None, max_value: float | None = None, w: int = 4,
                h: int = 5) -> None:
-        steps = [{"color": "green", "value": None}]
+        steps = [model.Threshold(value=None, color="green")]
         if thresholds:
-            steps += [{"color": "orange", "value": thresholds[0]}, {"color": "red", "value": thresholds[1]}]
-        defaults: dict = {"unit": unit, "thresholds": {"mode": "absolute", "steps": steps}, "min": 0}
-        if max_value is not None:
-            defaults["max"] = max_value
-        options: dict = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
+            steps += [model.Threshold(value=thresholds[0], color="orange"),
+                      model.Threshold(value=thresholds[1], color="red")]
+        reduce = common.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False)
+        panel: stat.Panel | gauge.Panel
         if kind == "stat":
-            options.update(colorMode="value", graphMode="area", textMode="auto", justifyMode="auto")
+            panel = (stat.Panel().reduce_options(reduce).color_mode(common_model.BigValueColorMode.VALUE)
+                     .graph_mode(common_model.BigValueGraphMode.AREA).text_mode(common_model.BigValueTextMode.AUTO)
+                     .justify_mode(common_model.BigValueJustifyMode.AUTO))
         else:
-            options.update(showThresholdLabels=False, showThresholdMarkers=True)
-        self.add({
-            "type": kind, "title": title, "description": description, "datasource": DATASOURCE,
-            "fieldConfig": {"defaults": defaults, "overrides": []}, "options": options,
-            "targets": [target(expr)],
-        }, w, h)
+            panel = gauge.Panel().reduce_options(reduce).show_threshold_labels(False).show_threshold_markers(True)
+        panel.thresholds(board.ThresholdsConfig().mode(model.ThresholdsMode.ABSOLUTE).steps(steps))
+        self._add(panel, title, description, [target(expr)], unit, w, h, 0, max_value)
+
+    def _add(self, panel: Panel, title: str, description: str, targets: Sequence[prometheus.Dataquery], unit: str,
+             w: int, h: int, min_value: float | None, max_value: float | None) -> None:
+        panel.id(len(self.panels) + 1).title(title).description(description).datasource(DATASOURCE)
+        panel.span(w).height(h).unit(unit).overrides([])
+        if min_value is not None:
+            panel.min(min_value)
+        if max_value is not None:
+            panel.max(max_value)
+        for index, query in enumerate(targets):
+            panel.with_target(query.ref_id(chr(ord("A") + index)))
+        self.panels.append(panel)
 
 
-def _refs(targets: list[dict]) -> list[dict]:
-    for index, item in enumerate(targets):
-        item["refId"] = chr(ord("A") + index)
-    return targets
+def dashboard(uid: str, title: str, description: str, variables: Sequence[board.QueryVariable],
+              panels: Panels) -> board.Dashboard:
+    built = (board.Dashboard(title).uid(uid).description(description).tags([TAG]).timezone("browser").editable()
+             .tooltip(model.DashboardCursorSync.CROSSHAIR).version(1).refresh("5s").time("now-15m", "now")
+             .annotations([])  # Grafana adds its built-in annotation query on load
+             .link(board.DashboardLink("LLM fleet dashboards").type(model.DashboardLinkType.DASHBOARDS).tags([TAG])
+                   .as_dropdown(True).include_vars(True).keep_time(True)))
+    for item in variables:
+        built.with_variable(item)
+    for panel in panels.panels:
+        built.with_panel(panel)  # placed left to right, a new row when 24 columns are full
+    return built
 
 
-def dashboard(uid: str, title: str, description: str, variables: list[dict], layout: Layout) -> dict:
-    return {
-        "uid": uid,
-        "title": title,
-        "description": description,
-        "tags": [TAG],
-        "timezone": "browser",
-        "editable": True,
-        "graphTooltip": 1,
-        "schemaVersion": 39,
-        "version": 1,
-        "refresh": "5s",
-        "time": {"from": "now-15m", "to": "now"},
-        "timepicker": {},
-        "annotations": {"list": []},
-        "links": [{"type": "dashboards", "tags": [TAG], "asDropdown": True, "title": "LLM fleet dashboards",
-                   "includeVars": True, "keepTime": True}],
-        "templating": {"list": variables},
-        "panels": layout.panels,
-    }
-
-
-def llm_fleet() -> dict:
-    p = Layout()
+def llm_fleet() -> board.Dashboard:
+    p = Panels()
     p.single("stat", "Live workers", "Workers heard from within the aggregator's --stale-after.",
              f"sum(llm_workers{{{FLEET}}})")
     p.single("stat", "Workers expired (time range)",
@@ -220,10 +218,10 @@ def llm_fleet() -> dict:
                      p)
 
 
-def gpus() -> dict:
+def gpus() -> board.Dashboard:
     gpu = WORKER
     legend = "{{worker_id}} GPU {{gpu}} ({{modelName}})"
-    p = Layout()
+    p = Panels()
     p.single("stat", "GPUs", "GPUs reported by the selected workers.", f"count(DCGM_FI_DEV_GPU_UTIL{{{gpu}}})")
     p.single("gauge", "Mean GPU utilisation", "", f"avg(DCGM_FI_DEV_GPU_UTIL{{{gpu}}})", "percent",
              max_value=100, thresholds=(80, 95))
@@ -264,7 +262,7 @@ def gpus() -> dict:
                      fleet_variables("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_GPU_UTIL"), p)
 
 
-def components() -> dict:
+def components() -> board.Dashboard:
     c = COMPONENT
     by = "dynamo_component, dynamo_endpoint"
     legend = "{{dynamo_component}}/{{dynamo_endpoint}}"
@@ -277,7 +275,7 @@ def components() -> dict:
         variable("worker", "Worker", f'label_values({metric}{{namespace="$namespace", dynamo_component=~"$component", '
                  f'dynamo_endpoint=~"$endpoint"}}, worker_id)'),
     ]
-    p = Layout()
+    p = Panels()
     p.single("stat", "Requests / s", "", f"sum(rate(dynamo_component_requests_total{{{c}}}[$__rate_interval]))",
              "reqps", w=6)
     p.single("stat", "Errors / request", "Errors of every type per request, over the rate interval.",
@@ -322,10 +320,10 @@ def components() -> dict:
                      "(dynamo_component_*) of every worker, re-exported by the aggregator.", variables, p)
 
 
-def aggregator() -> dict:
+def aggregator() -> board.Dashboard:
     variables = [variable("namespace", "Namespace", "label_values(llm_aggregator_nats_connected, namespace)",
                           multi=False)]
-    p = Layout()
+    p = Panels()
     p.single("stat", "Aggregator up", "Prometheus's scrape of the aggregator (1 = up).",
              f"min(up{{{SELF}}})", thresholds=None, w=4)
     p.single("stat", "NATS connected", "1 while connected to NATS and subscribed.",
@@ -380,7 +378,7 @@ DASHBOARDS = {"llm-fleet.json": llm_fleet, "gpus.json": gpus, "components.json":
 
 
 def render() -> dict[str, str]:
-    return {name: json.dumps(build(), indent=2) + "\n" for name, build in DASHBOARDS.items()}
+    return {name: json.dumps(build().build(), cls=JSONEncoder, indent=2) + "\n" for name, build in DASHBOARDS.items()}
 
 
 def main() -> None:
