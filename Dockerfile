@@ -1,6 +1,8 @@
-# One image for the aggregator (default command) and the mock workers (compose overrides
-# the command). Build: docker build -t llm-fleet-metrics .
-FROM python:3.11.13-slim-bookworm
+# Two images, each with one side installed (pyproject.toml's extras):
+#   docker build --target aggregator -t llm-fleet-aggregator .    (the default target: the last one)
+#   docker build --target mock-worker -t llm-fleet-mock-worker .
+# compose.yml builds each service with its target.
+FROM python:3.11.13-slim-bookworm AS base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -8,14 +10,29 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+# What both sides share: the wire protocol and the programs' conventions.
 COPY pyproject.toml README.md ./
 COPY fleet_protocol ./fleet_protocol
 COPY fleet_runtime ./fleet_runtime
+
+
+# Simulated workers: the worker library, no aiohttp, bcrypt, isal or nats-server.
+FROM base AS mock-worker
 COPY fleet_worker ./fleet_worker
-COPY aggregator ./aggregator
 COPY mock_worker ./mock_worker
-RUN pip install ".[aggregator,worker]" \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+RUN pip install ".[worker]"
+
+USER 10001
+# Mock workers serve no HTTP unless DYN_SYSTEM_PORT is set; they show up in the aggregator's metrics.
+HEALTHCHECK NONE
+CMD ["llm-mock-worker"]
+
+
+# The service: no worker library, no NVML.
+FROM base AS aggregator
+COPY aggregator ./aggregator
+RUN pip install ".[aggregator]"
 
 USER 10001
 EXPOSE 9091

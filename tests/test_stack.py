@@ -30,6 +30,7 @@ import yaml
 from fleet_demo.nats_server import NatsServer, free_port
 
 from .support import ROOT, AggregatorProcess, Process, http_get, mock_worker, wait_until
+from .test_packaging import AGGREGATOR_SIDE, WORKER_SIDE
 
 DEPLOY = ROOT / "deploy"
 DASHBOARDS = DEPLOY / "grafana" / "dashboards"
@@ -106,7 +107,13 @@ def test_compose_config_accepts_the_stack():
     without = {name for name, s in services.items() if "test" not in s.get("healthcheck", {})}
     assert without == {"aggregator", "nats-prometheus-exporter"}
     assert services["mock-worker"]["healthcheck"]["test"] == ["NONE"]  # `disable: true`, as compose normalises it
-    assert services["aggregator"]["image"] == services["mock-worker"]["image"]  # one image, two commands
+    # Built here, each from its own Dockerfile target (one side installed in each), under its own name.
+    built = {name: s["build"] for name, s in services.items() if "build" in s}
+    assert {name: build["target"] for name, build in built.items()} == {"aggregator": "aggregator",
+                                                                          "mock-worker": "mock-worker"}
+    assert all(Path(build["context"]) == ROOT for build in built.values())
+    assert services["aggregator"]["image"] != services["mock-worker"]["image"]
+    assert set(built) == {name for name, s in services.items() if s["image"].endswith(":local")}
     assert {"prometheus-data", "grafana-data"} <= set(config["volumes"])
     assert volumes(services["prometheus"])["/prometheus"] == "prometheus-data"
     assert volumes(services["grafana"])["/var/lib/grafana"] == "grafana-data"
@@ -120,7 +127,7 @@ def test_compose_mounts_the_files_that_exist_where_their_consumers_look():
     services = compose_config("--profile", "gpu")["services"]
     binds = {(name, target): Path(source) for name, s in services.items()
              for target, source in volumes(s).items() if source.startswith("/")}
-    for (name, target), source in binds.items():
+    for (name, _), source in binds.items():
         assert source.exists(), (name, source)
         assert ROOT in source.parents, (name, source)
     assert binds[("prometheus", "/etc/prometheus/prometheus.yml")] == DEPLOY / "prometheus.yml"
@@ -171,20 +178,38 @@ def dockerfile_healthcheck() -> list[str]:
     return json.loads(match.group(1))
 
 
-def test_dockerfile_copies_what_pip_install_needs_and_dockerignore_lets_it_through():
+def dockerfile_stages() -> dict[str, str]:
+    """{stage name: its lines} of the Dockerfile, in order."""
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:\d+\.\d+\.\d+-slim-\w+$", text, re.MULTILINE), "pinned slim base"
-    assert re.search(r"^USER (?!root|0\b)\S+$", text, re.MULTILINE), "runs as non-root"
-    assert "RUN pip install ." in text
-    copied = [c for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE) for c in line.split()[:-1]]
+    parts = re.split(r"^FROM (\S+) AS (\S+)$", text, flags=re.MULTILINE)
+    return {name: f"FROM {image}\n{body}" for image, name, body in zip(parts[1::3], parts[2::3], parts[3::3], strict=True)}
+
+
+def test_dockerfile_targets_install_one_side_each_and_dockerignore_lets_it_through():
+    stages = dockerfile_stages()
+    assert list(stages) == ["base", "mock-worker", "aggregator"]  # the last, the default target: the service
+    assert re.match(r"FROM python:\d+\.\d+\.\d+-slim-\w+$", stages["base"], re.MULTILINE), "pinned slim base"
     allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.startswith("!")}
-    for source in copied:
-        assert (ROOT / source).exists() and source in allowed, source
-    # Every package pyproject.toml installs is copied (a new top-level package needs a COPY line).
+
+    def copied(stage: str) -> list[str]:
+        return [c for line in re.findall(r"^COPY (.+)$", stages[stage], re.MULTILINE) for c in line.split()[:-1]]
+
+    packages = {}
+    for target, extra, side in (("aggregator", "aggregator", AGGREGATOR_SIDE), ("mock-worker", "worker", WORKER_SIDE)):
+        assert stages[target].startswith("FROM base\n"), target
+        assert re.search(r"^USER (?!root|0\b)\S+$", stages[target], re.MULTILINE), f"{target} runs as non-root"
+        assert f'RUN pip install ".[{extra}]"' in stages[target], target
+        sources = copied("base") + copied(target)
+        for source in sources:
+            assert (ROOT / source).exists() and source in allowed, (target, source)
+        # Exactly the packages of its side (tests/test_packaging.py runs each side with the others refused).
+        packages[target] = {source for source in sources if (ROOT / source).is_dir()}
+        assert packages[target] == set(side), target
+    # Every package pyproject.toml installs is in an image, but the demo's (it runs both sides in one process).
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
-    assert {pattern.rstrip("*") for pattern in include} <= set(copied), include
+    assert {pattern.rstrip("*") for pattern in include} - set().union(*packages.values()) == {"fleet_demo"}
 
 
 def test_dockerfile_healthcheck_follows_the_aggregators_health(processes):

@@ -1,10 +1,13 @@
-"""A worker's own status server: real aiohttp server on loopback, real HTTP client."""
+"""A worker's own status server: the real server on loopback, a real HTTP client (urllib)."""
 
 from __future__ import annotations
 
 import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 import pytest
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
@@ -52,63 +55,95 @@ def test_health_report_shape_and_endpoint_health():
     assert by_endpoint.ready
 
 
-async def get(session: aiohttp.ClientSession, url: str, **headers) -> tuple[int, str, str]:
-    async with session.get(url, headers=headers) as response:
-        return response.status, response.headers.get("Content-Type", ""), await response.text()
-
-
-async def serve(config: StatusServerConfig):
-    runtime = MetricsRegistry()
-    metrics = EndpointMetrics(runtime.namespace("dynamo").component("backend").endpoint("generate"))
-    with metrics.track(request_bytes=5):
-        pass
-    server = StatusServer(runtime, config)
-    port = await server.start()
-    return server, f"http://127.0.0.1:{port}"
-
-
-async def test_status_server_serves_metrics_health_and_live_over_http():
-    server, base = await serve(StatusServerConfig(host="127.0.0.1", port=0))
+def fetch(url: str, method: str = "GET", **headers: str) -> tuple[int, dict[str, str], str]:
+    request = urllib.request.Request(url, headers=headers, method=method)
     try:
-        async with aiohttp.ClientSession() as session:
-            status, content_type, body = await get(session, f"{base}/metrics")
-            assert status == 200 and content_type.startswith("text/plain")
-            fams = {f.name: f for f in parse_text(body)}
-            assert fams["dynamo_component_requests"].samples[0].value == 1
-            assert fams["dynamo_component_request_duration_seconds"].type == "histogram"
-            assert "dynamo_component_uptime_seconds" in fams
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, dict(response.headers), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read().decode()
 
-            status, content_type, body = await get(session, f"{base}/metrics", Accept=OPENMETRICS)
-            assert content_type.startswith("application/openmetrics-text")
-            assert "dynamo_component_requests" in {f.name for f in parse_openmetrics(body)}
 
-            for path in ("/health", "/live"):
-                status, content_type, body = await get(session, base + path)
-                assert status == 503 and content_type.startswith("text/plain")
-                report = json.loads(body)
-                assert report["status"] == "notready" and set(report["uptime"]) == {"secs", "nanos"}
-            server.health.set_endpoint("generate")
-            server.health.set_ready()
-            status, _, body = await get(session, f"{base}/health")
-            assert status == 200
-            assert json.loads(body)["endpoints"] == {"generate": "ready"}
-            assert json.loads(body)["status"] == "ready"
+def get(url: str, **headers: str) -> tuple[int, str, str]:
+    status, response_headers, body = fetch(url, **headers)
+    return status, response_headers.get("Content-Type", ""), body
 
-            status, _, body = await get(session, f"{base}/nothing/here")
-            assert (status, body) == (404, "Route not found")
-    finally:
+
+Serve = Callable[[StatusServerConfig], Awaitable[tuple[StatusServer, str]]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """Starts status servers (a registry with one tracked request) on loopback; stops each after the test."""
+    started: list[StatusServer] = []
+
+    async def start(config: StatusServerConfig) -> tuple[StatusServer, str]:
+        runtime = MetricsRegistry()
+        metrics = EndpointMetrics(runtime.namespace("dynamo").component("backend").endpoint("generate"))
+        with metrics.track(request_bytes=5):
+            pass
+        server = StatusServer(runtime, config)
+        started.append(server)
+        port = await server.start()
+        return server, f"http://127.0.0.1:{port}"
+
+    yield start
+    for server in reversed(started):
         await server.stop()
 
 
-async def test_custom_health_paths_replace_the_defaults():
+async def test_status_server_serves_metrics_health_and_live_over_http(serve: Serve):
+    server, base = await serve(StatusServerConfig(host="127.0.0.1", port=0))
+    status, content_type, body = get(f"{base}/metrics")
+    assert status == 200 and content_type.startswith("text/plain")
+    fams = {f.name: f for f in parse_text(body)}
+    assert fams["dynamo_component_requests"].samples[0].value == 1
+    assert fams["dynamo_component_request_duration_seconds"].type == "histogram"
+    assert "dynamo_component_uptime_seconds" in fams
+
+    status, content_type, body = get(f"{base}/metrics", Accept=OPENMETRICS)
+    assert content_type.startswith("application/openmetrics-text")
+    assert "dynamo_component_requests" in {f.name for f in parse_openmetrics(body)}
+
+    for path in ("/health", "/live"):
+        status, content_type, body = get(base + path)
+        assert status == 503 and content_type.startswith("text/plain")
+        report = json.loads(body)
+        assert report["status"] == "notready" and set(report["uptime"]) == {"secs", "nanos"}
+    server.health.set_endpoint("generate")
+    server.health.set_ready()
+    status, _, body = get(f"{base}/health")
+    assert status == 200
+    assert json.loads(body)["endpoints"] == {"generate": "ready"}
+    assert json.loads(body)["status"] == "ready"
+
+    status, _, body = get(f"{base}/nothing/here")
+    assert (status, body) == (404, "Route not found")
+
+
+async def test_custom_health_paths_replace_the_defaults(serve: Serve):
     config = StatusServerConfig(host="127.0.0.1", port=0, health_path="/healthz", live_path="/livez",
                                 starting_status="ready")
-    server, base = await serve(config)
-    try:
-        async with aiohttp.ClientSession() as session:
-            assert (await get(session, f"{base}/healthz"))[0] == 200
-            assert (await get(session, f"{base}/livez"))[0] == 200
-            assert (await get(session, f"{base}/health"))[:3:2] == (404, "Route not found")
-            assert (await get(session, f"{base}/live"))[0] == 404
-    finally:
-        await server.stop()
+    _, base = await serve(config)
+    assert get(f"{base}/healthz")[0] == 200
+    assert get(f"{base}/livez")[0] == 200
+    assert get(f"{base}/health")[:3:2] == (404, "Route not found")
+    assert get(f"{base}/live")[0] == 404
+
+
+async def test_only_get_is_served(serve: Serve):
+    _, base = await serve(StatusServerConfig(host="127.0.0.1", port=0, starting_status="ready"))
+    for path in ("/metrics", "/health", "/nothing"):
+        status, headers, _ = fetch(base + path, method="POST")
+        assert (status, headers.get("Allow")) == (405, "GET")
+
+
+async def test_stop_closes_the_port_and_a_second_stop_is_harmless(serve: Serve):
+    server, base = await serve(StatusServerConfig(host="127.0.0.1", port=0))
+    port = server.port
+    assert port is not None and get(f"{base}/live")[0] == 503
+    await server.stop()
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
+    await server.stop()
+
