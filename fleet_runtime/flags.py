@@ -2,7 +2,9 @@
 
 Every setting is a flag; its default comes from an environment variable (Dynamo's name
 where Dynamo has one), and an invalid value, from either source, stops the program with
-one line naming the flag and the variable.
+one line naming the flag and the variable. A flag turns text into a typed value; the
+program's settings dataclass checks it (`fleet_runtime.config_checks`), and `config_error`
+reports what the dataclass refused in that same one line.
 """
 
 from __future__ import annotations
@@ -14,30 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from fleet_runtime.config_checks import (
-    ConfigError,
-    ip_address,
-    label_value,
-    nats_token,
-    nats_url,
-    port_number,
-)
-
-__all__ = [
-    "Flag",
-    "OneLineParser",
-    "bounded",
-    "choice",
-    "comma_list",
-    "config_error",
-    "env_flag",
-    "field_flags",
-    "ip_address",
-    "label_value",
-    "nats_token",
-    "nats_urls",
-    "port",
-]
+from fleet_runtime.config_checks import ConfigError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -49,7 +28,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def env_flag(parser: argparse.ArgumentParser, flag: str, env: str | None, default, type, help: str, **kw):
-    """Add `flag` whose default is `$env` (if set) else `default`; argparse validates both."""
+    """Add `flag` whose default is `$env` (if set) else `default`; argparse runs both through `type`."""
     raw = os.environ.get(env) if env else None
     where = f" (env {env})" if env else ""
 
@@ -93,17 +72,6 @@ def field_flags(flags: Iterable[Flag]) -> dict[str, tuple[str, str | None]]:
 def comma_list(value: str) -> tuple[str, ...]:
     """`a, b,,c` -> ('a', 'b', 'c'): how a list is written in one flag or variable."""
     return tuple(item.strip() for item in value.split(",") if item.strip())
-
-
-def nats_urls(value: str) -> str:
-    urls = comma_list(value)
-    if not urls:
-        raise ValueError("no NATS URL given")
-    return ",".join(nats_url(url) for url in urls)
-
-
-def port(value: str) -> int:
-    return port_number(int(value))
 
 
 def config_error(parser: argparse.ArgumentParser, error: ConfigError,
