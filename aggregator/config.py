@@ -223,7 +223,8 @@ class PullConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         if self.timeout >= self.poll_interval:
-            raise ConfigError("scrape_timeout", f"{shown(self.timeout)} must be below {{0}} {shown(self.poll_interval)}",
+            raise ConfigError("scrape_timeout",
+                              f"{shown(self.timeout)} must be below {{0}} {shown(self.poll_interval)}",
                               ("poll_interval",))
 
     @property

@@ -43,7 +43,8 @@ def _default(name: str):
 
 def parser() -> OneLineParser:
     p = OneLineParser(prog="llm-fleet-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, default=_default("port"), help=f"aggregator HTTP port; default {_default('port')}")
+    p.add_argument("--port", type=int, default=_default("port"),
+                   help=f"aggregator HTTP port; default {_default('port')}")
     p.add_argument("--workers", type=int, default=_default("workers"),
                    help=f"mock workers; default {_default('workers')}")
     p.add_argument("--interval", type=float, default=_default("interval"), help="seconds between stats")
