@@ -9,7 +9,7 @@ import sys
 import structlog
 from prometheus_client import disable_created_metrics
 
-from aggregator.cli import parse_aggregator_args
+from aggregator.cli import parse_config
 from aggregator.service import Aggregator
 from fleet_runtime import logs
 from fleet_runtime.signals import stop_event
@@ -23,7 +23,7 @@ async def _serve(aggregator: Aggregator) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_aggregator_args(argv)
+    config = parse_config(argv)
     try:
         logs.configure()
     except ValueError as error:
@@ -31,13 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     # `_created` series double the series count and Prometheus < 2.55 stores them as plain gauges.
     disable_created_metrics()
     try:
-        aggregator = Aggregator(args)
+        aggregator = Aggregator(config)
     except (OSError, ValueError) as error:  # an unreadable or corrupt hit-rate snapshot
         sys.exit(f"aggregator: error: {error}")
     try:
         asyncio.run(_serve(aggregator))
     except OSError as error:  # the HTTP port could not be bound
-        structlog.get_logger("aggregator").error("cannot serve HTTP", host=args.host, port=args.port,
+        structlog.get_logger("aggregator").error("cannot serve HTTP", host=config.http.host, port=config.http.port,
                                                  error=str(error))
         sys.exit(1)
 

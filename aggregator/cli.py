@@ -1,28 +1,182 @@
-"""Command-line flags with environment-variable defaults, validated at start.
+"""Command-line flags with environment-variable defaults, turned into an `AggregatorConfig`.
 
-One way to configure: every setting is a flag; its default comes from an environment
-variable (Dynamo's name where Dynamo had one, AGGREGATOR_* otherwise), and an invalid
-value, from either source, stops the program with one line naming the flag and the variable.
+The one module of the aggregator that knows argparse and the environment. Every setting is
+a flag; its default comes from an environment variable (Dynamo's name where Dynamo had one,
+AGGREGATOR_* otherwise), else from the config dataclass. Here a flag's text becomes a typed
+value; whether that value can work is for `aggregator.config` to say, and an invalid value,
+from either source, stops the program with one line naming the flag and the variable.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
+from dataclasses import MISSING
+from pathlib import Path
+from typing import Any
 
-import fleet_protocol as protocol
-from aggregator.component_metrics import DEFAULT_PREFIXES, check_prefix
-from fleet_runtime.flags import (
-    OneLineParser,
-    bounded,
-    choice,
-    env_flag,
-    ip_address,
-    label_value,
-    nats_token,
-    nats_urls,
-    port,
+from aggregator.config import (
+    AggregatorConfig,
+    ComponentMetricsConfig,
+    ConfigError,
+    HttpConfig,
+    JournalConfig,
+    LimitsConfig,
+    NatsConfig,
+    PullConfig,
+    ScrapeTarget,
 )
+from aggregator.edges import nats_auth, web_config
+from fleet_runtime.config_checks import check_field, field_named
+from fleet_runtime.flags import (
+    Flag,
+    OneLineParser,
+    comma_list,
+    config_error,
+    field_flags,
+)
+
+# Where each flag's value lands: AggregatorConfig's field, or the field of one of its sections.
+SECTIONS: Mapping[str, type] = {
+    "": AggregatorConfig,
+    "nats": NatsConfig,
+    "http": HttpConfig,
+    "limits": LimitsConfig,
+    "component_metrics": ComponentMetricsConfig,
+    "journal": JournalConfig,
+    "pull": PullConfig,
+}
+
+NATS_AUTH = "NATS authentication and TLS"
+JOURNAL = "hit-rate history across restarts (JetStream)"
+
+
+def default_of(flag: Flag) -> Any:
+    """The default of the config field a flag sets, written as the flag would be."""
+    section, _, name = flag.field.rpartition(".")
+    default = field_named(SECTIONS[section], name).default
+    if default is MISSING:
+        return None
+    if isinstance(default, tuple):
+        return ",".join(default)
+    return default
+
+
+def _secret(value: str) -> str:
+    """A password or token, or `@FILE` holding it (a mounted secret)."""
+    if value.startswith("@"):
+        path = Path(value[1:])
+        try:
+            return path.read_text().strip()
+        except OSError as error:
+            raise ValueError(f"cannot read {path}: {error.strerror}") from None
+    return value
+
+
+def _readable_file(value: str) -> str:
+    try:
+        with Path(value).open("rb"):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot read {value}: {error.strerror}") from None
+    return value
+
+
+def _optional_path(value: str) -> str | None:
+    return value or None  # an empty variable means none
+
+
+def scrape_target(value: str) -> ScrapeTarget:
+    component, slash, endpoint = value.strip().partition("/")
+    if not slash:
+        raise ValueError(f"{value!r} is not COMPONENT/ENDPOINT (e.g. backend/generate)")
+    try:
+        return ScrapeTarget(component, endpoint)
+    except ConfigError as error:
+        raise ValueError(error.explain()) from None
+
+
+def _scrape_flag(value: str) -> ScrapeTarget:
+    try:
+        return scrape_target(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_SCRAPE_ENV = "AGGREGATOR_SCRAPE"
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("--nats-url", "NATS_SERVER", "nats.urls", comma_list, "NATS server URL(s), comma-separated"),
+    Flag("--namespace", "DYN_NAMESPACE", "namespace", str, "Dynamo namespace"),
+    Flag("--component", "AGGREGATOR_COMPONENT", "component", str,
+         "component label for namespace-level subjects (namespace.{ns}.kv_metrics, .kv-hit-rate)"),
+    Flag("--endpoint", "AGGREGATOR_ENDPOINT", "endpoint", str,
+         "endpoint label for hit-rate events of workers that never reported load"),
+    Flag("--host", "AGGREGATOR_HOST", "http.host", str, "HTTP bind address"),
+    Flag("--port", "AGGREGATOR_PORT", "http.port", int, "HTTP port for /metrics, /health, /live"),
+    Flag("--stale-after", "AGGREGATOR_STALE_AFTER", "limits.stale_after", float,
+         "seconds of silence after which a worker and all its series are dropped"),
+    Flag("--max-message-bytes", "AGGREGATOR_MAX_MESSAGE_BYTES", "limits.max_message_bytes", int,
+         "larger messages are rejected (reason=oversized)"),
+    Flag("--max-workers", "AGGREGATOR_MAX_WORKERS", "limits.max_workers", int,
+         "live workers kept at most; new ones past it are refused (reason=worker_limit)"),
+    Flag("--max-groups", "AGGREGATOR_MAX_GROUPS", "limits.max_groups", int,
+         "component/endpoint pairs kept at most (their totals outlive their workers); "
+         "new ones past it are refused (reason=group_limit)"),
+    Flag("--pending-msgs-limit", "AGGREGATOR_PENDING_MSGS_LIMIT", "nats.pending_msgs_limit", int,
+         "per-subscription NATS buffer, messages; past it NATS drops (counted)"),
+    # --scrape comes here (see build_parser)
+    Flag("--poll-interval", "AGGREGATOR_POLL_INTERVAL", "pull.poll_interval", float,
+         "seconds between stats requests in pull mode"),
+    Flag("--scrape-timeout", "AGGREGATOR_SCRAPE_TIMEOUT", "pull.scrape_timeout", float,
+         "seconds to collect stats replies, below --poll-interval; None means 0.8 x --poll-interval"),
+    Flag("--pending-bytes-limit", "AGGREGATOR_PENDING_BYTES_LIMIT", "nats.pending_bytes_limit", int,
+         "per-subscription NATS buffer, bytes; past it NATS drops (counted)"),
+    Flag("--nats-ping-interval", "AGGREGATOR_NATS_PING_INTERVAL", "nats.ping_interval", float,
+         "seconds between pings; 2 unanswered pings mark a frozen server as disconnected"),
+    Flag("--web-config-file", "AGGREGATOR_WEB_CONFIG_FILE", "http.web_config_file", _optional_path,
+         "exporter-toolkit web config (YAML): TLS and basic auth for the HTTP endpoint"),
+    Flag("--nats-user", "NATS_USER", "nats.user", str, "NATS user name", NATS_AUTH),
+    Flag("--nats-password", "NATS_PASSWORD", "nats.password", _secret,
+         "NATS password (or @FILE); prefer the env variable to the flag", NATS_AUTH),
+    Flag("--nats-token", "NATS_TOKEN", "nats.token", _secret, "NATS auth token (or @FILE)", NATS_AUTH),
+    Flag("--nats-nkey-seed", "NATS_NKEY_SEED_FILE", "nats.nkey_seed_file", _readable_file,
+         "file holding an NKey user seed", NATS_AUTH),
+    Flag("--nats-creds", "NATS_CREDS", "nats.creds_file", _readable_file, "NATS .creds file (user JWT + NKey seed)",
+         NATS_AUTH),
+    Flag("--nats-tls-ca", "NATS_TLS_CA", "nats.tls_ca", _readable_file, "CA bundle to verify the NATS server",
+         NATS_AUTH),
+    Flag("--nats-tls-cert", "NATS_TLS_CERT", "nats.tls_cert", _readable_file, "client certificate for mutual TLS",
+         NATS_AUTH),
+    Flag("--nats-tls-key", "NATS_TLS_KEY", "nats.tls_key", _readable_file, "client private key for mutual TLS",
+         NATS_AUTH),
+    Flag("--hit-rate-stream", "AGGREGATOR_HIT_RATE_STREAM", "journal.stream", str,
+         "read kv-hit-rate events from this JetStream stream (created if missing) instead of core NATS", JOURNAL),
+    Flag("--hit-rate-snapshot", "AGGREGATOR_HIT_RATE_SNAPSHOT", "journal.snapshot_path", _optional_path,
+         "file keeping the hit-rate sums and their stream sequence (else the stream is replayed from its start)",
+         JOURNAL),
+    Flag("--hit-rate-snapshot-interval", "AGGREGATOR_HIT_RATE_SNAPSHOT_INTERVAL", "journal.snapshot_interval", float,
+         "seconds between snapshots (and one at shutdown)", JOURNAL),
+    Flag("--hit-rate-stream-max-age", "AGGREGATOR_HIT_RATE_STREAM_MAX_AGE", "journal.stream_max_age", float,
+         "retention of a stream the aggregator creates, seconds", JOURNAL),
+    Flag("--component-metrics-prefixes", "AGGREGATOR_COMPONENT_METRICS_PREFIXES", "component_metrics.prefixes",
+         comma_list,
+         "comma-separated name prefixes a worker's metrics may use; others are rejected (reason=bad_name)"),
+    Flag("--component-metrics-max-bytes", "AGGREGATOR_COMPONENT_METRICS_MAX_BYTES", "component_metrics.max_bytes",
+         int, "larger snapshots are rejected (reason=oversized)"),
+    Flag("--component-metrics-max-series-per-worker", "AGGREGATOR_COMPONENT_METRICS_MAX_SERIES_PER_WORKER",
+         "component_metrics.max_series_per_worker", int,
+         "a snapshot with more series is rejected (reason=series_limit)"),
+    Flag("--component-metrics-max-series", "AGGREGATOR_COMPONENT_METRICS_MAX_SERIES", "component_metrics.max_series",
+         int, "series of all workers' snapshots together; a snapshot past it is rejected (reason=series_limit)"),
+    Flag("--gpu-hostname-label", "AGGREGATOR_GPU_HOSTNAME_LABEL", "gpu_hostname_label", str,
+         "name of the node label on DCGM_FI_* series: dcgm-exporter's released 'Hostname', "
+         "or 'hostname' as on its main branch since PR #655 (joins with Slurm's label)"),
+)
+
+# Config field -> (flag, variable), to name them in an error.
+FIELD_FLAGS: Mapping[str, tuple[str, str | None]] = {**field_flags(FLAGS), "pull.targets": ("--scrape", _SCRAPE_ENV)}
 
 
 def build_parser() -> OneLineParser:
@@ -30,144 +184,81 @@ def build_parser() -> OneLineParser:
         prog="aggregator",
         description="Aggregates LLM worker metrics from NATS and exports them for Prometheus.",
     )
-    env_flag(parser, "--nats-url", "NATS_SERVER", "nats://localhost:4222", nats_urls,
-             "NATS server URL(s), comma-separated")
-    env_flag(parser, "--namespace", "DYN_NAMESPACE", protocol.DEFAULT_NAMESPACE, nats_token, "Dynamo namespace")
-    env_flag(parser, "--component", "AGGREGATOR_COMPONENT", protocol.DEFAULT_COMPONENT, nats_token,
-             "component label for namespace-level subjects (namespace.{ns}.kv_metrics, .kv-hit-rate)")
-    env_flag(parser, "--endpoint", "AGGREGATOR_ENDPOINT", protocol.DEFAULT_ENDPOINT, label_value,
-             "endpoint label for hit-rate events of workers that never reported load")
-    env_flag(parser, "--host", "AGGREGATOR_HOST", "0.0.0.0", ip_address, "HTTP bind address")
-    env_flag(parser, "--port", "AGGREGATOR_PORT", 9091, port, "HTTP port for /metrics, /health, /live")
-    env_flag(parser, "--stale-after", "AGGREGATOR_STALE_AFTER", 10.0, bounded(float, 0.1, 86400.0),
-             "seconds of silence after which a worker and all its series are dropped")
-    env_flag(parser, "--max-message-bytes", "AGGREGATOR_MAX_MESSAGE_BYTES", 256 * 1024,
-             bounded(int, 256, 64 * 1024 * 1024), "larger messages are rejected (reason=oversized)")
-    env_flag(parser, "--max-workers", "AGGREGATOR_MAX_WORKERS", 100_000, bounded(int, 1, 10_000_000),
-             "live workers kept at most; new ones past it are refused (reason=worker_limit)")
-    env_flag(parser, "--max-groups", "AGGREGATOR_MAX_GROUPS", 10_000, bounded(int, 1, 1_000_000),
-             "component/endpoint pairs kept at most (their totals outlive their workers); "
-             "new ones past it are refused (reason=group_limit)")
-    env_flag(parser, "--pending-msgs-limit", "AGGREGATOR_PENDING_MSGS_LIMIT", 512 * 1024,
-             bounded(int, 1, 100_000_000), "per-subscription NATS buffer, messages; past it NATS drops (counted)")
-    add_scrape_flags(parser)
-    env_flag(parser, "--pending-bytes-limit", "AGGREGATOR_PENDING_BYTES_LIMIT", 128 * 1024 * 1024,
-             bounded(int, 1024, 64 * 1024**3), "per-subscription NATS buffer, bytes; past it NATS drops (counted)")
-    env_flag(parser, "--nats-ping-interval", "AGGREGATOR_NATS_PING_INTERVAL", 5.0, bounded(float, 0.2, 600.0),
-             "seconds between pings; 2 unanswered pings mark a frozen server as disconnected")
-    env_flag(parser, "--web-config-file", "AGGREGATOR_WEB_CONFIG_FILE", None, str,
-             "exporter-toolkit web config (YAML): TLS and basic auth for the HTTP endpoint")
-    from aggregator.edges import (
-        hit_rate_journal,  # they import this module
-        nats_auth,
-    )
-
-    nats_auth.add_flags(parser)
-    hit_rate_journal.add_flags(parser)
-    _component_metrics_flags(parser)
-    env_flag(parser, "--gpu-hostname-label", "AGGREGATOR_GPU_HOSTNAME_LABEL", "Hostname",
-             choice(("Hostname", "hostname")),
-             "name of the node label on DCGM_FI_* series: dcgm-exporter's released 'Hostname', "
-             "or 'hostname' as on its main branch since PR #655 (joins with Slurm's label)")
+    groups: dict[str | None, Any] = {None: parser}
+    for flag in FLAGS:
+        if flag.name == "--poll-interval":
+            # Repeatable, so its env default is applied after parsing (argparse would append flags to it).
+            parser.add_argument(
+                "--scrape", action="append", type=_scrape_flag, default=None, metavar="COMPONENT/ENDPOINT",
+                help=f"poll the NATS service stats of this component's workers, Dynamo-style (repeatable; "
+                     f"env {_SCRAPE_ENV}, comma-separated); default none",
+            )
+        if flag.group not in groups:
+            groups[flag.group] = parser.add_argument_group(flag.group)
+        flag.add_to(groups[flag.group], default_of(flag))
     return parser
 
 
-def prefixes(value: str) -> tuple[str, ...]:
-    items = tuple(p.strip() for p in value.split(",") if p.strip())
-    if not items:
-        raise ValueError("no prefix given")
-    return tuple(check_prefix(p) for p in items)
-
-
-def _component_metrics_flags(parser: argparse.ArgumentParser) -> None:
-    """Workers' MetricsRegistry snapshots (namespace.{ns}.component.{c}.metrics), re-exported."""
-    env_flag(parser, "--component-metrics-prefixes", "AGGREGATOR_COMPONENT_METRICS_PREFIXES",
-             ",".join(DEFAULT_PREFIXES), prefixes,
-             "comma-separated name prefixes a worker's metrics may use; others are rejected (reason=bad_name)")
-    env_flag(parser, "--component-metrics-max-bytes", "AGGREGATOR_COMPONENT_METRICS_MAX_BYTES", 1024 * 1024,
-             bounded(int, 1024, 64 * 1024 * 1024), "larger snapshots are rejected (reason=oversized)")
-    env_flag(parser, "--component-metrics-max-series-per-worker", "AGGREGATOR_COMPONENT_METRICS_MAX_SERIES_PER_WORKER",
-             5_000, bounded(int, 1, 10_000_000), "a snapshot with more series is rejected (reason=series_limit)")
-    env_flag(parser, "--component-metrics-max-series", "AGGREGATOR_COMPONENT_METRICS_MAX_SERIES", 100_000,
-             bounded(int, 1, 100_000_000),
-             "series of all workers' snapshots together; a snapshot past it is rejected (reason=series_limit)")
-
-
-def parse_aggregator_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from aggregator.edges import nats_auth, web_config
-
+def parse_config(argv: list[str] | None = None) -> AggregatorConfig:
+    """The configuration the command line and environment describe; a bad one exits with one line."""
     parser = build_parser()
-    args = check_scrape_args(parser, parser.parse_args(argv))
-    problem = nats_auth.check(args)
-    if problem:
-        parser.error(problem)
-    args.web_config = web_config.WebConfig()
-    if args.web_config_file:
-        try:
-            args.web_config = web_config.load(args.web_config_file)
-        except web_config.WebConfigError as error:
-            parser.error(f"--web-config-file: {error}")
-    return args
-
-
-# Pull mode (NATS service stats) ---------------------------------------------------------
-
-MIN_POLL_INTERVAL = 0.1
-_SCRAPE_ENV = "AGGREGATOR_SCRAPE"
-
-
-def scrape_target(value: str):
-    from aggregator.ingest.stats_replies import ScrapeTarget
-
-    component, slash, endpoint = value.strip().partition("/")
-    if not slash:
-        raise ValueError(f"{value!r} is not COMPONENT/ENDPOINT (e.g. backend/generate)")
-    return ScrapeTarget(nats_token(component), nats_token(endpoint))
-
-
-def _scrape_flag(value: str):
-    try:
-        return scrape_target(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def add_scrape_flags(parser: argparse.ArgumentParser) -> None:
-    # Repeatable, so the env default is applied after parsing (argparse would append flags to it).
-    parser.add_argument(
-        "--scrape", action="append", type=_scrape_flag, default=None, metavar="COMPONENT/ENDPOINT",
-        help=f"poll the NATS service stats of this component's workers, Dynamo-style (repeatable; "
-             f"env {_SCRAPE_ENV}, comma-separated); default none",
-    )
-    env_flag(parser, "--poll-interval", "AGGREGATOR_POLL_INTERVAL", 1.0, bounded(float, MIN_POLL_INTERVAL, 3600.0),
-             "seconds between stats requests in pull mode")
-    env_flag(parser, "--scrape-timeout", "AGGREGATOR_SCRAPE_TIMEOUT", None, bounded(float, 0.01, 3600.0),
-             "seconds to collect stats replies, below --poll-interval; None means 0.8 x --poll-interval")
-
-
-def check_scrape_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the env default of --scrape and check the pull-mode settings against each other."""
-    from aggregator.ingest.stats_replies import plan_services
-
-    if args.scrape is None:
-        raw = os.environ.get(_SCRAPE_ENV, "")
+    args = vars(parser.parse_args(argv))
+    targets = args["scrape"]
+    if targets is None:
         targets = []
-        for item in (part for part in raw.split(",") if part.strip()):
+        for item in comma_list(os.environ.get(_SCRAPE_ENV, "")):
             try:
                 targets.append(scrape_target(item))
             except ValueError as error:
                 parser.error(f"argument --scrape: {error} (env {_SCRAPE_ENV})")
-        args.scrape = targets
-    if args.scrape_timeout is None:
-        args.scrape_timeout = round(0.8 * args.poll_interval, 6)
-    if args.scrape_timeout >= args.poll_interval:
-        parser.error(f"argument --scrape-timeout: {args.scrape_timeout} must be below --poll-interval "
-                     f"{args.poll_interval}")
-    if args.scrape and args.poll_interval >= args.stale_after:
-        parser.error(f"argument --poll-interval: {args.poll_interval} must be below --stale-after "
-                     f"{args.stale_after}, or every scraped worker would expire between polls")
     try:
-        plan_services(args.namespace, args.scrape)
-    except ValueError as error:
-        parser.error(f"argument --scrape: {error}")
-    return args
+        config = config_from_values(args, tuple(targets))
+    except ConfigError as error:
+        config_error(parser, error, FIELD_FLAGS)
+    # Files the config names, opened now so that a bad one stops the start in one line.
+    problem = nats_auth.check(config.nats)
+    if problem:
+        parser.error(problem)
+    if config.http.web_config_file is not None:
+        try:
+            web_config.load(config.http.web_config_file)
+        except web_config.WebConfigError as error:
+            parser.error(f"--web-config-file: {error}")
+    return config
+
+
+def config_from_values(args: Mapping[str, Any], targets: tuple[ScrapeTarget, ...]) -> AggregatorConfig:
+    """Build the config from parsed flags (by dest). Raises ConfigError naming the field."""
+    values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for flag in FLAGS:
+        section, _, name = flag.field.rpartition(".")
+        values[section][name] = args[flag.dest]
+    values["pull"]["targets"] = targets
+
+    def build(section: str) -> Any:
+        try:
+            return SECTIONS[section](**values[section])
+        except ConfigError as error:
+            raise error.within(section) from None
+
+    pull = build("pull")  # checked even when off: a bad flag is an error either way
+    if values["journal"]["stream"] is not None:
+        journal = build("journal")
+    else:
+        journal = None
+        for name, value in values["journal"].items():
+            if name == "stream":
+                continue
+            try:
+                check_field(field_named(JournalConfig, name), value)
+            except ConfigError as error:
+                raise error.within("journal") from None
+    return AggregatorConfig(
+        nats=build("nats"),
+        http=build("http"),
+        limits=build("limits"),
+        component_metrics=build("component_metrics"),
+        journal=journal,
+        pull=pull if pull.targets else None,
+        **values[""],
+    )

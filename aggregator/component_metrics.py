@@ -32,6 +32,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 import fleet_protocol as protocol
+from aggregator.config import DEFAULT_PREFIXES, RESERVED_PREFIXES
 from aggregator.exposition.encoder import ChunkedMetric, RenderedLabels, render_chunk
 from fleet_protocol import MessageRejected
 from fleet_protocol.names import LABEL_NAME, METRIC_NAME
@@ -43,22 +44,9 @@ BAD_FAMILY = "bad_family"
 TYPE_CONFLICT = "type_conflict"
 SERIES_LIMIT = "series_limit"
 
-DEFAULT_PREFIXES = ("dynamo_component_", "dynamo_frontend_")
-# The aggregator's own families (FleetCollector, Telemetry, ProcessCollector, PlatformCollector).
-RESERVED_PREFIXES = ("llm_", "process_", "python_")
 WORKER_ID = "worker_id"
 
 _TYPES = ("counter", "gauge", "histogram", "summary", "unknown")
-
-
-def check_prefix(prefix: str) -> str:
-    """A configured allowed prefix: a valid name start that cannot reach the aggregator's own names."""
-    if not METRIC_NAME.fullmatch(prefix):
-        raise ValueError(f"{prefix!r} is not the start of a Prometheus metric name")
-    for reserved in RESERVED_PREFIXES:
-        if prefix.startswith(reserved) or reserved.startswith(prefix):
-            raise ValueError(f"{prefix!r} would admit the aggregator's own {reserved}* series")
-    return prefix
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import time
@@ -18,12 +17,12 @@ from aggregator.component_metrics import (
     SnapshotLimits,
     snapshot_route,
 )
-from aggregator.edges import nats_auth
+from aggregator.config import AggregatorConfig, PullConfig
+from aggregator.edges import nats_auth, web_config
 from aggregator.edges.hit_rate_journal import HitRateJournal
 from aggregator.edges.http_server import bound_port, build_app, start_server
 from aggregator.edges.nats_transport import NatsSubscriber
 from aggregator.edges.stats_scraper import StatsScraper
-from aggregator.edges.web_config import basic_auth_middleware
 from aggregator.ingest.pipeline import Ingest
 from aggregator.ingest.stats_replies import ENDPOINT_REASONS, plan_services
 from aggregator.state.fleet import Fleet
@@ -36,56 +35,62 @@ _EXPIRY_TICKS_PER_WINDOW = 4
 
 
 class Aggregator:
-    def __init__(self, args: argparse.Namespace, *, connect_options: dict | None = None) -> None:
-        self.args = args
+    def __init__(self, config: AggregatorConfig, *, connect_options: dict | None = None) -> None:
+        """Raises ValueError (or OSError) for a web config file or hit-rate snapshot that cannot be used."""
+        self.config = config
+        limits, component_metrics = config.limits, config.component_metrics
+        # Loaded first: a file that cannot be used stops the start before anything else is set up.
+        path = config.http.web_config_file
+        self.web = web_config.load(path) if path is not None else web_config.WebConfig()
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.telemetry = Telemetry(self.registry)
-        self.fleet = Fleet(args.stale_after, max_workers=args.max_workers, max_groups=args.max_groups,
-                           default_endpoint=args.endpoint,
-                           max_component_series=args.component_metrics_max_series)
-        self.registry.register(FleetCollector(self.fleet, gpu_hostname_label=args.gpu_hostname_label))
+        self.fleet = Fleet(limits.stale_after, max_workers=limits.max_workers, max_groups=limits.max_groups,
+                           default_endpoint=config.endpoint,
+                           max_component_series=component_metrics.max_series)
+        self.registry.register(FleetCollector(self.fleet, gpu_hostname_label=config.gpu_hostname_label))
         self.registry.register(ComponentMetricsCollector(self.fleet))
         self.ingest = Ingest(
             self.fleet,
             self.telemetry,
-            namespace=args.namespace,
-            default_component=args.component,
-            max_message_bytes=args.max_message_bytes,
+            namespace=config.namespace,
+            default_component=config.component,
+            max_message_bytes=limits.max_message_bytes,
         )
         # Opt-in: hit-rate events from a JetStream stream, sums restored from a snapshot.
         self.journal = (
-            HitRateJournal(args, self.ingest, self.registry) if getattr(args, "hit_rate_stream", None) else None
+            HitRateJournal(config.journal, self.ingest, self.registry) if config.journal is not None else None
         )
         if self.journal is not None:
             self.journal.load()
-        limits = SnapshotLimits(args.component_metrics_prefixes, args.component_metrics_max_series_per_worker)
+        snapshot_limits = SnapshotLimits(component_metrics.prefixes, component_metrics.max_series_per_worker)
         self.ingest.add_route(protocol.COMPONENT_METRICS, "component_metrics",
-                              snapshot_route(limits, args.component_metrics_max_bytes))
+                              snapshot_route(snapshot_limits, component_metrics.max_bytes))
+        nats = config.nats
         self.subscriber = NatsSubscriber(
-            args.nats_url,
+            ",".join(nats.urls),
             self.ingest,
             self.telemetry,
-            connect_options={**nats_auth.connect_options(args), **(connect_options or {})},
-            pending_msgs_limit=args.pending_msgs_limit,
-            pending_bytes_limit=args.pending_bytes_limit,
-            ping_interval=args.nats_ping_interval,
+            connect_options={**nats_auth.connect_options(nats), **(connect_options or {})},
+            pending_msgs_limit=nats.pending_msgs_limit,
+            pending_bytes_limit=nats.pending_bytes_limit,
+            ping_interval=nats.ping_interval,
             skip_patterns=self.journal.patterns if self.journal else (),
         )
-        self.scraper = self._stats_scraper(args)
+        self.scraper = self._stats_scraper(config.pull) if config.pull is not None else None
         self.started = time.monotonic()
         self.port: int | None = None
 
-    def _stats_scraper(self, args: argparse.Namespace) -> StatsScraper | None:
+    def _stats_scraper(self, pull: PullConfig) -> StatsScraper | None:
         """Pull mode, on the subscriber's connection (it polls only while that one is connected)."""
-        plans = plan_services(args.namespace, getattr(args, "scrape", None) or [])
+        plans = plan_services(self.config.namespace, pull.targets)
         if not plans:
             return None
         telemetry = StatsScrapeTelemetry(self.registry, [plan.service for plan in plans], ENDPOINT_REASONS)
         return StatsScraper(plans, self.fleet, telemetry, connection=lambda: self.subscriber.nc,
-                            poll_interval=args.poll_interval, timeout=args.scrape_timeout,
-                            max_message_bytes=args.max_message_bytes)
+                            poll_interval=pull.poll_interval, timeout=pull.timeout,
+                            max_message_bytes=self.config.limits.max_message_bytes)
 
     def expire_now(self) -> None:
         expired = self.fleet.expire(time.monotonic())
@@ -119,15 +124,15 @@ class Aggregator:
             self.expire_now()
 
     async def run(self, stop: asyncio.Event) -> None:
-        web = self.args.web_config
-        middlewares = (basic_auth_middleware(web.users),) if web.users else ()
+        web, http = self.web, self.config.http
+        middlewares = (web_config.basic_auth_middleware(web.users),) if web.users else ()
         app = build_app(self.registry, self.telemetry, health=self.health, before_scrape=self.expire_now,
                         middlewares=middlewares)
-        runner = await start_server(app, self.args.host, self.args.port, ssl_context=web.ssl_context)
+        runner = await start_server(app, http.host, http.port, ssl_context=web.ssl_context)
         self.port = bound_port(runner)
-        log.info("serving metrics", url=f"{web.scheme}://{self.args.host}:{self.port}/metrics",
-                 basic_auth=bool(web.users), namespace=self.args.namespace, stale_after=self.args.stale_after,
-                 nats_auth=nats_auth.describe(self.args))
+        log.info("serving metrics", url=f"{web.scheme}://{http.host}:{self.port}/metrics",
+                 basic_auth=bool(web.users), namespace=self.config.namespace,
+                 stale_after=self.config.limits.stale_after, nats_auth=nats_auth.describe(self.config.nats))
         tasks = [
             asyncio.create_task(self._expire_periodically(stop), name="expiry"),
             asyncio.create_task(self.subscriber.connect(stop), name="nats-connect"),

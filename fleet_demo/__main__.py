@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+from dataclasses import fields
 
 import nats
 import nats.errors
 import structlog
 from prometheus_client import disable_created_metrics
 
-from aggregator.cli import parse_aggregator_args
+from aggregator.config import AggregatorConfig, HttpConfig, NatsConfig
 from aggregator.service import Aggregator
+from fleet_demo.config import DemoConfig
 from fleet_demo.nats_server import NatsServer, free_port
 from fleet_runtime import logs
-from fleet_runtime.flags import OneLineParser, bounded, port
+from fleet_runtime.config_checks import ConfigError, field_named
+from fleet_runtime.flags import OneLineParser, config_error
 from fleet_runtime.signals import stop_event
 
 log = structlog.get_logger("demo")
@@ -34,54 +37,70 @@ def _port_free(number: int) -> bool:
     return True
 
 
+def _default(name: str):
+    return field_named(DemoConfig, name).default
+
+
 def parser() -> OneLineParser:
     p = OneLineParser(prog="llm-fleet-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=port, default=9091, help="aggregator HTTP port; default 9091")
-    p.add_argument("--workers", type=bounded(int, 1, 10_000), default=8, help="mock workers; default 8")
-    p.add_argument("--interval", type=bounded(float, 0.05, 60.0), default=1.0, help="seconds between stats")
-    p.add_argument("--gpus-per-worker", type=bounded(int, 1, 64), default=2,
-                   help="simulated GPUs per mock worker (DCGM_FI_* series); default 2")
-    p.add_argument("--seed", type=int, default=42, help="simulation seed; default 42")
-    p.add_argument("--duration", type=bounded(float, 0.0, 1e7), default=0.0,
+    p.add_argument("--port", type=int, default=_default("port"),
+                   help=f"aggregator HTTP port; default {_default('port')}")
+    p.add_argument("--workers", type=int, default=_default("workers"),
+                   help=f"mock workers; default {_default('workers')}")
+    p.add_argument("--interval", type=float, default=_default("interval"), help="seconds between stats")
+    p.add_argument("--gpus-per-worker", type=int, default=_default("gpus_per_worker"),
+                   help=f"simulated GPUs per mock worker (DCGM_FI_* series); default {_default('gpus_per_worker')}")
+    p.add_argument("--seed", type=int, default=_default("seed"), help=f"simulation seed; default {_default('seed')}")
+    p.add_argument("--duration", type=float, default=_default("duration"),
                    help="stop after this many seconds (0 = until Ctrl-C)")
     return p
 
 
-async def run(args) -> None:
+def parse_config(argv: list[str] | None = None) -> DemoConfig:
+    """The demo's settings from its command line; a bad one exits with one line."""
+    p = parser()
+    try:
+        return DemoConfig(**vars(p.parse_args(argv)))
+    except ConfigError as error:
+        config_error(p, error, {item.name: ("--" + item.name.replace("_", "-"), None) for item in fields(DemoConfig)})
+
+
+async def run(config: DemoConfig) -> None:
     from mock_worker.fleet import (
         MockFleet,  # the demo is the one place that runs both sides
     )
 
-    stop = stop_event(args.duration)
+    stop = stop_event(config.duration)
 
     nats_port = 4222 if _port_free(4222) else free_port()
     with NatsServer(nats_port, own_process_group=True) as server:
-        aggregator = Aggregator(parse_aggregator_args(
-            ["--nats-url", server.url, "--host", "127.0.0.1", "--port", str(args.port)]))
+        # Built here, not from the environment: the demo's workers use the default namespace too.
+        aggregator = Aggregator(AggregatorConfig(nats=NatsConfig(urls=(server.url,)),
+                                                 http=HttpConfig(host="127.0.0.1", port=config.port)))
         serving = asyncio.create_task(aggregator.run(stop))
         nc = await nats.connect(server.url, name="demo-workers")
-        fleet = MockFleet(nc, workers=args.workers, seed=args.seed, gpu="simulated",
-                          gpus_per_worker=args.gpus_per_worker, gpu_interval=args.interval)
+        fleet = MockFleet(nc, workers=config.workers, seed=config.seed, gpu="simulated",
+                          gpus_per_worker=config.gpus_per_worker, gpu_interval=config.interval)
         # Component-metric snapshots as often as stats, so every family shows within seconds.
-        workers = asyncio.create_task(fleet.run(args.interval, stop, metrics_interval=args.interval))
+        workers = asyncio.create_task(fleet.run(config.interval, stop, metrics_interval=config.interval))
         await asyncio.sleep(0.2)
-        log.info("demo running: try `curl localhost:%d/metrics`; Ctrl-C stops" % args.port,
-                 nats=server.url, workers=args.workers)
+        log.info(f"demo running: try `curl localhost:{config.port}/metrics`; Ctrl-C stops",
+                 nats=server.url, workers=config.workers)
         await stop.wait()
         await asyncio.gather(workers, serving)
         try:
             await asyncio.wait_for(nc.drain(), 5)
-        except (nats.errors.Error, asyncio.TimeoutError) as error:  # stopping anyway
+        except (TimeoutError, nats.errors.Error) as error:  # stopping anyway
             log.warning("workers' NATS connection did not drain", error=str(error) or type(error).__name__)
             await nc.close()
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    config = parse_config(argv)
     logs.configure()
     disable_created_metrics()
     try:
-        asyncio.run(run(args))
+        asyncio.run(run(config))
     except OSError as error:
         sys.exit(f"llm-fleet-demo: error: {error}")
 

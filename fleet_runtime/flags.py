@@ -2,22 +2,21 @@
 
 Every setting is a flag; its default comes from an environment variable (Dynamo's name
 where Dynamo has one), and an invalid value, from either source, stops the program with
-one line naming the flag and the variable.
+one line naming the flag and the variable. A flag turns text into a typed value; the
+program's settings dataclass checks it (`fleet_runtime.config_checks`), and `config_error`
+reports what the dataclass refused in that same one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
-import re
 import sys
-from urllib.parse import urlsplit
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
-from fleet_protocol import MAX_LABEL_LENGTH
-
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_NATS_SCHEMES = {"nats", "tls", "ws", "wss"}
+from fleet_runtime.config_checks import ConfigError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -29,7 +28,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def env_flag(parser: argparse.ArgumentParser, flag: str, env: str | None, default, type, help: str, **kw):
-    """Add `flag` whose default is `$env` (if set) else `default`; argparse validates both."""
+    """Add `flag` whose default is `$env` (if set) else `default`; argparse runs both through `type`."""
     raw = os.environ.get(env) if env else None
     where = f" (env {env})" if env else ""
 
@@ -44,46 +43,49 @@ def env_flag(parser: argparse.ArgumentParser, flag: str, env: str | None, defaul
                         help=f"{help}{where}; default {default!r}", **kw)
 
 
-def nats_token(value: str) -> str:
-    if not _TOKEN.fullmatch(value):
-        raise ValueError(f"{value!r} must be 1-64 letters, digits, '_' or '-' (one NATS subject token)")
-    return value
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """One flag of a program whose settings are a dataclass: its variable, the field it sets, how its
+    text becomes a value (the dataclass checks the value)."""
+
+    name: str
+    env: str | None
+    field: str  # `name`, or `section.name` in a config made of sections
+    parse: Callable[[str], Any]
+    help: str
+    group: str | None = None  # the --help section; None for the main one
+
+    @property
+    def dest(self) -> str:
+        return self.name.removeprefix("--").replace("-", "_")
+
+    def add_to(self, parser: Any, default: Any) -> None:
+        """Add it to `parser` (or an argument group) with `default` when its variable is unset."""
+        env_flag(parser, self.name, self.env, default, self.parse, self.help, dest=self.dest)
 
 
-def label_value(value: str) -> str:
-    if not value or len(value) > MAX_LABEL_LENGTH:
-        raise ValueError(f"must be 1-{MAX_LABEL_LENGTH} characters")
-    return value
+def field_flags(flags: Iterable[Flag]) -> dict[str, tuple[str, str | None]]:
+    """Config field -> (flag, variable), to name them in an error (see config_error)."""
+    return {flag.field: (flag.name, flag.env) for flag in flags}
 
 
-def nats_urls(value: str) -> str:
-    urls = [u.strip() for u in value.split(",") if u.strip()]
-    if not urls:
-        raise ValueError("no NATS URL given")
-    for url in urls:
-        parts = urlsplit(url)
-        if parts.scheme not in _NATS_SCHEMES or not parts.hostname:
-            raise ValueError(f"{url!r} is not a NATS URL like nats://host:4222")
-        try:
-            parts.port
-        except ValueError:
-            raise ValueError(f"{url!r} has an invalid port") from None
-    return ",".join(urls)
+def comma_list(value: str) -> tuple[str, ...]:
+    """`a, b,,c` -> ('a', 'b', 'c'): how a list is written in one flag or variable."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
-def ip_address(value: str) -> str:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IP address") from None
-    return value
+def config_error(parser: argparse.ArgumentParser, error: ConfigError,
+                 flags: Mapping[str, tuple[str, str | None]]) -> NoReturn:
+    """Report a settings dataclass's ConfigError as the one line a bad flag gets.
 
+    `flags` maps a config field (`section.name`) to its flag and environment variable.
+    """
+    def name(field: str) -> str:
+        return flags.get(field, (field, None))[0]
 
-def port(value: str) -> int:
-    number = int(value)
-    if not 0 <= number <= 65535:
-        raise ValueError(f"{number} is not a port (0-65535; 0 picks a free one)")
-    return number
+    flag, env = flags.get(error.field, (error.field, None))
+    where = f" (env {env})" if env else ""
+    parser.error(f"argument {flag}: {error.explain(name)}{where}")
 
 
 def bounded(kind, low, high):

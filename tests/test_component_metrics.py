@@ -14,10 +14,10 @@ from aggregator.collectors.telemetry import Telemetry
 from aggregator.component_metrics import (
     ComponentMetricsCollector,
     SnapshotLimits,
-    check_prefix,
     parse_snapshot,
     snapshot_route,
 )
+from aggregator.config import check_prefix
 from aggregator.exposition.encoder import encode
 from aggregator.ingest.pipeline import Ingest
 from aggregator.state.fleet import Fleet
@@ -251,14 +251,14 @@ def test_promtool_accepts_the_merged_exposition():
 
 
 def test_flags_validate_prefixes_and_limits(capsys):
-    from aggregator.cli import parse_aggregator_args
+    from aggregator.cli import parse_config
 
-    args = parse_aggregator_args(["--component-metrics-prefixes", "dynamo_component_, dynamo_preprocessor_"])
-    assert args.component_metrics_prefixes == ("dynamo_component_", "dynamo_preprocessor_")
-    assert args.component_metrics_max_series == 100_000
+    config = parse_config(["--component-metrics-prefixes", "dynamo_component_, dynamo_preprocessor_"])
+    assert config.component_metrics.prefixes == ("dynamo_component_", "dynamo_preprocessor_")
+    assert config.component_metrics.max_series == 100_000
     for bad in (["--component-metrics-prefixes", "llm_"], ["--component-metrics-max-series-per-worker", "0"]):
         with pytest.raises(SystemExit):
-            parse_aggregator_args(bad)
+            parse_config(bad)
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 

@@ -12,7 +12,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 import fleet_protocol as protocol
-from aggregator.cli import parse_aggregator_args
+from aggregator.cli import parse_config
 from aggregator.exposition import encoder as exposition
 from aggregator.service import Aggregator
 from fleet_worker.endpoint_metrics import EndpointMetrics
@@ -39,7 +39,7 @@ def handle(aggregator: Aggregator, event: str, component: str, payload: bytes) -
 
 @pytest.fixture(scope="module")
 def populated():
-    aggregator = Aggregator(parse_aggregator_args(["--port", "0"]))
+    aggregator = Aggregator(parse_config(["--port", "0"]))
     rng = random.Random(3)
     for i in range(60):
         worker_id = rng.getrandbits(63)
@@ -171,7 +171,7 @@ def test_rendering_in_a_thread_while_the_fleet_changes_never_fails():
     from aggregator.edges.http_server import _render
     from bench.payloads import full_worker_messages
 
-    aggregator = Aggregator(parse_aggregator_args(["--port", "0", "--stale-after", "0.2"]))
+    aggregator = Aggregator(parse_config(["--port", "0", "--stale-after", "0.2"]))
     errors: list[BaseException] = []
     renders = 0
     stop = threading.Event()

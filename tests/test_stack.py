@@ -153,18 +153,18 @@ def test_compose_mounts_the_files_that_exist_where_their_consumers_look():
 
 def test_compose_commands_are_accepted_by_the_programs(monkeypatch):
     """The aggregator and mock-worker commands and environment of compose.yml, through the real parsers."""
-    from aggregator.cli import build_parser as aggregator_parser
-    from mock_worker.__main__ import parser as mock_worker_parser
+    from aggregator.cli import parse_config as aggregator_config
+    from mock_worker.cli import parse_config as mock_worker_config
 
     services = compose_file()["services"]
-    for name, build in (("aggregator", aggregator_parser), ("mock-worker", mock_worker_parser)):
+    for name, parse in (("aggregator", aggregator_config), ("mock-worker", mock_worker_config)):
         service = services[name]
         for key, value in service["environment"].items():
             monkeypatch.setenv(key, str(value))
         command = service["command"]
         assert command[0] in {"llm-aggregator", "llm-mock-worker"}
         try:
-            build().parse_args(command[1:])
+            parse(command[1:])
         except SystemExit as exit_:
             pytest.fail(f"compose.yml's {name} command {command} is refused: exit {exit_.code}")
 

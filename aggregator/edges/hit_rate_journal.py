@@ -38,7 +38,6 @@ creates); on a wider stream they are not counted (logged once).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -53,9 +52,9 @@ from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 import fleet_protocol as protocol
+from aggregator.config import JournalConfig
 from aggregator.ingest.pipeline import Ingest
 from aggregator.state.fleet import Fleet, GroupKey, GroupTotals, WorkerKey
-from fleet_runtime.flags import bounded, env_flag
 
 log = structlog.get_logger("aggregator.hit_rate_journal")
 
@@ -74,25 +73,6 @@ class Snapshot(msgspec.Struct):
     # When the stream whose sequence `last_seq` is was created (ISO 8601): a stream deleted and
     # recreated restarts its sequence at 1, and may pass `last_seq` again before the next start.
     stream_created: str | None = None
-
-
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("hit-rate history across restarts (JetStream)")
-    env_flag(group, "--hit-rate-stream", "AGGREGATOR_HIT_RATE_STREAM", None, protocol_stream_name,
-             "read kv-hit-rate events from this JetStream stream (created if missing) instead of core NATS")
-    env_flag(group, "--hit-rate-snapshot", "AGGREGATOR_HIT_RATE_SNAPSHOT", None, str,
-             "file keeping the hit-rate sums and their stream sequence (else the stream is replayed from its start)")
-    env_flag(group, "--hit-rate-snapshot-interval", "AGGREGATOR_HIT_RATE_SNAPSHOT_INTERVAL", 5.0,
-             bounded(float, 0.1, 3600.0), "seconds between snapshots (and one at shutdown)")
-    env_flag(group, "--hit-rate-stream-max-age", "AGGREGATOR_HIT_RATE_STREAM_MAX_AGE", 7 * 86400.0,
-             bounded(float, 60.0, 10 * 365 * 86400.0), "retention of a stream the aggregator creates, seconds")
-
-
-def protocol_stream_name(value: str) -> str:
-    # JetStream stream names: no whitespace, '.', '*', '>', path separators.
-    if not value or len(value) > 64 or any(c in value for c in " \t\r\n.*>/\\"):
-        raise ValueError(f"{value!r} is not a JetStream stream name")
-    return value
 
 
 def stream_subjects(namespace: str) -> list[str]:
@@ -168,11 +148,11 @@ class JournalTelemetry:
 
 
 class HitRateJournal:
-    def __init__(self, args: argparse.Namespace, ingest: Ingest, registry: CollectorRegistry | None = None) -> None:
-        self.stream: str = args.hit_rate_stream
-        self.snapshot_path = Path(args.hit_rate_snapshot) if args.hit_rate_snapshot else None
-        self.interval: float = args.hit_rate_snapshot_interval
-        self.max_age: float = args.hit_rate_stream_max_age
+    def __init__(self, config: JournalConfig, ingest: Ingest, registry: CollectorRegistry | None = None) -> None:
+        self.stream = config.stream
+        self.snapshot_path = Path(config.snapshot_path) if config.snapshot_path is not None else None
+        self.interval = config.snapshot_interval
+        self.max_age = config.stream_max_age
         self.ingest = ingest
         self.fleet = ingest.fleet
         self.subjects = stream_subjects(ingest.namespace)

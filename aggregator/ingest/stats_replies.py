@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import fleet_protocol as protocol
+from aggregator.config import ScrapeTarget
 from fleet_protocol import ForwardPassMetrics, MessageRejected
 from fleet_protocol.service_stats import parse_worker_id, service_name, stats_subject
 
@@ -30,14 +31,6 @@ NO_WORKER_ID: Final = "no_worker_id"  # a static endpoint `{service}.{endpoint}`
 NO_DATA: Final = "no_data"  # `data` absent or null: the worker has no stats handler (yet)
 ENDPOINT_REASONS: Final = (NO_WORKER_ID, NO_DATA)
 
-
-
-@dataclass(frozen=True, slots=True)
-class ScrapeTarget:
-    """`--scrape COMPONENT/ENDPOINT`: read `endpoint` of the workers of `component`."""
-
-    component: str
-    endpoint: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,280 @@
+"""The aggregator's settings: typed, frozen, one dataclass per concern, checked when built.
+
+`aggregator.cli` builds an `AggregatorConfig` from flags and environment variables; the
+demo and tests build one directly. Every field is checked at construction, as nats-py's
+`micro.ServiceConfig` does, and a bad value raises `ConfigError` naming the field. Only
+values are checked here (no file is opened): whether a file can be read, or a TLS context
+built from it, is for whoever opens it.
+
+The bottom layer of the aggregator: it imports nothing from the rest of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Final
+
+import fleet_protocol as protocol
+from fleet_protocol.names import METRIC_NAME
+from fleet_protocol.service_stats import service_name
+from fleet_runtime.config_checks import (
+    Check,
+    ConfigError,
+    check_fields,
+    checked,
+    each,
+    ip_address,
+    label_value,
+    nats_token,
+    nats_url,
+    one_of,
+    optional,
+    port_number,
+    redact_url,
+    shown,
+    text,
+    within,
+)
+
+__all__ = [
+    "DEFAULT_PREFIXES",
+    "GPU_HOSTNAME_LABELS",
+    "RESERVED_PREFIXES",
+    "AggregatorConfig",
+    "ComponentMetricsConfig",
+    "ConfigError",
+    "HttpConfig",
+    "JournalConfig",
+    "LimitsConfig",
+    "NatsConfig",
+    "PullConfig",
+    "ScrapeTarget",
+    "check_prefix",
+    "check_stream_name",
+]
+
+# Names of the node label on DCGM_FI_* series: dcgm-exporter's released one, and its main branch's since PR #655.
+GPU_HOSTNAME_LABELS: Final = ("Hostname", "hostname")
+
+DEFAULT_PREFIXES: Final = ("dynamo_component_", "dynamo_frontend_")
+# The aggregator's own families (FleetCollector, Telemetry, ProcessCollector, PlatformCollector).
+RESERVED_PREFIXES: Final = ("llm_", "process_", "python_")
+
+
+def check_prefix(prefix: str) -> str:
+    """An allowed prefix of workers' metric names: a valid name start that cannot reach the aggregator's own names."""
+    if not isinstance(prefix, str) or not METRIC_NAME.fullmatch(prefix):
+        raise ValueError(f"{prefix!r} is not the start of a Prometheus metric name")
+    for reserved in RESERVED_PREFIXES:
+        if prefix.startswith(reserved) or reserved.startswith(prefix):
+            raise ValueError(f"{prefix!r} would admit the aggregator's own {reserved}* series")
+    return prefix
+
+
+def check_stream_name(value: str) -> str:
+    # JetStream stream names: no whitespace, '.', '*', '>', path separators.
+    if not isinstance(value, str) or not value or len(value) > 64 or any(c in value for c in " \t\r\n.*>/\\"):
+        raise ValueError(f"{value!r} is not a JetStream stream name")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class NatsConfig:
+    """The NATS connection: servers, one authentication method at most, TLS, keep-alive and buffers.
+
+    Files are paths (read by nats-py when connecting). `repr()` never shows the password,
+    the token or credentials inside a URL.
+    """
+
+    urls: tuple[str, ...] = field(default=("nats://localhost:4222",),
+                                  metadata=checked(each(nats_url, what="NATS URL")))
+    user: str | None = field(default=None, metadata=checked(optional(text)))
+    password: str | None = field(default=None, metadata=checked(optional(text)))
+    token: str | None = field(default=None, metadata=checked(optional(text)))
+    nkey_seed_file: str | None = field(default=None, metadata=checked(optional(text)))
+    creds_file: str | None = field(default=None, metadata=checked(optional(text)))
+    tls_ca: str | None = field(default=None, metadata=checked(optional(text)))
+    tls_cert: str | None = field(default=None, metadata=checked(optional(text)))
+    tls_key: str | None = field(default=None, metadata=checked(optional(text)))
+    # 2 unanswered pings mark a frozen server as disconnected.
+    ping_interval: float = field(default=5.0, metadata=checked(within(0.2, 600.0)))
+    # Per subscription; past them NATS drops messages (counted).
+    pending_msgs_limit: int = field(default=512 * 1024, metadata=checked(within(1, 100_000_000)))
+    pending_bytes_limit: int = field(default=128 * 1024 * 1024, metadata=checked(within(1024, 64 * 1024**3)))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for one, other in (("user", "password"), ("password", "user"), ("tls_cert", "tls_key"),
+                           ("tls_key", "tls_cert")):
+            if getattr(self, one) is not None and getattr(self, other) is None:
+                raise ConfigError(other, "needed with {0}", (one,))
+        methods = self.auth_fields
+        if len(methods) > 1:
+            raise ConfigError(methods[1], "cannot be combined with {0}: choose one NATS authentication method",
+                              (methods[0],))
+
+    @property
+    def auth_fields(self) -> list[str]:
+        """The fields of the authentication methods configured (user and password count as one)."""
+        return [name for name in ("user", "token", "nkey_seed_file", "creds_file") if getattr(self, name) is not None]
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_ca is not None or self.tls_cert is not None
+
+    def __repr__(self) -> str:
+        shown = []
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name == "urls":
+                value = tuple(redact_url(url) for url in value)
+            elif item.name in ("password", "token") and value is not None:
+                value = "***"
+            shown.append(f"{item.name}={value!r}")
+        return f"NatsConfig({', '.join(shown)})"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """What one worker, or the whole fleet, may make the aggregator hold."""
+
+    # Seconds of silence after which a worker and all its series are dropped.
+    stale_after: float = field(default=10.0, metadata=checked(within(0.1, 86400.0)))
+    max_message_bytes: int = field(default=256 * 1024, metadata=checked(within(256, 64 * 1024 * 1024)))
+    max_workers: int = field(default=100_000, metadata=checked(within(1, 10_000_000)))
+    # component/endpoint pairs (their totals outlive their workers)
+    max_groups: int = field(default=10_000, metadata=checked(within(1, 1_000_000)))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentMetricsConfig:
+    """Workers' MetricsRegistry snapshots (namespace.{ns}.component.{c}.metrics), re-exported."""
+
+    # Name prefixes a worker's metrics may use.
+    prefixes: tuple[str, ...] = field(default=DEFAULT_PREFIXES, metadata=checked(each(check_prefix, what="prefix")))
+    max_bytes: int = field(default=1024 * 1024, metadata=checked(within(1024, 64 * 1024 * 1024)))
+    max_series_per_worker: int = field(default=5_000, metadata=checked(within(1, 10_000_000)))
+    # Series of all workers' snapshots together.
+    max_series: int = field(default=100_000, metadata=checked(within(1, 100_000_000)))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """The HTTP endpoint: /metrics, /health, /live."""
+
+    host: str = field(default="0.0.0.0", metadata=checked(ip_address))
+    port: int = field(default=9091, metadata=checked(port_number))  # 0 picks a free one
+    # exporter-toolkit web config (YAML): TLS and basic auth
+    web_config_file: str | None = field(default=None, metadata=checked(optional(text)))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalConfig:
+    """Hit-rate history across restarts: events read from a JetStream stream, sums kept in a snapshot file."""
+
+    stream: str = field(metadata=checked(check_stream_name))  # created if missing
+    # Without it the stream is replayed from its start.
+    snapshot_path: str | None = field(default=None, metadata=checked(optional(text)))
+    snapshot_interval: float = field(default=5.0, metadata=checked(within(0.1, 3600.0)))
+    # Retention of a stream the aggregator creates.
+    stream_max_age: float = field(default=7 * 86400.0, metadata=checked(within(60.0, 10 * 365 * 86400.0)))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ScrapeTarget:
+    """`--scrape COMPONENT/ENDPOINT`: read `endpoint` of the workers of `component`."""
+
+    component: str = field(metadata=checked(nats_token))
+    endpoint: str = field(metadata=checked(nats_token))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def _targets(values: object) -> None:
+    if not isinstance(values, tuple) or not all(isinstance(v, ScrapeTarget) for v in values):
+        raise TypeError(f"{values!r} is not a tuple of ScrapeTarget")
+
+
+MIN_POLL_INTERVAL: Final = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class PullConfig:
+    """Pull mode: poll the NATS service stats of these components' workers, Dynamo-style."""
+
+    targets: tuple[ScrapeTarget, ...] = field(default=(), metadata=checked(_targets))
+    poll_interval: float = field(default=1.0, metadata=checked(within(MIN_POLL_INTERVAL, 3600.0)))
+    # Seconds to collect stats replies; None means 0.8 x poll_interval.
+    scrape_timeout: float | None = field(default=None, metadata=checked(optional(within(0.01, 3600.0))))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.timeout >= self.poll_interval:
+            raise ConfigError("scrape_timeout",
+                              f"{shown(self.timeout)} must be below {{0}} {shown(self.poll_interval)}",
+                              ("poll_interval",))
+
+    @property
+    def timeout(self) -> float:
+        """How long each poll collects replies."""
+        if self.scrape_timeout is None:
+            return round(0.8 * self.poll_interval, 6)
+        return self.scrape_timeout
+
+
+def _instance(kind: type) -> Check:
+    def check(value: object) -> None:
+        if not isinstance(value, kind):
+            raise TypeError(f"{value!r} is not a {kind.__name__}")
+
+    return check
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorConfig:
+    """Everything `python -m aggregator` is told. `journal` and `pull` are None when off."""
+
+    nats: NatsConfig = field(default_factory=NatsConfig, metadata=checked(_instance(NatsConfig)))
+    http: HttpConfig = field(default_factory=HttpConfig, metadata=checked(_instance(HttpConfig)))
+    limits: LimitsConfig = field(default_factory=LimitsConfig, metadata=checked(_instance(LimitsConfig)))
+    component_metrics: ComponentMetricsConfig = field(default_factory=ComponentMetricsConfig,
+                                                      metadata=checked(_instance(ComponentMetricsConfig)))
+    journal: JournalConfig | None = field(default=None, metadata=checked(optional(_instance(JournalConfig))))
+    pull: PullConfig | None = field(default=None, metadata=checked(optional(_instance(PullConfig))))
+    namespace: str = field(default=protocol.DEFAULT_NAMESPACE, metadata=checked(nats_token))  # Dynamo namespace
+    # Component label for namespace-level subjects (namespace.{ns}.kv_metrics, .kv-hit-rate).
+    component: str = field(default=protocol.DEFAULT_COMPONENT, metadata=checked(nats_token))
+    # Endpoint label for hit-rate events of workers that never reported load.
+    endpoint: str = field(default=protocol.DEFAULT_ENDPOINT, metadata=checked(label_value))
+    gpu_hostname_label: str = field(default=GPU_HOSTNAME_LABELS[0],
+                                    metadata=checked(one_of(GPU_HOSTNAME_LABELS)))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.pull is None or not self.pull.targets:
+            return
+        if self.pull.poll_interval >= self.limits.stale_after:
+            raise ConfigError("pull.poll_interval", f"{shown(self.pull.poll_interval)} must be below {{0}} "
+                              f"{shown(self.limits.stale_after)}, or every scraped worker would expire between polls",
+                              ("limits.stale_after",))
+        components: dict[str, str] = {}
+        for target in self.pull.targets:
+            service = service_name(self.namespace, target.component)
+            other = components.setdefault(service, target.component)
+            if other != target.component:
+                # Their workers could not be told apart.
+                raise ConfigError("pull.targets", f"components {other!r} and {target.component!r} are both "
+                                  f"NATS service {service!r}")
