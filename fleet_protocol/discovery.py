@@ -284,8 +284,11 @@ def _check_ids(entry: DiscoveryEntry) -> DiscoveryEntry:
 
 def decode_discovery_entry(value: bytes, max_bytes: int, bucket: str | None = None) -> DiscoveryEntry:
     """An entry of `bucket` (any bucket if None), told apart by its `type`; other types are rejected."""
-    decoder = _any_decoder if bucket is None else _decoders.get(bucket)
-    if decoder is None:
+    if bucket is None:
+        decoder = _any_decoder
+    elif bucket in _decoders:
+        decoder = _decoders[bucket]
+    else:
         raise MessageRejected(WRONG_TYPE, f"unknown discovery bucket {bucket[:64]!r}")
     return _check_ids(decode(decoder, value, max_bytes))
 
