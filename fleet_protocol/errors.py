@@ -12,10 +12,14 @@ WRONG_TYPE: Final = "wrong_type"
 OUT_OF_RANGE: Final = "out_of_range"
 INCONSISTENT: Final = "inconsistent"
 REJECT_REASONS: Final = (OVERSIZED, NOT_JSON, MISSING_FIELD, WRONG_TYPE, OUT_OF_RANGE, INCONSISTENT)
+# Dynamo 1.x's event plane is MessagePack: its decoders say not_msgpack where the JSON ones say not_json.
+# Kept out of REJECT_REASONS so that the JSON kinds' counters do not grow a reason they cannot have.
+NOT_MSGPACK: Final = "not_msgpack"
+EVENT_REJECT_REASONS: Final = (OVERSIZED, NOT_MSGPACK, MISSING_FIELD, WRONG_TYPE, OUT_OF_RANGE, INCONSISTENT)
 
 
 class MessageRejected(Exception):
-    """A message that cannot be used; `reason` is one of REJECT_REASONS."""
+    """A message that cannot be used; `reason` is one of REJECT_REASONS (EVENT_REJECT_REASONS for MessagePack)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 from .codec import decode
 from .errors import OUT_OF_RANGE, MessageRejected
+from .values import Count
 
 # NATS service API stats (pull mode) ----------------------------------------------------
 #
@@ -107,3 +108,77 @@ def parse_worker_id(text: str) -> int | None:
         raise MessageRejected(OUT_OF_RANGE, f"worker id {text!r} does not fit in 64 bits")
     return int(text, 16)
 
+
+
+# Dynamo 1.x ----------------------------------------------------------------------------
+#
+# With the `nats` request plane a 1.x worker still answers `$SRV.STATS.{service}`, but as a
+# plain NATS micro service: no `data`, only the framework's counters. Each worker's endpoint
+# is named `{service}-{endpoint}-{hex}` (subject `{service}.{endpoint}-{hex}`, queue group `q`).
+# With the default `tcp` request plane there is no NATS service and no reply at all.
+
+Nanoseconds = Annotated[int, Meta(ge=0)]
+MAX_NANOSECONDS: Final = 2**64 - 1
+DYNAMO_QUEUE_GROUP: Final = "q"
+
+
+class EndpointStatsV1(Struct, gc=False):
+    """A 1.x endpoint entry; fields in the order async-nats writes them."""
+
+    name: str
+    subject: str
+    num_requests: Count
+    num_errors: Count
+    processing_time: Nanoseconds  # total, nanoseconds
+    average_processing_time: Nanoseconds = 0
+    last_error: str = ""
+    queue_group: str | None = DYNAMO_QUEUE_GROUP
+
+
+class StatsReplyV1(Struct, tag_field="type", tag=STATS_RESPONSE_TYPE, gc=False):
+    """A whole 1.x reply, for publishers (mock workers); readers keep using `decode_stats_reply`."""
+
+    name: str
+    id: str
+    version: str
+    started: str
+    endpoints: list[EndpointStatsV1]
+
+
+_endpoint_stats_v1_decoder = msgspec.json.Decoder(EndpointStatsV1)
+_stats_encoder = msgspec.json.Encoder()
+
+
+def has_stats_data(entry: StatsEndpoint) -> bool:
+    """Whether an entry carries Dynamo 0.x ForwardPassMetrics in `data` (a 1.x entry never does)."""
+    return bytes(entry.data) != b"null"
+
+
+def decode_endpoint_stats_v1(raw: msgspec.Raw) -> EndpointStatsV1:
+    """The counters of one endpoint entry; the reply's size was checked already."""
+    stats: EndpointStatsV1 = decode(_endpoint_stats_v1_decoder, raw, len(raw))
+    for value in (stats.processing_time, stats.average_processing_time):
+        if value > MAX_NANOSECONDS:
+            raise MessageRejected(OUT_OF_RANGE, f"processing time {value} ns does not fit in 64 bits")
+    return stats
+
+
+def encode_stats_reply_v1(reply: StatsReplyV1) -> bytes:
+    return _stats_encoder.encode(reply)
+
+
+def instance_endpoint_name(service: str, endpoint: str, worker_id: int) -> str:
+    """A 1.x endpoint entry's `name`: `{service}-{endpoint}-{worker_id as lower-case hex}`."""
+    return f"{service}-{endpoint_name(endpoint, worker_id)}"
+
+
+def parse_instance_endpoint_name(name: str, service: str) -> tuple[str, int] | None:
+    """(endpoint, worker_id) of a 1.x entry name of `service`; None if the name is not of that shape."""
+    prefix = service + "-"
+    if not name.startswith(prefix):
+        return None
+    endpoint, dash, suffix = name[len(prefix):].rpartition("-")
+    if not dash or not endpoint:
+        return None
+    worker_id = parse_worker_id(suffix)
+    return None if worker_id is None else (endpoint, worker_id)
