@@ -11,6 +11,7 @@ import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 import fleet_protocol as protocol
+from aggregator import rejects
 from aggregator.collectors.fleet_kv import FleetCollector
 from aggregator.collectors.telemetry import StatsScrapeTelemetry, Telemetry
 from aggregator.component_metrics import (
@@ -25,8 +26,9 @@ from aggregator.edges.nats_transport import NatsSubscriber
 from aggregator.edges.stats_scraper import StatsScraper
 from aggregator.edges.web_config import basic_auth_middleware
 from aggregator.ingest.pipeline import Ingest
-from aggregator.ingest.stats_replies import ENDPOINT_REASONS, plan_services
+from aggregator.ingest.stats_replies import plan_services
 from aggregator.state.fleet import Fleet
+from aggregator.state.ingest_counts import IngestCounts
 
 log = structlog.get_logger("aggregator")
 
@@ -41,7 +43,8 @@ class Aggregator:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        self.telemetry = Telemetry(self.registry)
+        self.counts = IngestCounts()
+        self.telemetry = Telemetry(self.registry, self.counts)
         self.fleet = Fleet(args.stale_after, max_workers=args.max_workers, max_groups=args.max_groups,
                            default_endpoint=args.endpoint,
                            max_component_series=args.component_metrics_max_series)
@@ -49,7 +52,7 @@ class Aggregator:
         self.registry.register(ComponentMetricsCollector(self.fleet))
         self.ingest = Ingest(
             self.fleet,
-            self.telemetry,
+            self.counts,
             namespace=args.namespace,
             default_component=args.component,
             max_message_bytes=args.max_message_bytes,
@@ -62,7 +65,8 @@ class Aggregator:
             self.journal.load()
         limits = SnapshotLimits(args.component_metrics_prefixes, args.component_metrics_max_series_per_worker)
         self.ingest.add_route(protocol.COMPONENT_METRICS, "component_metrics",
-                              snapshot_route(limits, args.component_metrics_max_bytes))
+                              snapshot_route(limits, args.component_metrics_max_bytes),
+                              reasons=rejects.COMPONENT_METRICS)
         self.subscriber = NatsSubscriber(
             args.nats_url,
             self.ingest,
@@ -82,8 +86,8 @@ class Aggregator:
         plans = plan_services(args.namespace, getattr(args, "scrape", None) or [])
         if not plans:
             return None
-        telemetry = StatsScrapeTelemetry(self.registry, [plan.service for plan in plans], ENDPOINT_REASONS)
-        return StatsScraper(plans, self.fleet, telemetry, connection=lambda: self.subscriber.nc,
+        telemetry = StatsScrapeTelemetry(self.registry, [plan.service for plan in plans])
+        return StatsScraper(plans, self.ingest, telemetry, connection=lambda: self.subscriber.nc,
                             poll_interval=args.poll_interval, timeout=args.scrape_timeout,
                             max_message_bytes=args.max_message_bytes)
 
