@@ -56,6 +56,10 @@ class RateLimit:
         self._clock = clock
         self._last: dict[Hashable, _Window] = {}
 
+    def __len__(self) -> int:
+        """How many keys it remembers (at most `max_keys`)."""
+        return len(self._last)
+
     def __call__(self, logger: object, method_name: str, event_dict: EventDict) -> EventDict:
         key = event_dict.pop(RATE_LIMIT, None)
         if key is None:
