@@ -34,15 +34,16 @@ from prometheus_client.utils import floatToGoString
 import fleet_protocol as protocol
 from aggregator.config import DEFAULT_PREFIXES, RESERVED_PREFIXES
 from aggregator.exposition.encoder import ChunkedMetric, RenderedLabels, render_chunk
+from aggregator.rejects import (
+    BAD_FAMILY,
+    BAD_NAME,
+    NOT_EXPOSITION,
+    RESERVED_NAME,
+    SERIES_LIMIT,
+    TYPE_CONFLICT,
+)
 from fleet_protocol import MessageRejected
 from fleet_protocol.names import LABEL_NAME, METRIC_NAME
-
-NOT_EXPOSITION = "not_exposition"
-BAD_NAME = "bad_name"
-RESERVED_NAME = "reserved_name"
-BAD_FAMILY = "bad_family"
-TYPE_CONFLICT = "type_conflict"
-SERIES_LIMIT = "series_limit"
 
 WORKER_ID = "worker_id"
 

@@ -10,6 +10,7 @@ import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 import fleet_protocol as protocol
+from aggregator import rejects
 from aggregator.collectors.fleet_kv import FleetCollector
 from aggregator.collectors.telemetry import StatsScrapeTelemetry, Telemetry
 from aggregator.component_metrics import (
@@ -24,8 +25,9 @@ from aggregator.edges.http_server import bound_port, build_app, start_server
 from aggregator.edges.nats_transport import NatsSubscriber
 from aggregator.edges.stats_scraper import StatsScraper
 from aggregator.ingest.pipeline import Ingest
-from aggregator.ingest.stats_replies import ENDPOINT_REASONS, plan_services
+from aggregator.ingest.stats_replies import plan_services
 from aggregator.state.fleet import Fleet
+from aggregator.state.ingest_counts import IngestCounts
 
 log = structlog.get_logger("aggregator")
 
@@ -45,7 +47,8 @@ class Aggregator:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        self.telemetry = Telemetry(self.registry)
+        self.counts = IngestCounts()
+        self.telemetry = Telemetry(self.registry, self.counts)
         self.fleet = Fleet(limits.stale_after, max_workers=limits.max_workers, max_groups=limits.max_groups,
                            default_endpoint=config.endpoint,
                            max_component_series=component_metrics.max_series)
@@ -53,7 +56,7 @@ class Aggregator:
         self.registry.register(ComponentMetricsCollector(self.fleet))
         self.ingest = Ingest(
             self.fleet,
-            self.telemetry,
+            self.counts,
             namespace=config.namespace,
             default_component=config.component,
             max_message_bytes=limits.max_message_bytes,
@@ -66,7 +69,8 @@ class Aggregator:
             self.journal.load()
         snapshot_limits = SnapshotLimits(component_metrics.prefixes, component_metrics.max_series_per_worker)
         self.ingest.add_route(protocol.COMPONENT_METRICS, "component_metrics",
-                              snapshot_route(snapshot_limits, component_metrics.max_bytes))
+                              snapshot_route(snapshot_limits, component_metrics.max_bytes),
+                              reasons=rejects.COMPONENT_METRICS)
         nats = config.nats
         self.subscriber = NatsSubscriber(
             ",".join(nats.urls),
@@ -87,8 +91,8 @@ class Aggregator:
         plans = plan_services(self.config.namespace, pull.targets)
         if not plans:
             return None
-        telemetry = StatsScrapeTelemetry(self.registry, [plan.service for plan in plans], ENDPOINT_REASONS)
-        return StatsScraper(plans, self.fleet, telemetry, connection=lambda: self.subscriber.nc,
+        telemetry = StatsScrapeTelemetry(self.registry, [plan.service for plan in plans])
+        return StatsScraper(plans, self.ingest, telemetry, connection=lambda: self.subscriber.nc,
                             poll_interval=pull.poll_interval, timeout=pull.timeout,
                             max_message_bytes=self.config.limits.max_message_bytes)
 

@@ -46,7 +46,7 @@ class Stack:
         self.fleet = Fleet(stale_after=10, max_component_series=max_series)
         self.registry.register(FleetCollector(self.fleet, monotonic_clock=self.clock))
         self.registry.register(ComponentMetricsCollector(self.fleet))
-        self.ingest = Ingest(self.fleet, self.telemetry, namespace="dynamo", default_component="backend",
+        self.ingest = Ingest(self.fleet, self.telemetry.counts, namespace="dynamo", default_component="backend",
                              max_message_bytes=65536, clock=self.clock)
         self.ingest.add_route(protocol.COMPONENT_METRICS, "component_metrics",
                               snapshot_route(SnapshotLimits(prefixes, max_series_per_worker), max_bytes))

@@ -9,8 +9,11 @@ import subprocess
 import pytest
 from prometheus_client import CollectorRegistry
 
+import fleet_protocol as protocol
+from aggregator import rejects
 from aggregator.collectors.fleet_kv import FleetCollector
 from aggregator.collectors.telemetry import Telemetry
+from aggregator.component_metrics import SnapshotLimits, snapshot_route
 from aggregator.exposition.encoder import encode
 from aggregator.ingest.pipeline import Ingest
 from aggregator.state.fleet import Fleet
@@ -33,8 +36,11 @@ def stack():
     telemetry = Telemetry(registry)
     fleet = Fleet(stale_after=10)
     registry.register(FleetCollector(fleet, wall_clock=lambda: 1_700_000_000.0 + clock.now, monotonic_clock=clock))
-    ingest = Ingest(fleet, telemetry, namespace="dynamo", default_component="backend",
+    ingest = Ingest(fleet, telemetry.counts, namespace="dynamo", default_component="backend",
                     max_message_bytes=65536, clock=clock)
+    # Every route the aggregator has (aggregator/service.py): a kind is counted from 0 once routed.
+    ingest.add_route(protocol.COMPONENT_METRICS, "component_metrics", snapshot_route(SnapshotLimits(), 1 << 20),
+                     reasons=rejects.COMPONENT_METRICS)
     return ingest, registry, clock
 
 

@@ -53,7 +53,7 @@ def make_stack(hostname_label="Hostname"):
     fleet = Fleet(stale_after=10)
     registry.register(FleetCollector(fleet, wall_clock=lambda: 1_700_000_000.0 + clock.now, monotonic_clock=clock,
                                      gpu_hostname_label=hostname_label))
-    ingest = Ingest(fleet, telemetry, namespace="dynamo", default_component="backend",
+    ingest = Ingest(fleet, telemetry.counts, namespace="dynamo", default_component="backend",
                     max_message_bytes=65536, clock=clock)
     return ingest, registry, clock
 

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 import fleet_protocol as protocol
+from aggregator import rejects
 from aggregator.collectors.fleet_kv import FleetCollector
-from aggregator.collectors.telemetry import LIMIT_REASONS, Telemetry
+from aggregator.collectors.telemetry import Telemetry
 from aggregator.exposition.encoder import encode
 from aggregator.ingest.pipeline import Ingest
 from aggregator.state.fleet import Fleet
@@ -135,7 +136,7 @@ def build(max_workers: int = 100_000):
     telemetry = Telemetry(registry)
     fleet = Fleet(stale_after=60, max_workers=max_workers)
     registry.register(FleetCollector(fleet))
-    ingest = Ingest(fleet, telemetry, namespace="dynamo", default_component="backend", max_message_bytes=LIMIT,
+    ingest = Ingest(fleet, telemetry.counts, namespace="dynamo", default_component="backend", max_message_bytes=LIMIT,
                     clock=lambda: 100.0)
     return ingest, fleet, registry
 
@@ -182,7 +183,7 @@ def test_ingest_never_raises_counts_everything_and_exports_accepted_labels_escap
     assert received == len(batch) == accepted + rejected
     reasons = {s.labels["reason"] for m in registry.collect() if m.name == "llm_aggregator_messages_rejected"
                for s in m.samples if s.name.endswith("_total") and s.value}
-    assert reasons <= set(protocol.REJECT_REASONS) | set(LIMIT_REASONS)
+    assert reasons <= set(protocol.REJECT_REASONS) | set(rejects.WORKER_LIMITS)
     assert len(fleet) <= 5
 
     expected = {(k.component, k.endpoint, str(k.worker_id), str(k.dp_rank)) for k in fleet.workers}

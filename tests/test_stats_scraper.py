@@ -11,8 +11,10 @@ from prometheus_client import CollectorRegistry
 
 from aggregator.collectors.telemetry import StatsScrapeTelemetry
 from aggregator.edges.stats_scraper import StatsScraper
-from aggregator.ingest.stats_replies import ENDPOINT_REASONS, ServicePlan
+from aggregator.ingest.pipeline import Ingest
+from aggregator.ingest.stats_replies import ServicePlan
 from aggregator.state.fleet import Fleet
+from aggregator.state.ingest_counts import IngestCounts
 from fleet_protocol.service_stats import service_name
 from mock_worker.engine import EngineConfig, SimulatedEngine
 from mock_worker.stats_service import start_worker_service
@@ -22,10 +24,14 @@ PLAN = ServicePlan(service_name("dynamo", "backend"), {"generate": "backend"})
 
 def scraper(connection, fleet: Fleet | None = None, timeout: float = 0.3):
     registry = CollectorRegistry()
-    telemetry = StatsScrapeTelemetry(registry, [PLAN.service], ENDPOINT_REASONS)
+    telemetry = StatsScrapeTelemetry(registry, [PLAN.service])
     fleet = Fleet(30.0) if fleet is None else fleet
-    return StatsScraper([PLAN], fleet, telemetry, connection=connection, poll_interval=timeout * 2,
+    return StatsScraper([PLAN], ingest(fleet), telemetry, connection=connection, poll_interval=timeout * 2,
                         timeout=timeout, max_message_bytes=65536), fleet, registry
+
+
+def ingest(fleet: Fleet) -> Ingest:
+    return Ingest(fleet, IngestCounts(), namespace="dynamo", default_component="backend", max_message_bytes=65536)
 
 
 def value(registry: CollectorRegistry, name: str, **labels) -> float:
@@ -115,5 +121,5 @@ def test_timeout_must_be_below_the_interval():
     registry = CollectorRegistry()
     telemetry = StatsScrapeTelemetry(registry, [PLAN.service])
     with pytest.raises(ValueError):
-        StatsScraper([PLAN], Fleet(30.0), telemetry, connection=lambda: None, poll_interval=1.0, timeout=1.0,
+        StatsScraper([PLAN], ingest(Fleet(30.0)), telemetry, connection=lambda: None, poll_interval=1.0, timeout=1.0,
                      max_message_bytes=1024)

@@ -27,7 +27,7 @@ def load(worker_id: int, active: int = 10) -> bytes:
 def make_subscriber(url: str) -> tuple[NatsSubscriber, Fleet, Telemetry]:
     telemetry = Telemetry(CollectorRegistry())
     fleet = Fleet(stale_after=60)
-    ingest = Ingest(fleet, telemetry, namespace="dynamo", default_component="backend", max_message_bytes=65536)
+    ingest = Ingest(fleet, telemetry.counts, namespace="dynamo", default_component="backend", max_message_bytes=65536)
     return NatsSubscriber(url, ingest, telemetry), fleet, telemetry
 
 
@@ -40,7 +40,7 @@ async def until(predicate, timeout: float = 5.0) -> None:
 
 
 def accepted(telemetry: Telemetry) -> int:
-    return telemetry.accepted["kv_metrics"].value
+    return telemetry.counts.of("nats", "kv_metrics").accepted.value
 
 
 def test_the_installed_nats_py_has_the_hook_direct_delivery_needs():

@@ -42,7 +42,7 @@ def stack():
     registry = CollectorRegistry()
     fleet = Fleet(stale_after=10)
     registry.register(FleetCollector(fleet, wall_clock=clock, monotonic_clock=clock))
-    ingest = Ingest(fleet, Telemetry(registry), namespace="dynamo", default_component="backend",
+    ingest = Ingest(fleet, Telemetry(registry).counts, namespace="dynamo", default_component="backend",
                     max_message_bytes=65536, clock=clock)
     return ingest, registry, clock
 

@@ -1,73 +1,25 @@
 """The aggregator's own health metrics (`llm_aggregator_*`).
 
-The per-message counters are plain integers exported by a small collector: a
-prometheus_client Counter takes a lock on every `inc()`, which cost a quarter of the
-per-message ingest time. The rest are ordinary prometheus_client metrics.
+The per-message counters are ingest's plain integers (state/ingest_counts.py), exported by
+`IngestCountsCollector`; the rest are ordinary prometheus_client metrics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
-from fleet_protocol import REJECT_REASONS
-
-KINDS = ("kv_metrics", "kv_hit_rate", "gpu_metrics", "component_metrics")
-LIMIT_REASONS = ("worker_limit", "group_limit", "label_limit")
-
-
-class Tally:
-    """A counter without a lock: only the event loop's thread increments it."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def inc(self, amount: int = 1) -> None:
-        self.value += amount
-
-
-class _MessageCounters(Collector):
-    def __init__(self, telemetry: "Telemetry") -> None:
-        self.telemetry = telemetry
-
-    def collect(self) -> Iterator[Metric]:
-        t = self.telemetry
-        received = CounterMetricFamily(
-            "llm_aggregator_messages_received", "Messages received from NATS, by kind", labels=["kind"])
-        accepted = CounterMetricFamily(
-            "llm_aggregator_messages_accepted", "Messages decoded and applied to the fleet state, by kind",
-            labels=["kind"])
-        rejected = CounterMetricFamily(
-            "llm_aggregator_messages_rejected",
-            "Messages dropped, by kind and reason (decode failures and cardinality limits)",
-            labels=["kind", "reason"])
-        for kind, tally in list(t.received.items()):
-            received.add_metric([kind], tally.value)
-        for kind, tally in list(t.accepted.items()):
-            accepted.add_metric([kind], tally.value)
-        for (kind, reason), tally in list(t.rejected.items()):
-            rejected.add_metric([kind, reason], tally.value)
-        yield from (received, accepted, rejected)
-
-    def describe(self) -> Iterator[Metric]:
-        return self.collect()
+from aggregator import rejects
+from aggregator.collectors.ingest_counts import IngestCountsCollector
+from aggregator.state.ingest_counts import IngestCounts
 
 
 class Telemetry:
-    def __init__(self, registry: CollectorRegistry, kinds=KINDS) -> None:
-        self.received = {kind: Tally() for kind in kinds}
-        self.accepted = {kind: Tally() for kind in kinds}
-        self.rejected = {
-            (kind, reason): Tally()
-            for kind in kinds
-            for reason in (*REJECT_REASONS, *LIMIT_REASONS)
-        }
-        registry.register(_MessageCounters(self))
+    def __init__(self, registry: CollectorRegistry, counts: IngestCounts | None = None) -> None:
+        # What ingest counts per message; a fresh one for a telemetry made alone (tests).
+        self.counts = counts if counts is not None else IngestCounts()
+        registry.register(IngestCountsCollector(self.counts))
         self.nats_connected = Gauge(
             "llm_aggregator_nats_connected", "1 while connected to NATS and subscribed, else 0", registry=registry
         )
@@ -92,29 +44,17 @@ class Telemetry:
             registry=registry,
         )
 
-    def add_kind(self, kind: str, reasons: tuple[str, ...] = ()) -> None:
-        """Count a new message kind (its rejection reasons appear at 0 from the start)."""
-        self.received.setdefault(kind, Tally())
-        self.accepted.setdefault(kind, Tally())
-        for reason in (*REJECT_REASONS, *LIMIT_REASONS, *reasons):
-            self.rejected.setdefault((kind, reason), Tally())
 
-    def reject(self, kind: str, reason: str) -> None:
-        tally = self.rejected.get((kind, reason))
-        if tally is None:
-            tally = self.rejected[(kind, reason)] = Tally()
-        tally.inc()
-
-
-# Pull mode: scraping workers' NATS service stats ($SRV.STATS.{service}).
-SCRAPE_REPLY_REASONS = REJECT_REASONS
-SCRAPE_EDGE_REASONS = ("not_connected", "request_failed")
+# Pull mode: scraping workers' NATS service stats ($SRV.STATS.{service}). Every reason a poll, a
+# reply or an endpoint entry can fail for, in the order their children are created.
+SCRAPE_REASONS = (*rejects.STATS_REQUEST, *rejects.WIRE, *rejects.STATS_ENDPOINT, *rejects.WORKER_LIMITS)
 
 
 class StatsScrapeTelemetry:
     """`llm_aggregator_stats_scrape*`: one child per service, created up front so zeros are exported."""
 
-    def __init__(self, registry: CollectorRegistry, services, endpoint_reasons=()) -> None:
+    def __init__(self, registry: CollectorRegistry, services: Iterable[str]) -> None:
+        services = list(services)
         labels = ["service"]
         scrapes = Counter("llm_aggregator_stats_scrapes", "Stats requests sent, by NATS service", labels,
                           registry=registry)
@@ -147,7 +87,7 @@ class StatsScrapeTelemetry:
         self.errors = {
             (s, reason): errors.labels(s, reason)
             for s in services
-            for reason in (*SCRAPE_EDGE_REASONS, *SCRAPE_REPLY_REASONS, *endpoint_reasons, *LIMIT_REASONS)
+            for reason in SCRAPE_REASONS
         }
 
     def error(self, service: str, reason: str) -> None:
@@ -155,3 +95,28 @@ class StatsScrapeTelemetry:
         if child is None:
             child = self.errors[(service, reason)] = self._errors.labels(service, reason)
         child.inc()
+
+    def outcomes(self, service: str) -> ServiceOutcomes:
+        """Where ingest counts the endpoint entries of `service`'s replies."""
+        return ServiceOutcomes(self, service)
+
+
+class _NotCounted:
+    def inc(self, amount: int = 1) -> None:
+        pass
+
+
+class ServiceOutcomes:
+    """A service's entries as ingest counts them: accepted in `_endpoints_total{outcome="accepted"}`,
+    rejected in `_errors_total{reason}`; not each received (`_replies_total` counts the replies)."""
+
+    __slots__ = ("_service", "_telemetry", "accepted")
+    received = _NotCounted()
+
+    def __init__(self, telemetry: StatsScrapeTelemetry, service: str) -> None:
+        self.accepted = telemetry.accepted[service]
+        self._telemetry = telemetry
+        self._service = service
+
+    def reject(self, reason: str) -> None:
+        self._telemetry.error(self._service, reason)

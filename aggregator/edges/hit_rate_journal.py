@@ -53,8 +53,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 import fleet_protocol as protocol
 from aggregator.config import JournalConfig
-from aggregator.ingest.pipeline import Ingest
-from aggregator.state.fleet import Fleet, GroupKey, GroupTotals, WorkerKey
+from aggregator.ingest.pipeline import JOURNAL, Ingest
+from aggregator.state.fleet import Fleet, GroupKey, WorkerKey
 
 log = structlog.get_logger("aggregator.hit_rate_journal")
 
@@ -93,8 +93,7 @@ def take_snapshot(fleet: Fleet, stream: str, last_seq: int, *, wall: float, mono
 def restore(fleet: Fleet, snapshot: Snapshot, *, wall: float, monotonic: float) -> None:
     """Put the snapshot's sums back into an empty fleet (pure)."""
     for component, endpoint, isl, overlap, expired in snapshot.groups:
-        totals = fleet.groups.setdefault(GroupKey(component, endpoint), GroupTotals())
-        totals.isl_blocks, totals.overlap_blocks, totals.expired = isl, overlap, expired
+        fleet.restore_group(GroupKey(component, endpoint), isl, overlap, expired)
     for component, endpoint, worker_id, rank, isl, overlap, seen in sorted(snapshot.workers, key=lambda w: w[6]):
         last_seen = monotonic - max(0.0, wall - seen)
         fleet.restore_hit_rate(WorkerKey(component, endpoint, worker_id, rank), isl, overlap, last_seen)
@@ -155,6 +154,7 @@ class HitRateJournal:
         self.max_age = config.stream_max_age
         self.ingest = ingest
         self.fleet = ingest.fleet
+        self.feed = ingest.subject_feed(JOURNAL)
         self.subjects = stream_subjects(ingest.namespace)
         self.patterns = {protocol.namespace_subject(ingest.namespace, protocol.KV_HIT_RATE),
                          protocol.component_subject(ingest.namespace, "*", protocol.KV_HIT_RATE)}
@@ -225,7 +225,7 @@ class HitRateJournal:
                         stream=self.stream, other_subjects=extra)
 
     def _on_message(self):
-        handle = self.ingest.handle
+        handle = self.feed.handle_subject
         handled = 0
         telemetry = self.telemetry
 
@@ -240,9 +240,7 @@ class HitRateJournal:
                 telemetry.lost.inc(seq - self.last_seq - 1)
                 log.warning("hit-rate events were gone from the stream before they were applied",
                             stream=self.stream, lost=seq - self.last_seq - 1, after_seq=self.last_seq)
-            pattern = (next(p for p in self.patterns if "*" in p) if protocol.component_of(msg.subject)
-                       else next(p for p in self.patterns if "*" not in p))
-            handle(pattern, msg.subject, msg.data)
+            handle(msg.subject, msg.data)
             self.last_seq = seq
             telemetry.applied.inc()
             handled += 1

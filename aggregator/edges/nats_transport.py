@@ -28,7 +28,6 @@ from nats.errors import SlowConsumerError
 from aggregator.collectors.telemetry import Telemetry
 from aggregator.edges.nats_auth import redact_url
 from aggregator.ingest.pipeline import Ingest
-from fleet_runtime.logs import LogLimiter
 from fleet_runtime.nats_settle import settle
 
 log = structlog.get_logger("aggregator.nats")
@@ -94,7 +93,6 @@ class NatsSubscriber:
         self.nc: Client | None = None
         self.subscribed = False
         self._closing = False
-        self._error_log = LogLimiter(interval=10.0)
 
     @property
     def healthy(self) -> bool:
@@ -120,13 +118,10 @@ class NatsSubscriber:
         else:
             self.telemetry.nats_errors.inc()
         key = type(error).__name__
-        suppressed = self._error_log.allow(key)
-        if suppressed is not None:
-            if isinstance(error, SlowConsumerError):
-                log.warning("slow consumer: messages dropped", subject=error.subject,
-                            suppressed_since_last=suppressed)
-            else:
-                log.warning("NATS error", error=str(error) or key, suppressed_since_last=suppressed)
+        if isinstance(error, SlowConsumerError):
+            log.warning("slow consumer: messages dropped", subject=error.subject, rate_limit=key)
+        else:
+            log.warning("NATS error", error=str(error) or key, rate_limit=key)
 
     def _server_name(self) -> str:
         url = self.nc.connected_url if self.nc is not None else None
@@ -200,9 +195,8 @@ class NatsSubscriber:
                 handle(pattern, subject.decode("utf-8", "replace"), data)
             except Exception as error:  # noqa: BLE001 - see above
                 self.telemetry.nats_errors.inc()
-                if self._error_log.allow(("handler", type(error).__name__)) is not None:
-                    log.error("message handler failed", subject=subject.decode("utf-8", "replace"),
-                              error=repr(error))
+                log.error("message handler failed", subject=subject.decode("utf-8", "replace"), error=repr(error),
+                          rate_limit=type(error).__name__)
 
         return on_message
 

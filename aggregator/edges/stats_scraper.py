@@ -3,10 +3,11 @@
 Every `poll_interval` one stats request per service goes out with a fresh reply inbox;
 every instance of the service answers once, and replies are read as they arrive until
 `timeout` (shorter than the interval, so polls never overlap). Each wanted endpoint of a
-reply becomes a `LoadEvent` applied through `Fleet.observe_load`, exactly as a pushed
-`kv_metrics` message is, so expiry and every `llm_*` series treat pushed and pulled
-workers alike. A worker that stops answering simply stops being refreshed and expires
-after `--stale-after`.
+reply becomes a `LoadEvent` handed to ingest (source "pull") and applied through
+`Fleet.observe_load`, exactly as a pushed `kv_metrics` message is, so expiry and every
+`llm_*` series treat pushed and pulled workers alike; a bad entry is rejected there too,
+and counted per service. A worker that stops answering simply stops being refreshed and
+expires after `--stale-after`.
 
 Nothing here raises out of the polling loop: a failed request, a silent service or a
 bad reply is counted (`llm_aggregator_stats_scrape_*`), logged rate-limited, and the
@@ -17,17 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 
 import structlog
 from nats.aio.client import Client
 
+from aggregator import rejects
 from aggregator.collectors.telemetry import StatsScrapeTelemetry
+from aggregator.ingest.pipeline import LOAD, PULL, Feed, Ingest
 from aggregator.ingest.stats_replies import ServicePlan, read_stats_reply
-from aggregator.state.fleet import Fleet, LimitExceeded
+from aggregator.state.fleet import Fleet
 from fleet_protocol import LoadEvent, MessageRejected
-from fleet_runtime.logs import LogLimiter
 
 log = structlog.get_logger("aggregator.stats_scrape")
 
@@ -36,27 +37,26 @@ class StatsScraper:
     def __init__(
         self,
         plans: list[ServicePlan],
-        fleet: Fleet,
+        ingest: Ingest,
         telemetry: StatsScrapeTelemetry,
         *,
         connection: Callable[[], Client | None],
         poll_interval: float,
         timeout: float,
         max_message_bytes: int,
-        clock=time.monotonic,
-        limiter: LogLimiter | None = None,
     ) -> None:
         if not 0 < timeout < poll_interval:
             raise ValueError(f"timeout {timeout} must be above 0 and below the poll interval {poll_interval}")
         self.plans = plans
-        self.fleet = fleet
         self.telemetry = telemetry
+        # Counted per service in llm_aggregator_stats_scrape_*, as pull mode always was.
+        self.feeds: dict[str, Feed] = {
+            plan.service: ingest.feed(PULL, telemetry.outcomes(plan.service), service=plan.service)
+            for plan in plans}
         self._connection = connection
         self.poll_interval = poll_interval
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
-        self._clock = clock
-        self._limiter = limiter or LogLimiter()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every service on a fixed schedule until `stop` is set."""
@@ -69,7 +69,7 @@ class StatsScraper:
             try:
                 await asyncio.gather(*(self.scrape(plan, stop) for plan in self.plans))
             except Exception as error:  # noqa: BLE001 - a bug here must not end pull mode for good
-                self._warn(("scrape_loop",), "stats scrape failed", error=repr(error))
+                log.warning("stats scrape failed", error=repr(error), rate_limit=("scrape_loop",))
             next_at += self.poll_interval
             delay = next_at - loop.time()
             if delay < 0:  # fell behind (a stalled loop): skip the missed polls rather than bursting
@@ -84,7 +84,7 @@ class StatsScraper:
         telemetry = self.telemetry
         nc = self._connection()
         if nc is None or not nc.is_connected:
-            telemetry.error(service, "not_connected")
+            telemetry.error(service, rejects.NOT_CONNECTED)
             return 0
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -117,48 +117,31 @@ class StatsScraper:
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
         except Exception as error:  # noqa: BLE001 - e.g. the connection closed mid-request
-            telemetry.error(service, "request_failed")
-            self._warn((service, "request_failed"), "stats request failed", service=service,
-                       error=str(error) or type(error).__name__)
+            telemetry.error(service, rejects.REQUEST_FAILED)
+            log.warning("stats request failed", service=service, error=str(error) or type(error).__name__,
+                        rate_limit=(service, rejects.REQUEST_FAILED))
             return replies
         if replies:
             telemetry.duration[service].observe(last_reply - started)
         else:
             telemetry.duration[service].observe(self.timeout)
             telemetry.timeouts[service].inc()
-            self._warn((service, "timeout"), "no service instance answered the stats request",
-                       subject=plan.subject, timeout=self.timeout)
+            log.warning("no service instance answered the stats request", subject=plan.subject,
+                        timeout=self.timeout, rate_limit=(service, "timeout"))
         return replies
 
     def apply_reply(self, plan: ServicePlan, payload: bytes) -> None:
-        """Fold one instance's stats reply into the fleet: each wanted endpoint on its own."""
-        service = plan.service
-        telemetry = self.telemetry
+        """Hand one instance's stats reply to ingest: each wanted endpoint on its own."""
+        feed = self.feeds[plan.service]
         try:
             reading = read_stats_reply(payload, plan, self.max_message_bytes)
         except MessageRejected as error:
-            self._reject(service, error.reason, plan.subject, error.detail)
+            feed.reject(LOAD, plan.subject, error.reason, error.detail)
             return
         if reading.ignored:
-            telemetry.ignored[service].inc(reading.ignored)
+            self.telemetry.ignored[plan.service].inc(reading.ignored)
         for reject in reading.rejects:
-            self._reject(service, reject.reason, reject.subject, reject.detail)
-        now = self._clock()
+            feed.reject(LOAD, reject.subject, reject.reason, reject.detail)
         for item in reading.readings:
             event = LoadEvent(worker_id=item.worker_id, data=item.metrics, endpoint=item.endpoint)
-            try:
-                self.fleet.observe_load(item.component, event, now)
-            except LimitExceeded as error:
-                self._reject(service, error.reason, item.subject, "cardinality limit reached; new worker refused")
-                continue
-            telemetry.accepted[service].inc()
-
-    def _reject(self, service: str, reason: str, subject: str, detail: str) -> None:
-        self.telemetry.error(service, reason)
-        self._warn((service, reason, subject), "stats entry rejected", service=service, subject=subject,
-                   reason=reason, detail=detail[:300])
-
-    def _warn(self, key: tuple, message: str, **fields) -> None:
-        suppressed = self._limiter.allow(key)
-        if suppressed is not None:
-            log.warning(message, suppressed_since_last=suppressed, **fields)
+            feed.take(LOAD, item.subject, Fleet.observe_load, item.component, event)

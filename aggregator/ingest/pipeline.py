@@ -1,102 +1,205 @@
-"""From a NATS message to the fleet state: decode, validate, apply, count.
+"""The one way into the fleet state: every source hands over what it decoded, or why it could not.
 
-No NATS here: the transport hands over (subject, payload), so the whole path from bytes
-to state is tested and benchmarked without a server. A bad message is counted by
-reason, logged (rate-limited, with its subject) and dropped; it never raises out of
-`handle` and never touches another worker's state, because a message is fully decoded
-and checked before anything is written.
+Sources are edges (core NATS, pull mode, the JetStream journal; the Dynamo event plane and
+discovery next); each owns its transport and nothing else. What follows is the same for all
+and happens here: apply to the fleet with a fleet method, count (per source and kind:
+received, accepted, rejected by reason; state/ingest_counts.py), and log a reject with its
+subject, rate-limited (the `rate_limit` key, see fleet_runtime.logs.RateLimit). Bad input
+never raises out of here and never touches another worker's state: an item is fully decoded
+and checked before the fleet method runs.
+
+Two ways in, both made by `Ingest`:
+- a `SubjectFeed` takes raw messages on subjects: the subject's route decodes the payload and
+  names the fleet method that applies it (`Ingest.add_decoder`). Push is `Ingest.handle`.
+- a `Feed` takes items a source decoded itself (`take`), or why it could not (`reject`).
+
+A new source is a decoder, a fleet method and a feed: for example
+`ingest.add_decoder(EVENT, "kind", protocol.decode_x, Fleet.observe_x)` then
+`ingest.subject_feed("zmq").handle_subject(topic, payload)`.
+
+No I/O here: the whole path from bytes to state is tested and benchmarked without a server.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import structlog
 
 import fleet_protocol as protocol
-from aggregator.collectors.telemetry import Telemetry
+from aggregator import rejects
 from aggregator.state.fleet import Fleet, LimitExceeded
-from fleet_runtime.logs import LogLimiter
+from aggregator.state.ingest_counts import IngestCounts, KindCounts, Outcomes, Tally
 
 log = structlog.get_logger("aggregator.ingest")
+
+# Sources: the `source` of a feed, in its log lines and its counts.
+NATS = "nats"  # core NATS subscriptions (push)
+JOURNAL = "journal"  # the JetStream hit-rate stream
+PULL = "pull"  # replies to $SRV.STATS requests
+
+# Kinds: the `kind` label of llm_aggregator_messages_*.
+LOAD = "kv_metrics"
+HIT_RATE = "kv_hit_rate"
+GPU = "gpu_metrics"
+COMPONENT_METRICS = "component_metrics"
+
+# What every kind can be rejected for: a bad payload, or a new worker past a limit.
+BASE_REASONS = (*rejects.WIRE, *rejects.WORKER_LIMITS)
+
+Decode = Callable[[bytes, int], Any]  # (payload, max_bytes) -> item; raises MessageRejected
+# (fleet, component, item, now): a Fleet method; raises MessageRejected or LimitExceeded.
+Observe = Callable[[Fleet, str, Any, float], Any]
+# (fleet, component, payload, now): decodes and applies; returns the (reason, detail) of parts it dropped.
+Apply = Callable[[Fleet, str, bytes, float], "list[tuple[str, str]] | None"]
+
+_LIMIT_DETAIL = "cardinality limit reached; new worker refused"
+
+
+def _payload(payload: bytes, max_bytes: int) -> bytes:
+    return payload
+
+
+@dataclass(frozen=True, slots=True)
+class _RouteSpec:
+    kind: str
+    decode: Decode
+    observe: Observe
+    component: str | None  # fixed component for namespace-level subjects, else from the subject
+    partial: bool  # observe returns the (reason, detail) of parts it dropped while using the rest
+    reasons: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
+    """A subject pattern's route, as one feed uses it (with that feed's counts)."""
+
     kind: str
-    # Applies a payload to the fleet: (fleet, component, payload, now); raises on bad input. It may
-    # return (reason, detail) pairs for parts it dropped while using the rest (component metrics).
-    apply: Callable[[Fleet, str, bytes, float], list[tuple[str, str]] | None]
-    component: str | None  # fixed component for namespace-level subjects, else from the subject
+    decode: Decode
+    observe: Observe
+    component: str | None
+    partial: bool
+    max_bytes: int
+    counts: KindCounts
+    received: Tally  # counts.received and counts.accepted, one lookup closer for the hot path
+    accepted: Tally
 
 
-class Ingest:
-    def __init__(
-        self,
-        fleet: Fleet,
-        telemetry: Telemetry,
-        *,
-        namespace: str,
-        default_component: str,
-        max_message_bytes: int,
-        clock=time.monotonic,
-        limiter: LogLimiter | None = None,
-    ) -> None:
-        self.fleet = fleet
-        self.telemetry = telemetry
-        self.namespace = namespace
-        self.default_component = default_component
-        self.max_message_bytes = max_message_bytes
-        self._clock = clock
-        self._limiter = limiter or LogLimiter()
-        self._components: dict[str, str | None] = {}
-        limit = max_message_bytes
+class Feed:
+    """One source's way in for items it decoded itself. Counted where `outcomes(kind)` says."""
 
-        def apply_load(fleet: Fleet, component: str, payload: bytes, now: float) -> None:
-            fleet.observe_load(component, protocol.decode_load_event(payload, limit), now)
+    def __init__(self, ingest: Ingest, source: str, outcomes: Callable[[str], Outcomes],
+                 log_fields: dict[str, str] | None = None) -> None:
+        self.ingest = ingest
+        self.source = source
+        self._outcomes_of = outcomes
+        self._outcomes: dict[str, Outcomes] = {}
+        self._log_fields = log_fields or {}
+        self._key = (source, *self._log_fields.values())  # what tells its log lines from another feed's
 
-        def apply_hit_rate(fleet: Fleet, component: str, payload: bytes, now: float) -> None:
-            fleet.observe_hit_rate(component, protocol.decode_hit_rate_event(payload, limit), now)
+    def outcomes(self, kind: str) -> Outcomes:
+        outcomes = self._outcomes.get(kind)
+        if outcomes is None:
+            outcomes = self._outcomes[kind] = self._outcomes_of(kind)
+        return outcomes
 
-        def apply_gpu(fleet: Fleet, component: str, payload: bytes, now: float) -> None:
-            fleet.observe_gpu(component, protocol.decode_gpu_metrics(payload, limit), now)
+    def take(self, kind: str, subject: str, observe: Observe, component: str, item: object) -> bool:
+        """Apply a decoded `item` with `observe` (a Fleet method); True if it was used."""
+        outcomes = self.outcomes(kind)
+        outcomes.received.inc()
+        try:
+            observe(self.ingest.fleet, component, item, self.ingest.clock())
+        except protocol.MessageRejected as error:
+            self._rejected(outcomes, kind, error.reason, subject, error.detail)
+            return False
+        except LimitExceeded as error:
+            self._rejected(outcomes, kind, error.reason, subject, _LIMIT_DETAIL)
+            return False
+        outcomes.accepted.inc()
+        return True
 
+    def reject(self, kind: str, subject: str, reason: str, detail: str) -> None:
+        """An item of `kind` that arrived on `subject` but could not be decoded, for `reason`."""
+        outcomes = self.outcomes(kind)
+        outcomes.received.inc()
+        self._rejected(outcomes, kind, reason, subject, detail)
+
+    def _rejected(self, outcomes: Outcomes, kind: str, reason: str, subject: str, detail: str) -> None:
+        outcomes.reject(reason)
+        log.warning("message rejected", source=self.source, **self._log_fields, subject=subject, kind=kind,
+                    reason=reason, detail=detail[:300], rate_limit=(self._key, kind, reason, subject))
+
+
+class SubjectFeed(Feed):
+    """One source's way in for raw messages on subjects, decoded by the routes of `Ingest`."""
+
+    def __init__(self, ingest: Ingest, source: str) -> None:
+        super().__init__(ingest, source, partial(ingest.counts.of, source))
         self.routes: dict[str, Route] = {}
-        for event, kind, apply in (
-            (protocol.KV_METRICS, "kv_metrics", apply_load),
-            (protocol.KV_HIT_RATE, "kv_hit_rate", apply_hit_rate),
-            (protocol.GPU_METRICS, "gpu_metrics", apply_gpu),
-        ):
-            self.add_route(event, kind, apply)
+        self._fleet = ingest.fleet
+        self._clock = ingest.clock
+        self._namespace = ingest.namespace
+        self._components: dict[str, str | None] = {}
+        self._patterns: dict[str, str | None] = {}
 
-    def add_route(self, event: str, kind: str, apply: Callable[[Fleet, str, bytes, float], object]) -> None:
-        """Route `namespace.{ns}.{event}` and `namespace.{ns}.component.*.{event}` to `apply`."""
-        ns = self.namespace
-        self.routes[protocol.namespace_subject(ns, event)] = Route(kind, apply, self.default_component)
-        self.routes[protocol.component_subject(ns, "*", event)] = Route(kind, apply, None)
+    def _add(self, pattern: str, spec: _RouteSpec) -> None:
+        counts = self.ingest.counts.of(self.source, spec.kind, spec.reasons)
+        self._outcomes[spec.kind] = counts
+        self.routes[pattern] = Route(spec.kind, spec.decode, spec.observe, spec.component, spec.partial,
+                                     self.ingest.max_message_bytes, counts, counts.received, counts.accepted)
 
     def handle(self, pattern: str, subject: str, payload: bytes) -> bool:
         """Apply one message received on a subscription to `pattern`; True if it was used."""
         route = self.routes[pattern]
-        telemetry = self.telemetry
-        telemetry.received[route.kind].value += 1
+        route.received.value += 1
         component = route.component or self._component_of(subject)
         try:
             if component is None:  # cannot happen for a subject matching the pattern
                 raise protocol.MessageRejected(protocol.WRONG_TYPE, "subject has no component")
-            problems = route.apply(self.fleet, component, payload, self._clock())
+            result = route.observe(self._fleet, component, route.decode(payload, route.max_bytes), self._clock())
         except protocol.MessageRejected as error:
-            self._reject(route.kind, error.reason, subject, error.detail)
+            self._rejected(route.counts, route.kind, error.reason, subject, error.detail)
             return False
         except LimitExceeded as error:
-            self._reject(route.kind, error.reason, subject, "cardinality limit reached; new worker refused")
+            self._rejected(route.counts, route.kind, error.reason, subject, _LIMIT_DETAIL)
             return False
-        telemetry.accepted[route.kind].value += 1
-        for reason, detail in problems or ():
-            self._reject(route.kind, reason, subject, detail)
+        route.accepted.value += 1
+        if route.partial:
+            for reason, detail in result or ():
+                self._rejected(route.counts, route.kind, reason, subject, detail)
         return True
+
+    def handle_subject(self, subject: str, payload: bytes) -> bool:
+        """`handle` for a source that knows the subject only (no subscription pattern)."""
+        pattern = self.pattern_of(subject)
+        if pattern is None:
+            log.warning("message on a subject no route takes", source=self.source, subject=subject,
+                        rate_limit=(self._key, "unrouted", subject))
+            return False
+        return self.handle(pattern, subject, payload)
+
+    def pattern_of(self, subject: str) -> str | None:
+        """The route pattern `subject` matches exactly: itself, or its component token as `*`."""
+        pattern = self._patterns.get(subject, "")
+        if pattern != "":
+            return pattern
+        route = self.routes.get(subject)
+        if route is not None and route.component is not None:  # a namespace-level subject
+            pattern = subject
+        else:
+            parts = subject.split(".")
+            pattern = None
+            if len(parts) == 5 and parts[:3] == ["namespace", self._namespace, "component"]:
+                candidate = protocol.component_subject(self._namespace, "*", parts[4])
+                if candidate in self.routes:
+                    pattern = candidate
+        if len(self._patterns) < 100_000:
+            self._patterns[subject] = pattern
+        return pattern
 
     def _component_of(self, subject: str) -> str | None:
         # A fleet has few subjects: remember each one's component instead of splitting every time.
@@ -107,9 +210,77 @@ class Ingest:
                 self._components[subject] = component
         return component
 
-    def _reject(self, kind: str, reason: str, subject: str, detail: str) -> None:
-        self.telemetry.reject(kind, reason)
-        suppressed = self._limiter.allow((kind, reason, subject))
-        if suppressed is not None:
-            log.warning("message rejected", subject=subject, kind=kind, reason=reason,
-                        detail=detail[:300], suppressed_since_last=suppressed)
+
+class Ingest:
+    """The routes from subjects to fleet methods, and the feeds that use them."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        counts: IngestCounts,
+        *,
+        namespace: str,
+        default_component: str,
+        max_message_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.fleet = fleet
+        self.counts = counts
+        self.namespace = namespace
+        self.default_component = default_component
+        self.max_message_bytes = max_message_bytes
+        self.clock = clock
+        self._specs: dict[str, _RouteSpec] = {}
+        self._feeds: list[SubjectFeed] = []
+        self.push = self.subject_feed(NATS)
+        self.handle = self.push.handle  # the hot path, bound once
+        for event, kind, decode, observe in (
+            (protocol.KV_METRICS, LOAD, protocol.decode_load_event, Fleet.observe_load),
+            (protocol.KV_HIT_RATE, HIT_RATE, protocol.decode_hit_rate_event, Fleet.observe_hit_rate),
+            (protocol.GPU_METRICS, GPU, protocol.decode_gpu_metrics, Fleet.observe_gpu),
+        ):
+            self.add_decoder(event, kind, decode, observe)
+
+    @property
+    def routes(self) -> dict[str, Route]:
+        """The push feed's routes: the patterns to subscribe to."""
+        return self.push.routes
+
+    def add_decoder(self, event: str, kind: str, decode: Decode, observe: Observe, *,
+                    reasons: Iterable[str] = ()) -> None:
+        """Route `event`'s subjects to `observe(fleet, component, decode(payload, max_message_bytes), now)`.
+
+        Subjects: `namespace.{ns}.{event}` (component: the default one) and
+        `namespace.{ns}.component.*.{event}`. `reasons`: rejects beyond BASE_REASONS, counted from 0.
+        """
+        self._add(event, _RouteSpec(kind, decode, observe, None, False, (*BASE_REASONS, *reasons)))
+
+    def add_route(self, event: str, kind: str, apply: Apply, *, reasons: Iterable[str] = ()) -> None:
+        """Route `event`'s subjects to `apply(fleet, component, payload, now)`, which decodes and applies
+        in one, and returns the (reason, detail) of parts it dropped while using the rest."""
+        self._add(event, _RouteSpec(kind, _payload, apply, None, True, (*BASE_REASONS, *reasons)))
+
+    def _add(self, event: str, spec: _RouteSpec) -> None:
+        ns = self.namespace
+        for pattern, component in ((protocol.namespace_subject(ns, event), self.default_component),
+                                   (protocol.component_subject(ns, "*", event), None)):
+            self._specs[pattern] = route = _RouteSpec(spec.kind, spec.decode, spec.observe, component,
+                                                      spec.partial, spec.reasons)
+            for feed in self._feeds:
+                feed._add(pattern, route)
+
+    def subject_feed(self, source: str) -> SubjectFeed:
+        """A way in for raw messages on subjects, counted as `source`'s."""
+        feed = SubjectFeed(self, source)
+        for pattern, spec in self._specs.items():
+            feed._add(pattern, spec)
+        self._feeds.append(feed)
+        return feed
+
+    def feed(self, source: str, outcomes: Outcomes | None = None, **log_fields: str) -> Feed:
+        """A way in for items `source` decodes itself; counted in `outcomes` (whatever their kind),
+        else in the ingest counts. `log_fields` go into its reject lines."""
+        if outcomes is None:
+            return Feed(self, source, partial(self.counts.of, source, reasons=BASE_REASONS), log_fields)
+        fixed = outcomes
+        return Feed(self, source, lambda kind: fixed, log_fields)

@@ -19,18 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
 
 import fleet_protocol as protocol
 from aggregator.config import ScrapeTarget
+from aggregator.rejects import NO_DATA, NO_WORKER_ID
 from fleet_protocol import ForwardPassMetrics, MessageRejected
 from fleet_protocol.service_stats import parse_worker_id, service_name, stats_subject
-
-# Reasons an endpoint entry is rejected, beyond protocol.REJECT_REASONS.
-NO_WORKER_ID: Final = "no_worker_id"  # a static endpoint `{service}.{endpoint}` names no worker
-NO_DATA: Final = "no_data"  # `data` absent or null: the worker has no stats handler (yet)
-ENDPOINT_REASONS: Final = (NO_WORKER_ID, NO_DATA)
-
 
 
 @dataclass(frozen=True, slots=True)

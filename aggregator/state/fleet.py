@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 from aggregator.component_metrics import ComponentMetricsIndex, Problem, WorkerMetrics
 from aggregator.exposition.encoder import RenderedLabels
+from aggregator.rejects import GROUP_LIMIT, LABEL_LIMIT, WORKER_LIMIT
 from aggregator.state.fleet_stats import hit_rate_percent, load_mean_std
 from fleet_protocol import (
     MAX_LABEL_LENGTH,
@@ -128,14 +129,14 @@ class Fleet:
             return state
         key = WorkerKey(*key)
         if len(self.workers) >= self.max_workers:
-            raise LimitExceeded("worker_limit")
+            raise LimitExceeded(WORKER_LIMIT)
         # The endpoint is bounded by the decoder; the component comes from the subject.
         if len(key.component) > MAX_LABEL_LENGTH:
-            raise LimitExceeded("label_limit")
+            raise LimitExceeded(LABEL_LIMIT)
         group = GroupKey(key.component, key.endpoint)
         if group not in self.groups:
             if len(self.groups) >= self.max_groups:
-                raise LimitExceeded("group_limit")
+                raise LimitExceeded(GROUP_LIMIT)
             self.groups[group] = GroupTotals()
         state = self.workers[key] = WorkerState(key, now)
         return state
@@ -158,8 +159,13 @@ class Fleet:
         totals.overlap_blocks += event.overlap_blocks
         return state
 
+    def restore_group(self, group: GroupKey, isl_blocks: int, overlap_blocks: int, expired: int) -> None:
+        """Put back a component endpoint's lifetime totals from a snapshot (before its workers')."""
+        totals = self.groups.setdefault(group, GroupTotals())
+        totals.isl_blocks, totals.overlap_blocks, totals.expired = isl_blocks, overlap_blocks, expired
+
     def restore_hit_rate(self, key: WorkerKey, isl_blocks: int, overlap_blocks: int, last_seen: float) -> None:
-        """Put back a worker's hit-rate sums from a snapshot; group totals are restored separately."""
+        """Put back a worker's hit-rate sums from a snapshot; group totals are restored by restore_group."""
         state = self._touch(key, last_seen)
         state.isl_blocks += isl_blocks
         state.overlap_blocks += overlap_blocks
