@@ -11,7 +11,7 @@ import argparse
 import os
 
 import fleet_protocol as protocol
-from aggregator.component_metrics import DEFAULT_PREFIXES, check_prefix
+from aggregator.ingest.component_snapshots import DEFAULT_PREFIXES, check_prefix
 from fleet_runtime.flags import (
     OneLineParser,
     bounded,

@@ -11,19 +11,17 @@ import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 import fleet_protocol as protocol
+from aggregator.collectors.component_metrics import ComponentMetricsCollector
 from aggregator.collectors.fleet_kv import FleetCollector
+from aggregator.collectors.gpus import GpuCollector
 from aggregator.collectors.telemetry import StatsScrapeTelemetry, Telemetry
-from aggregator.component_metrics import (
-    ComponentMetricsCollector,
-    SnapshotLimits,
-    snapshot_route,
-)
 from aggregator.edges import nats_auth
 from aggregator.edges.hit_rate_journal import HitRateJournal
 from aggregator.edges.http_server import bound_port, build_app, start_server
 from aggregator.edges.nats_transport import NatsSubscriber
 from aggregator.edges.stats_scraper import StatsScraper
 from aggregator.edges.web_config import basic_auth_middleware
+from aggregator.ingest.component_snapshots import SnapshotLimits, snapshot_route
 from aggregator.ingest.pipeline import Ingest
 from aggregator.ingest.stats_replies import ENDPOINT_REASONS, plan_services
 from aggregator.state.fleet import Fleet
@@ -45,8 +43,13 @@ class Aggregator:
         self.fleet = Fleet(args.stale_after, max_workers=args.max_workers, max_groups=args.max_groups,
                            default_endpoint=args.endpoint,
                            max_component_series=args.component_metrics_max_series)
-        self.registry.register(FleetCollector(self.fleet, gpu_hostname_label=args.gpu_hostname_label))
-        self.registry.register(ComponentMetricsCollector(self.fleet))
+        fleet_kv = FleetCollector(self.fleet)
+        gpus = GpuCollector(self.fleet, hostname_label=args.gpu_hostname_label)
+        for collector in (fleet_kv, gpus, ComponentMetricsCollector(self.fleet)):
+            self.registry.register(collector)
+        # The collectors' render caches follow the workers (a GPU reading is rendered as it arrives).
+        self.fleet.add_listener(fleet_kv.labels)
+        self.fleet.add_listener(gpus.readings)
         self.ingest = Ingest(
             self.fleet,
             self.telemetry,

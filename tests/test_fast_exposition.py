@@ -129,11 +129,9 @@ def test_restricted_output_is_equal_too(populated):
 
 
 def test_component_samples_read_back_from_their_lines_equal_the_parsed_ones():
-    from aggregator.component_metrics import (
-        SnapshotLimits,
-        parse_snapshot,
-        samples_of_chunk,
-    )
+    from aggregator.collectors.component_metrics import family_samples
+    from aggregator.exposition.encoder import samples_of_chunk
+    from aggregator.ingest.component_snapshots import SnapshotLimits, parse_snapshot, render_lines
 
     runtime = MetricsRegistry()
     calls = EndpointMetrics(runtime.namespace("dynamo").component("backend").endpoint("gen\\e\"rate"))
@@ -143,15 +141,15 @@ def test_component_samples_read_back_from_their_lines_equal_the_parsed_ones():
     metrics, problems = parse_snapshot(runtime.render()[0].decode(), 2**63 + 1, SnapshotLimits())
     assert problems == []
     parsed = {name: list(family.samples) for name, family in metrics.families.items()}
-    metrics.seal()
+    render_lines(metrics)
     rendered = [family for family in metrics.families.values() if family.samples is None]
     assert len(rendered) >= 3  # counters and histograms are kept as lines only
     for family in metrics.families.values():
         assert family.count == len(parsed[family.name])
-        assert [(s.name, dict(s.labels), float(s.value)) for s in family.get_samples()] == \
+        assert [(s.name, dict(s.labels), float(s.value)) for s in family_samples(family)] == \
             [(s.name, dict(s.labels), float(s.value)) for s in parsed[family.name]]
         if family.chunk is not None:
-            assert samples_of_chunk(family.chunk) == family.get_samples()
+            assert samples_of_chunk(family.chunk) == family_samples(family)
 
 
 def test_rendered_labels_are_reused_across_scrapes(populated):
@@ -210,3 +208,15 @@ def test_rendering_in_a_thread_while_the_fleet_changes_never_fails():
         thread.join(30)
     assert errors == []
     assert renders >= 4
+    # The render caches made on both threads let go of every worker once all have expired.
+    from aggregator.collectors.fleet_kv import FleetCollector
+    from aggregator.collectors.gpus import GpuCollector
+
+    time.sleep(0.3)
+    aggregator.expire_now()
+    assert len(aggregator.fleet) == 0
+    for collector in list(aggregator.registry._collector_to_names):
+        if isinstance(collector, FleetCollector):
+            assert len(collector.labels) == 0
+        if isinstance(collector, GpuCollector):
+            assert len(collector.readings) == 0

@@ -55,7 +55,7 @@ class _MessageCounters(Collector):
         yield from (received, accepted, rejected)
 
     def describe(self) -> Iterator[Metric]:
-        return self.collect()
+        return (Metric(family.name, family.documentation, family.type) for family in self.collect())
 
 
 class Telemetry:
