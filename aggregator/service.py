@@ -36,7 +36,9 @@ _EXPIRY_TICKS_PER_WINDOW = 4
 class Aggregator:
     def __init__(self, args: argparse.Namespace, *, connect_options: dict | None = None) -> None:
         self.args = args
-        self.registry = CollectorRegistry()
+        # auto_describe: collectors without describe() (process_*, python_*) register their names, so
+        # `name[]` finds them without collecting them for every selection (exposition/selection.py).
+        self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.telemetry = Telemetry(self.registry)

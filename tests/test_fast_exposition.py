@@ -128,10 +128,39 @@ def test_restricted_output_is_equal_too(populated):
     assert exposition.encode(restricted, "")[0] == encoder(restricted)
 
 
+SELECTIONS = [  # (series names, how many families hold them)
+    (["llm_kv_blocks_active", "DCGM_FI_DEV_GPU_UTIL"], 2),
+    (["llm_kv_hit_rate_isl_blocks_total", "llm_workers", "llm_gpus", "zz_big", "zz_plain_counter_total"], 5),
+    (["dynamo_component_requests_total", "dynamo_component_request_duration_seconds_bucket",
+      "dynamo_component_request_duration_seconds_count", "llm_gpu_sampler_up"], 3),
+    (["llm_aggregator_messages_accepted_total", "llm_aggregator_scrape_duration_seconds_count", "no_such_series"], 2),
+]
+
+
+@pytest.mark.parametrize("names, families", SELECTIONS)
+@pytest.mark.parametrize("accept", ACCEPTS[:3])
+def test_selected_bytes_equal_prometheus_clients_restriction_of_every_family(populated, names, families, accept):
+    class Restricted:  # prometheus_client's own restriction, applied to every family collected
+        def collect(self):
+            for metric in populated.registry.collect():
+                restricted = metric._restricted_metric(set(names))
+                if restricted is not None:
+                    yield restricted
+
+    encoder, _ = choose_encoder(accept)
+    expected = encoder(Restricted())
+    assert exposition.encode(populated.registry, accept, names)[0] == expected
+    assert expected.count(b"# TYPE") == families
+
+
 def test_component_samples_read_back_from_their_lines_equal_the_parsed_ones():
     from aggregator.collectors.component_metrics import family_samples
     from aggregator.exposition.encoder import samples_of_chunk
-    from aggregator.ingest.component_snapshots import SnapshotLimits, parse_snapshot, render_lines
+    from aggregator.ingest.component_snapshots import (
+        SnapshotLimits,
+        parse_snapshot,
+        render_lines,
+    )
 
     runtime = MetricsRegistry()
     calls = EndpointMetrics(runtime.namespace("dynamo").component("backend").endpoint("gen\\e\"rate"))

@@ -33,10 +33,15 @@ def _column_samples(column: tuple[Family, ...]) -> list[Sample]:
 
 
 class ComponentMetricsCollector(Collector):
-    """Every live worker's families, merged by name, one HELP/TYPE each."""
+    """Every live worker's families, merged by name, one HELP/TYPE each.
+
+    Register it before workers are known, as the service does: it then describes no name to the
+    registry, and `name[]` selections ask its describe() at request time (exposition/selection.py).
+    """
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
+        self._described: dict[tuple[str, str, str], Metric] = {}
 
     def collect(self) -> Iterator[Metric]:
         index = self.fleet.component_metrics
@@ -91,5 +96,10 @@ class ComponentMetricsCollector(Collector):
 
     def describe(self) -> Iterator[Metric]:
         """The families exported now (no samples): the workers' families come and go with them."""
-        entries = list(self.fleet.component_metrics.names.items())
-        return iter([Metric(name, entry.documentation, entry.type) for name, entry in entries])
+        described = {}
+        for name, entry in list(self.fleet.component_metrics.names.items()):
+            key = (name, entry.type, entry.documentation)
+            family = self._described.get(key)
+            described[key] = family if family is not None else Metric(name, entry.documentation, entry.type)
+        self._described = described  # the families of names still exported, made once each
+        return iter(described.values())

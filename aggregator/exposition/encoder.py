@@ -24,6 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from aggregator.exposition.selection import Selection
+
 # What a metric and a label name are in the text format (check with fullmatch: `$` also matches
 # before a final newline).
 METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
@@ -163,16 +165,20 @@ def _generic(metric: Metric, openmetrics_format: bool, escaping: str) -> bytes:
     return exposition.generate_latest(_Single([metric]), escaping=escaping)
 
 
-def encode(source, accept: str) -> tuple[bytes, str]:
-    """(body, content type) for `source` (a registry) as prometheus_client would negotiate and encode it."""
-    families, content_type = encode_families(source, accept)
+def encode(source, accept: str, names: Iterable[str] = ()) -> tuple[bytes, str]:
+    """(body, content type) for `source` (a registry) as prometheus_client would negotiate and encode it;
+    with `names`, only the series of those names (`/metrics?name[]=`, see selection.py)."""
+    families, content_type = encode_families(source, accept, names)
     return b"".join(chain.from_iterable(families)), content_type
 
 
-def encode_families(source, accept: str) -> tuple[list[list[bytes]], str]:
+def encode_families(source, accept: str, names: Iterable[str] = ()) -> tuple[list[list[bytes]], str]:
     """`encode`'s body as pieces, grouped by family: joined once for a plain body, or compressed
     family by family (at 10,000 full workers, joining the 91 MB body first costs more than
     compressing it)."""
+    names = tuple(names)
+    if names:
+        source = Selection(source, names)
     encoder, content_type = exposition.choose_encoder(accept)
     func = getattr(encoder, "func", encoder)
     keywords = getattr(encoder, "keywords", {})
