@@ -17,6 +17,7 @@ from aggregator.collectors.fleet_kv import FleetCollector
 from aggregator.collectors.telemetry import Telemetry
 from aggregator.exposition.encoder import encode
 from aggregator.ingest.component_snapshots import (
+    DEFAULT_HELP,
     SnapshotLimits,
     check_prefix,
     parse_snapshot,
@@ -256,6 +257,41 @@ def test_promtool_accepts_the_merged_exposition():
     errors = [line for line in result.stdout.decode().splitlines() + result.stderr.decode().splitlines()
               if "dynamo_component" in line and "error" in line.lower()]
     assert not errors, errors
+
+
+NO_HELP_TEXT = "# TYPE dynamo_component_plain gauge\ndynamo_component_plain 2\n"
+NO_HELP_TYPED = {"name": "dynamo_component_typed", "type": "counter", "help": "",
+                 "samples": [["dynamo_component_typed_total", {}, 4]]}
+
+
+def send_families_without_help(stack: Stack) -> None:
+    import json
+
+    assert stack.send(1, NO_HELP_TEXT + GOOD)
+    payload = json.dumps({"worker_id": 2, "families": [NO_HELP_TYPED]}).encode()
+    assert stack.ingest.handle(PATTERN, "namespace.dynamo.component.backend.metrics", payload)
+
+
+@pytest.mark.parametrize("openmetrics", [False, True], ids=["text", "openmetrics"])
+def test_a_family_without_help_gets_a_default_help(openmetrics):
+    stack = Stack()
+    send_families_without_help(stack)
+    fams = stack.families(openmetrics)
+    assert fams["dynamo_component_plain"].documentation == DEFAULT_HELP
+    assert fams["dynamo_component_typed"].documentation == DEFAULT_HELP
+    assert fams["dynamo_component_ok"].documentation == "fine"  # a worker's own HELP is kept
+    assert by_worker(fams, "dynamo_component_typed", "dynamo_component_typed_total") == {"2": 4}
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+def test_promtool_finds_no_family_without_help():
+    stack = Stack()
+    send_families_without_help(stack)
+    body, _ = encode(stack.registry, "")
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60,
+                            check=False)
+    lint = result.stdout.decode().splitlines() + result.stderr.decode().splitlines()
+    assert not [line for line in lint if "dynamo_component" in line], lint
 
 
 def test_flags_validate_prefixes_and_limits(capsys):

@@ -16,6 +16,7 @@ bytes (README, "How a large scrape stays cheap"). What a worker may not do:
 
 Bad families are dropped one by one and the rest of the snapshot is used; a snapshot over
 a limit, or not parseable at all, is dropped whole and the worker keeps its previous one.
+A family without HELP gets `DEFAULT_HELP`: an empty HELP is a lint error for promtool.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ DEFAULT_PREFIXES = ("dynamo_component_", "dynamo_frontend_")
 # The aggregator's own families (FleetCollector, Telemetry, ProcessCollector, PlatformCollector).
 RESERVED_PREFIXES = ("llm_", "process_", "python_")
 WORKER_ID = "worker_id"
+DEFAULT_HELP = "Re-exported from workers' metrics snapshots"
 
 _TYPES = ("counter", "gauge", "histogram", "summary", "unknown")
 
@@ -281,7 +283,7 @@ def _accept(parsed_families: Iterable[ParsedFamily], worker_id: int, limits: Sna
         # Timestamps and exemplars are dropped: the aggregator re-exports the latest value.
         # Labels rendered once per snapshot, not once per scrape (see exposition.py).
         samples = [Sample(s.name, RenderedLabels({**s.labels, WORKER_ID: worker}), s.value) for s in parsed.samples]
-        result.families[name] = Family(name, parsed.type, parsed.documentation, samples, len(samples))
+        result.families[name] = Family(name, parsed.type, parsed.documentation or DEFAULT_HELP, samples, len(samples))
     return result
 
 
