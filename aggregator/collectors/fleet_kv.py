@@ -75,7 +75,7 @@ class WorkerLabels:
         return labels
 
     def gpu_reading(self, state: WorkerState) -> None:
-        pass
+        """A worker's label set does not depend on its readings."""
 
     def workers_expired(self, keys: list[WorkerKey]) -> None:
         for key in keys:
