@@ -11,19 +11,17 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 
 import fleet_protocol as protocol
 from aggregator import rejects
+from aggregator.collectors.component_metrics import ComponentMetricsCollector
 from aggregator.collectors.fleet_kv import FleetCollector
+from aggregator.collectors.gpus import GpuCollector
 from aggregator.collectors.telemetry import StatsScrapeTelemetry, Telemetry
-from aggregator.component_metrics import (
-    ComponentMetricsCollector,
-    SnapshotLimits,
-    snapshot_route,
-)
 from aggregator.config import AggregatorConfig, PullConfig
 from aggregator.edges import nats_auth, web_config
 from aggregator.edges.hit_rate_journal import HitRateJournal
 from aggregator.edges.http_server import bound_port, build_app, start_server
 from aggregator.edges.nats_transport import NatsSubscriber
 from aggregator.edges.stats_scraper import StatsScraper
+from aggregator.ingest.component_snapshots import SnapshotLimits, snapshot_route
 from aggregator.ingest.pipeline import Ingest
 from aggregator.ingest.stats_replies import plan_services
 from aggregator.state.fleet import Fleet
@@ -44,7 +42,9 @@ class Aggregator:
         # Loaded first: a file that cannot be used stops the start before anything else is set up.
         path = config.http.web_config_file
         self.web = web_config.load(path) if path is not None else web_config.WebConfig()
-        self.registry = CollectorRegistry()
+        # auto_describe: collectors without describe() (process_*, python_*) register their names, so
+        # `name[]` finds them without collecting them for every selection (exposition/selection.py).
+        self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.counts = IngestCounts()
@@ -52,8 +52,13 @@ class Aggregator:
         self.fleet = Fleet(limits.stale_after, max_workers=limits.max_workers, max_groups=limits.max_groups,
                            default_endpoint=config.endpoint,
                            max_component_series=component_metrics.max_series)
-        self.registry.register(FleetCollector(self.fleet, gpu_hostname_label=config.gpu_hostname_label))
-        self.registry.register(ComponentMetricsCollector(self.fleet))
+        fleet_kv = FleetCollector(self.fleet)
+        gpus = GpuCollector(self.fleet, hostname_label=config.gpu_hostname_label)
+        for collector in (fleet_kv, gpus, ComponentMetricsCollector(self.fleet)):
+            self.registry.register(collector)
+        # The collectors' render caches follow the workers (a GPU reading is rendered as it arrives).
+        self.fleet.add_listener(fleet_kv.labels)
+        self.fleet.add_listener(gpus.readings)
         self.ingest = Ingest(
             self.fleet,
             self.counts,

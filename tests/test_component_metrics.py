@@ -9,16 +9,22 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import fleet_protocol as protocol
+from aggregator.collectors.component_metrics import (
+    ComponentMetricsCollector,
+    family_samples,
+)
 from aggregator.collectors.fleet_kv import FleetCollector
 from aggregator.collectors.telemetry import Telemetry
-from aggregator.component_metrics import (
-    ComponentMetricsCollector,
+from aggregator.exposition.encoder import encode
+from aggregator.ingest.component_snapshots import (
+    DEFAULT_HELP,
     SnapshotLimits,
     parse_snapshot,
+    read_families,
+    render_lines,
     snapshot_route,
 )
 from aggregator.config import check_prefix
-from aggregator.exposition.encoder import encode
 from aggregator.ingest.pipeline import Ingest
 from aggregator.state.fleet import Fleet
 from fleet_worker.endpoint_metrics import EndpointMetrics
@@ -44,7 +50,9 @@ class Stack:
         self.registry = CollectorRegistry()
         self.telemetry = Telemetry(self.registry)
         self.fleet = Fleet(stale_after=10, max_component_series=max_series)
-        self.registry.register(FleetCollector(self.fleet, monotonic_clock=self.clock))
+        fleet_kv = FleetCollector(self.fleet, monotonic_clock=self.clock)
+        self.registry.register(fleet_kv)
+        self.fleet.add_listener(fleet_kv.labels)
         self.registry.register(ComponentMetricsCollector(self.fleet))
         self.ingest = Ingest(self.fleet, self.telemetry.counts, namespace="dynamo", default_component="backend",
                              max_message_bytes=65536, clock=self.clock)
@@ -244,10 +252,46 @@ def test_promtool_accepts_the_merged_exposition():
     stack.send(11, text_of(worker_registry(3, errors=1)))
     stack.send(22, text_of(worker_registry(5)))
     body, _ = encode(stack.registry, "")
-    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60)
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60,
+                            check=False)
     errors = [line for line in result.stdout.decode().splitlines() + result.stderr.decode().splitlines()
               if "dynamo_component" in line and "error" in line.lower()]
     assert not errors, errors
+
+
+NO_HELP_TEXT = "# TYPE dynamo_component_plain gauge\ndynamo_component_plain 2\n"
+NO_HELP_TYPED = {"name": "dynamo_component_typed", "type": "counter", "help": "",
+                 "samples": [["dynamo_component_typed_total", {}, 4]]}
+
+
+def send_families_without_help(stack: Stack) -> None:
+    import json
+
+    assert stack.send(1, NO_HELP_TEXT + GOOD)
+    payload = json.dumps({"worker_id": 2, "families": [NO_HELP_TYPED]}).encode()
+    assert stack.ingest.handle(PATTERN, "namespace.dynamo.component.backend.metrics", payload)
+
+
+@pytest.mark.parametrize("openmetrics", [False, True], ids=["text", "openmetrics"])
+def test_a_family_without_help_gets_a_default_help(openmetrics):
+    stack = Stack()
+    send_families_without_help(stack)
+    fams = stack.families(openmetrics)
+    assert fams["dynamo_component_plain"].documentation == DEFAULT_HELP
+    assert fams["dynamo_component_typed"].documentation == DEFAULT_HELP
+    assert fams["dynamo_component_ok"].documentation == "fine"  # a worker's own HELP is kept
+    assert by_worker(fams, "dynamo_component_typed", "dynamo_component_typed_total") == {"2": 4}
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+def test_promtool_finds_no_family_without_help():
+    stack = Stack()
+    send_families_without_help(stack)
+    body, _ = encode(stack.registry, "")
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60,
+                            check=False)
+    lint = result.stdout.decode().splitlines() + result.stderr.decode().splitlines()
+    assert not [line for line in lint if "dynamo_component" in line], lint
 
 
 def test_flags_validate_prefixes_and_limits(capsys):
@@ -287,13 +331,11 @@ def comparable(metrics) -> dict:
     import math
 
     return {name: (f.type, f.documentation,
-                   [(s.name, dict(s.labels), "nan" if math.isnan(s.value) else s.value) for s in f.get_samples()])
+                   [(s.name, dict(s.labels), "nan" if math.isnan(s.value) else s.value) for s in family_samples(f)])
             for name, f in metrics.families.items()}
 
 
 def test_typed_families_read_as_the_text_parser_reads_the_same_registry():
-    from aggregator.component_metrics import read_families
-
     runtime = busy_registry()
     from_text, text_problems = parse_snapshot(runtime.render()[0].decode(), 42, SnapshotLimits())
     families = protocol.decode_metrics_snapshot(protocol.encode(protocol.MetricsSnapshot(
@@ -304,8 +346,8 @@ def test_typed_families_read_as_the_text_parser_reads_the_same_registry():
         assert metrics.families.pop("dynamo_component_uptime_seconds").count == 1
     assert len(from_text.families) >= 6
     assert comparable(from_families) == comparable(from_text)
-    from_text.seal()
-    from_families.seal()
+    for metrics in (from_text, from_families):
+        render_lines(metrics).seal()
     assert from_families.chunks_row == from_text.chunks_row  # the same lines on /metrics
 
 

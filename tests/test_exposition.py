@@ -13,7 +13,7 @@ import fleet_protocol as protocol
 from aggregator import rejects
 from aggregator.collectors.fleet_kv import FleetCollector
 from aggregator.collectors.telemetry import Telemetry
-from aggregator.component_metrics import SnapshotLimits, snapshot_route
+from aggregator.ingest.component_snapshots import SnapshotLimits, snapshot_route
 from aggregator.exposition.encoder import encode
 from aggregator.ingest.pipeline import Ingest
 from aggregator.state.fleet import Fleet
@@ -35,7 +35,9 @@ def stack():
     registry = CollectorRegistry()
     telemetry = Telemetry(registry)
     fleet = Fleet(stale_after=10)
-    registry.register(FleetCollector(fleet, wall_clock=lambda: 1_700_000_000.0 + clock.now, monotonic_clock=clock))
+    collector = FleetCollector(fleet, wall_clock=lambda: 1_700_000_000.0 + clock.now, monotonic_clock=clock)
+    registry.register(collector)
+    fleet.add_listener(collector.labels)
     ingest = Ingest(fleet, telemetry.counts, namespace="dynamo", default_component="backend",
                     max_message_bytes=65536, clock=clock)
     # Every route the aggregator has (aggregator/service.py): a kind is counted from 0 once routed.
@@ -110,6 +112,22 @@ def test_zero_live_workers_export_a_zero_count_and_no_load(stack):
     assert values(fams, "llm_load_std") == {}
     assert values(fams, "llm_kv_blocks_active") == {}
     assert values(fams, "llm_workers_expired", "llm_workers_expired_total") == {("backend", "generate", None, None): 1}
+
+
+def test_worker_label_sets_live_as_long_as_their_workers(stack):
+    ingest, registry, clock = stack
+    (collector,) = (c for c in registry._collector_to_names if isinstance(c, FleetCollector))
+    publish_load(ingest, 1, 40)
+    publish_load(ingest, 2, 40)
+    families(registry)
+    assert len(collector.labels) == 2
+    listed = list(ingest.fleet.workers)  # what a scrape on the render thread had listed...
+    clock.now += 11
+    assert ingest.fleet.expire(clock.now) == listed  # ...before the event loop expired them
+    assert len(collector.labels) == 0
+    # That scrape goes on rendering them; it must not leave their label sets behind.
+    assert [collector.labels.of(key)["worker_id"] for key in listed] == ["1", "2"]
+    assert len(collector.labels) == 0
 
 
 def test_a_bad_message_is_counted_and_leaves_every_worker_as_it_was(stack):

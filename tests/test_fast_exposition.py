@@ -128,11 +128,38 @@ def test_restricted_output_is_equal_too(populated):
     assert exposition.encode(restricted, "")[0] == encoder(restricted)
 
 
+SELECTIONS = [  # (series names, how many families hold them)
+    (["llm_kv_blocks_active", "DCGM_FI_DEV_GPU_UTIL"], 2),
+    (["llm_kv_hit_rate_isl_blocks_total", "llm_workers", "llm_gpus", "zz_big", "zz_plain_counter_total"], 5),
+    (["dynamo_component_requests_total", "dynamo_component_request_duration_seconds_bucket",
+      "dynamo_component_request_duration_seconds_count", "llm_gpu_sampler_up"], 3),
+    (["llm_aggregator_messages_accepted_total", "llm_aggregator_scrape_duration_seconds_count", "no_such_series"], 2),
+]
+
+
+@pytest.mark.parametrize("names, families", SELECTIONS)
+@pytest.mark.parametrize("accept", ACCEPTS[:3])
+def test_selected_bytes_equal_prometheus_clients_restriction_of_every_family(populated, names, families, accept):
+    class Restricted:  # prometheus_client's own restriction, applied to every family collected
+        def collect(self):
+            for metric in populated.registry.collect():
+                restricted = metric._restricted_metric(set(names))
+                if restricted is not None:
+                    yield restricted
+
+    encoder, _ = choose_encoder(accept)
+    expected = encoder(Restricted())
+    assert exposition.encode(populated.registry, accept, names)[0] == expected
+    assert expected.count(b"# TYPE") == families
+
+
 def test_component_samples_read_back_from_their_lines_equal_the_parsed_ones():
-    from aggregator.component_metrics import (
+    from aggregator.collectors.component_metrics import family_samples
+    from aggregator.exposition.encoder import samples_of_chunk
+    from aggregator.ingest.component_snapshots import (
         SnapshotLimits,
         parse_snapshot,
-        samples_of_chunk,
+        render_lines,
     )
 
     runtime = MetricsRegistry()
@@ -143,15 +170,15 @@ def test_component_samples_read_back_from_their_lines_equal_the_parsed_ones():
     metrics, problems = parse_snapshot(runtime.render()[0].decode(), 2**63 + 1, SnapshotLimits())
     assert problems == []
     parsed = {name: list(family.samples) for name, family in metrics.families.items()}
-    metrics.seal()
+    render_lines(metrics)
     rendered = [family for family in metrics.families.values() if family.samples is None]
     assert len(rendered) >= 3  # counters and histograms are kept as lines only
     for family in metrics.families.values():
         assert family.count == len(parsed[family.name])
-        assert [(s.name, dict(s.labels), float(s.value)) for s in family.get_samples()] == \
+        assert [(s.name, dict(s.labels), float(s.value)) for s in family_samples(family)] == \
             [(s.name, dict(s.labels), float(s.value)) for s in parsed[family.name]]
         if family.chunk is not None:
-            assert samples_of_chunk(family.chunk) == family.get_samples()
+            assert samples_of_chunk(family.chunk) == family_samples(family)
 
 
 def test_rendered_labels_are_reused_across_scrapes(populated):
@@ -210,3 +237,15 @@ def test_rendering_in_a_thread_while_the_fleet_changes_never_fails():
         thread.join(30)
     assert errors == []
     assert renders >= 4
+    # The render caches made on both threads let go of every worker once all have expired.
+    from aggregator.collectors.fleet_kv import FleetCollector
+    from aggregator.collectors.gpus import GpuCollector
+
+    time.sleep(0.3)
+    aggregator.expire_now()
+    assert len(aggregator.fleet) == 0
+    for collector in list(aggregator.registry._collector_to_names):
+        if isinstance(collector, FleetCollector):
+            assert len(collector.labels) == 0
+        if isinstance(collector, GpuCollector):
+            assert len(collector.readings) == 0

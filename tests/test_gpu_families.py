@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from aggregator.collectors.fleet_kv import FleetCollector
-from aggregator.collectors.gpus import combine_views, framebuffer_mib, summarize
+from aggregator.collectors.gpus import GpuCollector, combine_views, framebuffer_mib, summarize
 from aggregator.collectors.telemetry import Telemetry
 from aggregator.exposition.encoder import encode
 from aggregator.ingest.pipeline import Ingest
@@ -51,8 +51,12 @@ def make_stack(hostname_label="Hostname"):
     registry = CollectorRegistry()
     telemetry = Telemetry(registry)
     fleet = Fleet(stale_after=10)
-    registry.register(FleetCollector(fleet, wall_clock=lambda: 1_700_000_000.0 + clock.now, monotonic_clock=clock,
-                                     gpu_hostname_label=hostname_label))
+    kv = FleetCollector(fleet, wall_clock=lambda: 1_700_000_000.0 + clock.now, monotonic_clock=clock)
+    gpus = GpuCollector(fleet, hostname_label=hostname_label, monotonic_clock=clock)
+    for collector in (kv, gpus):
+        registry.register(collector)
+    fleet.add_listener(kv.labels)
+    fleet.add_listener(gpus.readings)
     ingest = Ingest(fleet, telemetry.counts, namespace="dynamo", default_component="backend",
                     max_message_bytes=65536, clock=clock)
     return ingest, registry, clock
@@ -165,6 +169,23 @@ def test_a_gpu_message_keeps_the_worker_alive_and_expires_with_it():
     for name in [*DCGM_NAMES, "llm_gpu_process_memory_used_mib", "llm_gpu_sampler_up", "llm_gpus",
                  "llm_gpu_utilization_avg", "llm_kv_blocks_per_gib"]:
         assert series(fams, name) == [], name
+
+
+def test_render_caches_hold_each_reading_once_and_let_go_of_expired_workers():
+    ingest, registry, clock = make_stack()
+    kv, gpus = (c for c in registry._collector_to_names if isinstance(c, (FleetCollector, GpuCollector)))
+    for worker in (1, 2):
+        send_load(ingest, worker)
+        send_gpu(ingest, worker, [H100])
+    assert len(gpus.readings) == 2 and len(kv.labels) == 0  # readings rendered on arrival, labels at a scrape
+    first = families(registry)
+    assert len(kv.labels) == 2
+    send_gpu(ingest, 1, [{**H100, "gpu_util": 5}])  # a new reading replaces the worker's rendered one
+    assert len(gpus.readings) == 2
+    assert series(families(registry), "DCGM_FI_DEV_GPU_UTIL") != series(first, "DCGM_FI_DEV_GPU_UTIL")
+    clock.now += 11
+    assert len(ingest.fleet.expire(clock.now)) == 2
+    assert len(gpus.readings) == 0 and len(kv.labels) == 0
 
 
 def test_stale_gpu_readings_are_hidden_while_the_worker_lives_on_kv_stats():

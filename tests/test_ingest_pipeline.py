@@ -7,13 +7,14 @@ import json
 from prometheus_client import CollectorRegistry
 
 import fleet_protocol as protocol
-from aggregator import component_metrics, rejects
+from aggregator import rejects
 from aggregator.collectors.ingest_counts import IngestCountsCollector
 from aggregator.collectors.telemetry import StatsScrapeTelemetry, Telemetry
-from aggregator.component_metrics import SnapshotLimits, snapshot_route
 from aggregator.edges.hit_rate_journal import restore, take_snapshot
-from aggregator.ingest import pipeline
+from aggregator.ingest import component_snapshots, pipeline
+from aggregator.ingest.component_snapshots import SnapshotLimits, snapshot_route
 from aggregator.ingest.pipeline import Ingest
+from aggregator.state import component_index
 from aggregator.state.fleet import Fleet, GroupKey, WorkerKey
 from fleet_protocol import errors
 
@@ -54,8 +55,10 @@ def test_every_reason_is_listed_once_with_a_line_saying_what_it_is():
     # The wire reasons are the protocol's own objects, not copies of its strings.
     assert rejects.WIRE == protocol.REJECT_REASONS
     assert rejects.OVERSIZED is errors.OVERSIZED and rejects.INCONSISTENT is errors.INCONSISTENT
-    for name in ("NOT_EXPOSITION", "BAD_NAME", "RESERVED_NAME", "BAD_FAMILY", "TYPE_CONFLICT", "SERIES_LIMIT"):
-        assert getattr(component_metrics, name) is getattr(rejects, name)
+    for name in ("NOT_EXPOSITION", "BAD_NAME", "RESERVED_NAME", "BAD_FAMILY", "SERIES_LIMIT"):
+        assert getattr(component_snapshots, name) is getattr(rejects, name)
+    for name in ("TYPE_CONFLICT", "SERIES_LIMIT"):
+        assert getattr(component_index, name) is getattr(rejects, name)
 
 
 def test_every_routed_kind_is_exported_at_zero_for_every_reason_it_can_have():

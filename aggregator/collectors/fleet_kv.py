@@ -14,8 +14,8 @@ requires the suffix). `llm_kv_blocks_total` is a gauge whose name merely ends in
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from functools import partial
+from collections.abc import Callable, Iterator
+from functools import cache
 from operator import attrgetter
 
 from prometheus_client.core import (
@@ -26,9 +26,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from aggregator.collectors.gpus import gpu_families, render_reading
-from aggregator.exposition.encoder import ChunkedMetric, RenderedLabels, rows_chunk
-from aggregator.state.fleet import Fleet, WorkerState
+from aggregator.exposition.chunked_metric import ChunkedMetric
+from aggregator.exposition.encoder import RenderedLabels, rows_chunk
+from aggregator.state.fleet import Fleet, WorkerKey, WorkerState
 from aggregator.state.fleet_stats import hit_rate_percent
 
 WORKER_LABELS = ["component", "endpoint", "worker_id", "dp_rank"]
@@ -44,35 +44,67 @@ _LOAD_GAUGES: list[tuple[str, str, str]] = [
      "worker_stats.num_requests_waiting"),
     ("llm_gpu_cache_usage_ratio", "KV cache usage (0..1), as the worker reports (gpu_cache_usage_perc)",
      "kv_stats.gpu_cache_usage_perc"),
-    ("llm_gpu_prefix_cache_hit_ratio", "Prefix cache hit rate (0..1), as the worker reports "
-     "(gpu_prefix_cache_hit_rate)", "kv_stats.gpu_prefix_cache_hit_rate"),
+    ("llm_gpu_prefix_cache_hit_ratio", ("Prefix cache hit rate (0..1), as the worker reports "
+                                        "(gpu_prefix_cache_hit_rate)"), "kv_stats.gpu_prefix_cache_hit_rate"),
 ]
 # All seven values of one worker in one C call.
 _load_values = attrgetter(*(path for _, _, path in _LOAD_GAUGES))
 
 
+class WorkerLabels:
+    """The render cache of workers' label sets (component, endpoint, worker_id, dp_rank), keyed by
+    worker: each rendered once, at the first scrape that shows the worker, and freed when it
+    expires (a FleetListener)."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+        self.by_worker: dict[WorkerKey, RenderedLabels] = {}  # read directly by scrapes (C-speed lookups)
+
+    def __len__(self) -> int:
+        return len(self.by_worker)
+
+    def of(self, key: WorkerKey) -> RenderedLabels:
+        labels = self.by_worker.get(key)
+        if labels is None:
+            labels = self.by_worker[key] = RenderedLabels(dict(zip(
+                WORKER_LABELS, (key.component, key.endpoint, str(key.worker_id), str(key.dp_rank)))))
+            # Made by a scrape, on the render thread: a worker that expired since that scrape listed it
+            # was already let go of by `workers_expired`, so its entry is dropped here.
+            if key not in self._fleet.workers:
+                self.by_worker.pop(key, None)
+        return labels
+
+    def gpu_reading(self, state: WorkerState) -> None:
+        """A worker's label set does not depend on its readings."""
+
+    def workers_expired(self, keys: list[WorkerKey]) -> None:
+        for key in keys:
+            self.by_worker.pop(key, None)
+
+
 class FleetCollector(Collector):
-    def __init__(self, fleet: Fleet, *, wall_clock=time.time, monotonic_clock=time.monotonic,
-                 gpu_hostname_label: str = "Hostname") -> None:
+    """Per-worker KV series and per component endpoint statistics.
+
+    Register `labels` with the fleet (`Fleet.add_listener`) so expired workers' label sets are freed.
+    """
+
+    def __init__(self, fleet: Fleet, *, wall_clock: Callable[[], float] = time.time,
+                 monotonic_clock: Callable[[], float] = time.monotonic) -> None:
         self.fleet = fleet
-        self.gpu_hostname_label = gpu_hostname_label
-        fleet.on_gpu_reading = partial(render_reading, hostname_label=gpu_hostname_label)
+        self.labels = WorkerLabels(fleet)
         self._wall = wall_clock
         self._monotonic = monotonic_clock
 
     def collect(self) -> Iterator[Metric]:
         yield from self._worker_families()
         yield from self._group_families()
-        yield from self._gpu_families()
-
-    def _gpu_families(self) -> Iterator[Metric]:
-        yield from gpu_families(self.fleet, self._monotonic(), self.gpu_hostname_label)
 
     def _worker_families(self) -> Iterator[Metric]:
-        # Rendered straight from the state into one chunk per family (see exposition.py): a
+        # Rendered straight from the state into one chunk per family (see encoder.py): a
         # scrape of 10,000 workers makes no Sample objects here unless something reads them.
         offset = self._wall() - self._monotonic()  # last-seen is kept on the monotonic clock
-        rows = [(_worker_labels(state), state) for state in list(self.fleet.workers.values())]
+        known, labels_of = self.labels.by_worker, self.labels.of
+        rows = [(known.get(key) or labels_of(key), state) for key, state in list(self.fleet.workers.items())]
         loaded = [(labels, state.load) for labels, state in rows if state.load is not None]
         # One row of values per worker, transposed into one column per family.
         columns = zip(*(_load_values(metrics) for _, metrics in loaded)) if loaded else ((),) * len(_LOAD_GAUGES)
@@ -123,7 +155,7 @@ class FleetCollector(Collector):
         for stats in self.fleet.group_stats():
             labels = [stats.key.component, stats.key.endpoint]
             live.add_metric(labels, stats.live_workers)
-            if stats.load_avg is not None:
+            if stats.load_avg is not None and stats.load_std is not None:  # both or neither
                 avg.add_metric(labels, stats.load_avg)
                 std.add_metric(labels, stats.load_std)
             if stats.hit_rate_percent is not None:
@@ -134,19 +166,13 @@ class FleetCollector(Collector):
         yield from (live, avg, std, fleet_rate, fleet_isl, fleet_overlap, expired)
 
     def describe(self) -> Iterator[Metric]:
-        # The families of an empty fleet: every name this collector yields, without reading the
-        # live state, so registration catches name clashes and `/metrics?name[]=` can select them.
-        return FleetCollector(Fleet(stale_after=1.0)).collect()
+        return iter(_described())
 
 
-def _worker_labels(state: WorkerState) -> RenderedLabels:
-    """The worker's label set, rendered once for as long as it lives."""
-    labels = state.worker_labels
-    if labels is None:
-        key = state.key
-        labels = state.worker_labels = RenderedLabels(dict(zip(
-            WORKER_LABELS, (key.component, key.endpoint, str(key.worker_id), str(key.dp_rank)))))
-    return labels
+@cache
+def _described() -> tuple[Metric, ...]:
+    # The families of an empty fleet: every name this collector yields, without samples.
+    return tuple(FleetCollector(Fleet(stale_after=1.0)).collect())
 
 
 def _chunked(name: str, doc: str, typ: str, sample_name: str, rows: list[tuple[RenderedLabels, float]]) -> Metric:

@@ -13,18 +13,25 @@ which would break every dashboard that queries the DCGM name. `rate()` and
 
 A worker's readings are exported while they are fresher than `stale_after`: a worker
 that keeps sending KV stats but stopped sending GPU readings shows no stale GPUs.
+
+Readings come every few seconds from every worker, so each is rendered once, when it
+arrives (`RenderedReadings`, told by the fleet), not at every scrape.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cache
 
 from prometheus_client.core import GaugeMetricFamily, Metric, Sample
+from prometheus_client.registry import Collector
 
-from aggregator.exposition.encoder import ChunkedMetric, RenderedLabels, render_chunk
-from aggregator.state.fleet import Fleet, GroupKey, WorkerKey
+from aggregator.exposition.chunked_metric import ChunkedMetric
+from aggregator.exposition.encoder import RenderedLabels, render_chunk
+from aggregator.state.fleet import Fleet, GroupKey, WorkerKey, WorkerState
 from fleet_protocol import ForwardPassMetrics, GpuMetricsEvent, GpuReading
 
 GROUP_LABELS = ["component", "endpoint"]
@@ -165,53 +172,121 @@ _GPU_FAMILIES: list[tuple[str, str]] = [
 _GPU_FAMILY_INDEX = {name: i for i, (name, _) in enumerate(_GPU_FAMILIES)}
 
 
-def gpu_families(fleet: Fleet, now: float, hostname_label: str = "Hostname") -> Iterator[Metric]:
+# A worker's rendered label sets, by label values; bounded, as a worker whose GPUs keep
+# changing identity must not grow it.
+LabelSets = dict[tuple[str, ...], RenderedLabels]
+_MAX_LABEL_SETS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedReading:
+    """One worker's latest reading, rendered: samples and lines per family of _GPU_FAMILIES."""
+
+    event: GpuMetricsEvent  # the reading these are of
+    samples: tuple[list[Sample], ...]
+    chunks: tuple[bytes | None, ...]
+    summary: GpuSummary
+    label_sets: LabelSets  # reused by the worker's next readings
+
+
+class RenderedReadings:
+    """The render cache of GPU readings, keyed by worker: a FleetListener that renders each reading as
+    it arrives and frees a worker's entry when it expires. Written only on the thread that changes the
+    fleet; the render thread only reads it."""
+
+    def __init__(self, hostname_label: str = "Hostname") -> None:
+        self.hostname_label = hostname_label
+        self.by_worker: dict[WorkerKey, RenderedReading] = {}  # read directly by scrapes (C-speed lookups)
+
+    def __len__(self) -> int:
+        return len(self.by_worker)
+
+    def gpu_reading(self, state: WorkerState) -> None:
+        assert state.gpu is not None
+        previous = self.by_worker.get(state.key)
+        self.by_worker[state.key] = render_reading(state.key, state.gpu, self.hostname_label,
+                                                   previous.label_sets if previous is not None else {})
+
+    def workers_expired(self, keys: list[WorkerKey]) -> None:
+        for key in keys:
+            self.by_worker.pop(key, None)
+
+
+class GpuCollector(Collector):
+    """The per-GPU series of live workers' fresh readings, and the fleet views per component endpoint.
+
+    Register `readings` with the fleet (`Fleet.add_listener`) so readings are rendered on arrival.
+    """
+
+    def __init__(self, fleet: Fleet, *, hostname_label: str = "Hostname",
+                 monotonic_clock: Callable[[], float] = time.monotonic) -> None:
+        self.fleet = fleet
+        self.readings = RenderedReadings(hostname_label)
+        self._monotonic = monotonic_clock
+
+    def collect(self) -> Iterator[Metric]:
+        return gpu_families(self.fleet, self._monotonic(), self.readings)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(_described())
+
+
+@cache
+def _described() -> tuple[Metric, ...]:
+    # The families without samples: what an empty fleet yields.
+    return tuple(gpu_families(Fleet(stale_after=1.0), 0.0, RenderedReadings()))
+
+
+def gpu_families(fleet: Fleet, now: float, readings: RenderedReadings) -> Iterator[Metric]:
     """Every GPU family, from the readings of live workers fresher than the fleet's stale_after."""
     fresh: list[tuple[GroupKey, GpuSummary, ForwardPassMetrics | None]] = []
-    rendered: list[tuple] = []
+    rendered: list[RenderedReading] = []
     deadline = now - fleet.stale_after
+    rendered_by_worker = readings.by_worker
     for key, state in list(fleet.workers.items()):
         event = state.gpu
         if event is None or state.gpu_seen < deadline:
             continue
-        cached = state.gpu_rendered
-        if cached is None or cached[0] is not event or cached[1] != hostname_label:
-            cached = render_reading(state, hostname_label)  # normally done on arrival
-        rendered.append(cached)
-        fresh.append((GroupKey(key.component, key.endpoint), cached[4], state.load))
+        reading = rendered_by_worker.get(key)
+        if reading is None or reading.event is not event:
+            # Normally rendered on arrival; this one is not kept (only the fleet's thread writes the cache).
+            reading = render_reading(key, event, readings.hostname_label, {})
+        rendered.append(reading)
+        fresh.append((GroupKey(key.component, key.endpoint), reading.summary, state.load))
     families = [ChunkedMetric(name, doc, "gauge") for name, doc in _GPU_FAMILIES]
     if rendered:
         # One row per worker, one column per family: transposed by zip, not sample by sample.
-        sample_columns = zip(*(row[2] for row in rendered))
-        chunk_columns = zip(*(row[3] for row in rendered))
+        sample_columns = zip(*(reading.samples for reading in rendered))
+        chunk_columns = zip(*(reading.chunks for reading in rendered))
         for family, samples, chunks in zip(families, sample_columns, chunk_columns):
             family.add_column(samples, chunks)
     yield from families
     yield from _group_families(combine_views(fresh))
 
 
-def render_reading(state, hostname_label: str) -> tuple:
-    """Render the worker's latest reading once, when it arrives: readings come every few seconds
-    from every worker, so rendering them at scrape time would make every scrape re-render the fleet."""
-    event = state.gpu
-    samples, chunks = _worker_gpu_series(state, event, hostname_label)
-    rendered = state.gpu_rendered = (event, hostname_label, samples, chunks, summarize(event))
-    return rendered
-
-
-def _worker_gpu_series(state, event: GpuMetricsEvent, hostname_label: str) -> tuple[tuple, tuple]:
-    """One worker's GPU reading: (samples, rendered lines) per family of _GPU_FAMILIES."""
+def render_reading(key: WorkerKey, event: GpuMetricsEvent, hostname_label: str,
+                   label_sets: LabelSets) -> RenderedReading:
+    """A worker's reading as its series (samples and lines) per family, and its summary for the views."""
     gpu_names = tuple(dcgm_labels(hostname_label))
-    worker = _worker_labels(state.key)
+    worker = _worker_labels(key)
+
+    def labels(names: tuple[str, ...], values: tuple[str, ...]) -> RenderedLabels:
+        # Rendered once per label set while the worker lives (see encoder.py).
+        found = label_sets.get(values)
+        if found is None:
+            if len(label_sets) >= _MAX_LABEL_SETS:
+                label_sets.clear()
+            found = label_sets[values] = RenderedLabels(dict(zip(names, values)))
+        return found
+
     samples: list[list] = [[] for _ in _GPU_FAMILIES]
     up = "llm_gpu_sampler_up"
-    up_labels = state.labels((*WORKER_LABELS, "error"), (*worker, event.sampler_error or ""))
+    up_labels = labels((*WORKER_LABELS, "error"), (*worker, event.sampler_error or ""))
     samples[_GPU_FAMILY_INDEX[up]].append(Sample(up, up_labels, 0 if event.sampler_error else 1))
     for gpu in event.gpus:
         gpu_values = (str(gpu.index), gpu.uuid, gpu.pci_bus_id, f"nvidia{gpu.index}", gpu.name,
                       event.hostname, event.driver_version or "", *worker)
-        # Rendered once per GPU identity while the worker lives (see exposition.py).
-        gpu_labels = state.labels(gpu_names, gpu_values)
+        gpu_labels = labels(gpu_names, gpu_values)
         for i, (name, _, attr) in enumerate(DCGM_GAUGES):
             value = getattr(gpu, attr)
             if value is not None:
@@ -219,9 +294,10 @@ def _worker_gpu_series(state, event: GpuMetricsEvent, hostname_label: str) -> tu
         for process in gpu.processes:
             if process.used_memory_mib is not None:
                 name = "llm_gpu_process_memory_used_mib"
-                labels = RenderedLabels(dict(zip((*gpu_names, "pid"), (*gpu_values, str(process.pid)))))
-                samples[_GPU_FAMILY_INDEX[name]].append(Sample(name, labels, process.used_memory_mib))
-    return tuple(samples), tuple(render_chunk(family_samples) for family_samples in samples)
+                process_labels = RenderedLabels(dict(zip((*gpu_names, "pid"), (*gpu_values, str(process.pid)))))
+                samples[_GPU_FAMILY_INDEX[name]].append(Sample(name, process_labels, process.used_memory_mib))
+    return RenderedReading(event, tuple(samples), tuple(render_chunk(family) for family in samples),
+                           summarize(event), label_sets)
 
 
 def _worker_labels(key: WorkerKey) -> tuple[str, ...]:

@@ -27,14 +27,14 @@ GZIP_LEVEL = 1
 _GZIP_WBITS = 16 + 15  # a gzip member (header and CRC), not a bare zlib stream
 
 
-def _render(source, accept: str, gzipped: bool) -> tuple[bytes, dict]:
+def _render(source, accept: str, gzipped: bool, names: tuple[str, ...] = ()) -> tuple[bytes, dict]:
     # A render allocates a few objects per sample; with a large fleet alive, CPython's cyclic GC
     # would run full collections over the whole heap several times mid-render (measured at
     # 10,000 workers: 1.1 s with it, 0.4 s without). Nothing a render makes forms a cycle.
     gc_enabled = gc.isenabled()
     gc.disable()
     try:
-        families, content_type = exposition.encode_families(source, accept)
+        families, content_type = exposition.encode_families(source, accept, names)
         headers = {"Content-Type": content_type}
         if gzipped:
             compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
@@ -64,20 +64,19 @@ def build_app(
     async def metrics(request: web.Request) -> web.Response:
         started = time.perf_counter()
         before_scrape()
-        # `?name[]=a&name[]=b` restricts the output to those families, as prometheus_client's own server does.
-        names = request.query.getall("name[]", [])
-        source = registry.restricted_registry(names) if names else registry
+        # `?name[]=a&name[]=b` restricts the output to those series, as prometheus_client's own server does.
+        names = tuple(request.query.getall("name[]", []))
         gzipped = "gzip" in request.headers.get("Accept-Encoding", "")
         accept = request.headers.get("Accept", "")
         if names:
             # A selection (`name[]`) is small by intent: rendered in place, it costs less than a
             # thread hand-off, whose GIL switches stall the event loop for up to 5 ms each.
-            body, headers = _render(source, accept, gzipped)
+            body, headers = _render(registry, accept, gzipped, names)
         else:
             async with rendering:
                 # In a thread, so the event loop keeps taking NATS messages (and /health) while a
                 # large fleet renders; the collectors read snapshots of the state (list(...)).
-                body, headers = await asyncio.to_thread(_render, source, accept, gzipped)
+                body, headers = await asyncio.to_thread(_render, registry, accept, gzipped)
         telemetry.scrape_duration.observe(time.perf_counter() - started)
         return web.Response(body=body, headers=headers)
 

@@ -13,14 +13,18 @@ compares the two on the same state.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import lru_cache
 from itertools import chain
 
 from prometheus_client import exposition
 from prometheus_client.core import Metric
 from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
+
+from aggregator.exposition.selection import Selection
 
 # What a metric and a label name are in the text format (check with fullmatch: `$` also matches
 # before a final newline).
@@ -85,60 +89,6 @@ def _header(openmetrics_format: bool, escaping: str, name: str, documentation: s
     return exposition.generate_latest(_Single([empty]), escaping=escaping)
 
 
-class ChunkedMetric(Metric):
-    """A family whose sample lines also come pre-rendered, as byte chunks.
-
-    A worker's GPU readings and component metrics are rendered once per reading, and its
-    KV series once per scrape straight from the state; the encoder then writes the chunks
-    instead of formatting each sample again. `samples` is complete as in any Metric, but
-    built only when something reads it (prometheus_client's own encoders, `name[]`
-    selections, tests), so a full scrape creates no Sample objects for these families.
-    """
-
-    def __init__(self, name: str, documentation: str, typ: str, unit: str = "") -> None:
-        # Set before Metric.__init__, which assigns `samples` through the property below.
-        self._parts: list = []  # lists of Samples, or callables returning one
-        self._flat: list = []
-        self.chunks: list[bytes] | None = []
-        super().__init__(name, documentation, typ, unit)
-
-    @property
-    def samples(self) -> list:
-        if self._parts:
-            flat = self._flat
-            for part in self._parts:
-                flat.extend(part() if callable(part) else part)
-            self._parts = []
-        return self._flat
-
-    @samples.setter
-    def samples(self, value: list) -> None:
-        self._flat = value
-        self._parts = []
-
-    def add_chunk(self, samples, chunk: bytes | None) -> None:
-        """`samples` (a list, or a callable making it) and their lines; None: no lines, go sample by sample."""
-        self._parts.append(samples)
-        if chunk is None or self.chunks is None:
-            self.chunks = None
-        else:
-            self.chunks.append(chunk)
-
-    def add_column(self, samples: Iterable[list] | Callable[[], list], chunks: Iterable[bytes | None]) -> None:
-        """Many workers' parts at once (C-speed list building): their sample lists, or one callable
-        making all of them, and one chunk each."""
-        if callable(samples):
-            self._parts.append(samples)
-        else:
-            self._parts.extend(samples)
-        if self.chunks is not None:
-            chunks = list(chunks)
-            if None in chunks:
-                self.chunks = None
-            else:
-                self.chunks.extend(chunks)
-
-
 def render_chunk(samples: list) -> bytes | None:
     """The sample lines of `samples` (text 0.0.4 and OpenMetrics 1.0 write them alike), or None
     where only prometheus_client's encoder will do (timestamps, exemplars, non-legacy names)."""
@@ -148,6 +98,15 @@ def render_chunk(samples: list) -> bytes | None:
         return "".join(_sample_lines(samples, ())).encode()
     except _Fallback:
         return None
+
+
+def samples_of_chunk(chunk: bytes) -> list[Sample]:
+    """The samples of lines `render_chunk` or `rows_chunk` wrote, read back with prometheus_client's parser.
+
+    Series kept only as their lines (~130 bytes each instead of ~600 as Sample objects) need
+    their Samples only for prometheus_client's own encoders, which are rare and may pay for a parse.
+    """
+    return [sample for family in text_string_to_metric_families(chunk.decode()) for sample in family.samples]
 
 
 def rows_chunk(name: str, rows: list[tuple[RenderedLabels, float]]) -> bytes | None:
@@ -206,16 +165,20 @@ def _generic(metric: Metric, openmetrics_format: bool, escaping: str) -> bytes:
     return exposition.generate_latest(_Single([metric]), escaping=escaping)
 
 
-def encode(source, accept: str) -> tuple[bytes, str]:
-    """(body, content type) for `source` (a registry) as prometheus_client would negotiate and encode it."""
-    families, content_type = encode_families(source, accept)
+def encode(source, accept: str, names: Iterable[str] = ()) -> tuple[bytes, str]:
+    """(body, content type) for `source` (a registry) as prometheus_client would negotiate and encode it;
+    with `names`, only the series of those names (`/metrics?name[]=`, see selection.py)."""
+    families, content_type = encode_families(source, accept, names)
     return b"".join(chain.from_iterable(families)), content_type
 
 
-def encode_families(source, accept: str) -> tuple[list[list[bytes]], str]:
+def encode_families(source, accept: str, names: Iterable[str] = ()) -> tuple[list[list[bytes]], str]:
     """`encode`'s body as pieces, grouped by family: joined once for a plain body, or compressed
     family by family (at 10,000 full workers, joining the 91 MB body first costs more than
     compressing it)."""
+    names = tuple(names)
+    if names:
+        source = Selection(source, names)
     encoder, content_type = exposition.choose_encoder(accept)
     func = getattr(encoder, "func", encoder)
     keywords = getattr(encoder, "keywords", {})

@@ -4,18 +4,20 @@ A worker is one data-parallel rank of one worker process on one component endpoi
 `WorkerKey(component, endpoint, worker_id, dp_rank)`. Every message from it refreshes
 all of its series together, and when it falls silent for `stale_after` seconds all of
 them go together, so a live worker's counters never reset and a dead one leaves nothing.
+
+What readers derive from a worker and keep while it lives (the exposition's rendered series)
+is theirs: they register a `FleetListener` and are told when a reading arrives and when
+workers go, so the state carries data only.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
-from aggregator.component_metrics import ComponentMetricsIndex, Problem, WorkerMetrics
-from aggregator.exposition.encoder import RenderedLabels
 from aggregator.rejects import GROUP_LIMIT, LABEL_LIMIT, WORKER_LIMIT
+from aggregator.state.component_index import ComponentIndex, Problem, WorkerMetrics
 from aggregator.state.fleet_stats import hit_rate_percent, load_mean_std
 from fleet_protocol import (
     MAX_LABEL_LENGTH,
@@ -49,22 +51,17 @@ class WorkerState:
     component_metrics: WorkerMetrics | None = None  # the worker's latest MetricsRegistry snapshot
     gpu: GpuMetricsEvent | None = None  # the latest GPU readings, replaced whole
     gpu_seen: float = 0.0  # when they came; readings older than stale_after are not exported
-    # The exposition's rendered label sets and GPU series of this worker (collector-owned; freed with it).
-    label_cache: dict | None = None
-    worker_labels: RenderedLabels | None = None  # component, endpoint, worker_id, dp_rank
-    gpu_rendered: tuple | None = None
 
-    def labels(self, names: tuple[str, ...], values: tuple[str, ...]) -> "RenderedLabels":
-        """The label set `names=values`, rendered once for as long as this worker lives."""
-        cache = self.label_cache
-        if cache is None:
-            cache = self.label_cache = {}
-        labels = cache.get(values)
-        if labels is None:
-            if len(cache) >= 256:  # a worker whose GPUs keep changing identity must not grow this
-                cache.clear()
-            labels = cache[values] = RenderedLabels(dict(zip(names, values)))
-        return labels
+
+class FleetListener(Protocol):
+    """Told of the changes after which a reader's derived data is out of date. Called on the
+    thread that changes the fleet, right after the change."""
+
+    def gpu_reading(self, state: WorkerState) -> None:
+        """`state.gpu` was replaced by a new reading."""
+
+    def workers_expired(self, keys: list[WorkerKey]) -> None:
+        """These workers are gone (a worker seen again later is a new one)."""
 
 
 @dataclass(slots=True)
@@ -111,21 +108,23 @@ class Fleet:
         # Ordered by last update, oldest first, so expiry only looks at the stale head.
         self.workers: OrderedDict[WorkerKey, WorkerState] = OrderedDict()
         self.groups: dict[GroupKey, GroupTotals] = {}
-        self.component_metrics = ComponentMetricsIndex(max_component_series)
-        # Set by the exposition side to render a GPU reading once, as it arrives (gpu_families.py).
-        self.on_gpu_reading: Callable[[WorkerState], object] | None = None
+        self.component_metrics = ComponentIndex(max_component_series)
+        self._listeners: tuple[FleetListener, ...] = ()
         # Hit-rate events name no endpoint: they go to the endpoint the worker reports load on.
         self._endpoint_of: dict[tuple[str, int, int], str] = {}
 
     def __len__(self) -> int:
         return len(self.workers)
 
+    def add_listener(self, listener: FleetListener) -> None:
+        self._listeners = (*self._listeners, listener)
+
     def _touch(self, key: tuple[str, str, int, int], now: float) -> WorkerState:
         # `key` may be a plain tuple (hot path): it hashes and compares equal to its WorkerKey.
-        state = self.workers.get(key)
+        state = self.workers.get(key)  # type: ignore[call-overload]  # equal to its WorkerKey, see above
         if state is not None:
             state.last_seen = now
-            self.workers.move_to_end(key)
+            self.workers.move_to_end(key)  # type: ignore[arg-type]
             return state
         key = WorkerKey(*key)
         if len(self.workers) >= self.max_workers:
@@ -173,7 +172,7 @@ class Fleet:
 
     def observe_component_metrics(self, component: str, snapshot: MetricsSnapshot, metrics: WorkerMetrics,
                                   now: float) -> list[Problem]:
-        """Replace the worker's snapshot (`metrics`, parsed from `snapshot.text`).
+        """Replace the worker's snapshot (`metrics`, checked and rendered from `snapshot` by the ingest side).
 
         Families whose type conflicts with other workers' are dropped and returned as
         problems. Raises MessageRejected (series_limit) or LimitExceeded before changing anything.
@@ -196,8 +195,8 @@ class Fleet:
         state = self._touch(key, now)
         state.gpu = event
         state.gpu_seen = now
-        if self.on_gpu_reading is not None:
-            self.on_gpu_reading(state)
+        for listener in self._listeners:
+            listener.gpu_reading(state)
         return state
 
     def expire(self, now: float) -> list[WorkerKey]:
@@ -216,6 +215,9 @@ class Fleet:
             index = (key.component, key.worker_id, key.dp_rank)
             if self._endpoint_of.get(index) == key.endpoint:
                 del self._endpoint_of[index]
+        if expired:
+            for listener in self._listeners:
+                listener.workers_expired(expired)
         return expired
 
     def group_stats(self) -> list[GroupStats]:
