@@ -95,6 +95,7 @@ async def test_other_keys_are_skipped_and_bad_values_counted(etcd_server):
     async with running(config(etcd_server.url)) as run:
         await run.until(lambda: run.sink.snapshots == 1, "the listing")
         assert run.sink.entries == {}
+        put_all(etcd_server, worker_entries("dynamo-2", worker=WORKER + 1))  # watched, and not ours either
         bad = protocol.instance_key("dynamo", "backend", "generate", 1)
         etcd_put(etcd_server, bad, b'{"type":"Endpoint"')
         put_all(etcd_server, ours)

@@ -41,6 +41,9 @@ log = structlog.get_logger("aggregator.discovery")
 PAGE_KEYS: Final = 200  # keys per range request
 REQUEST_TIMEOUT_S: Final = 5.0
 PROBE_INTERVAL_S: Final = 5.0
+# A watch that lasted this long was a working one: the next failure starts from the shortest delay.
+# Shorter ones keep doubling it, so a proxy that ends every watch at once costs a listing per 5 s at most.
+STEADY_WATCH_S: Final = 30.0
 # A watch response holds whole revisions (a lease's keys go in one): bounded all the same.
 MAX_WATCH_LINE: Final = 32 * 1024 * 1024
 
@@ -139,19 +142,24 @@ class EtcdDiscovery(DiscoveryWatcher):
                  namespace=self.view.namespace)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout)
         async with aiohttp.ClientSession(timeout=timeout) as session:
+            loop = asyncio.get_running_loop()
             while not stop.is_set():
                 base = self.endpoints[endpoint % len(self.endpoints)]
                 try:
                     await self._list(session, base)
                     self._listed()
-                    backoff.reset()
-                    await self._follow(session, base, stop)
+                    watched_from = loop.time()
+                    try:
+                        await self._follow(session, base, stop)
+                    finally:
+                        if loop.time() - watched_from >= STEADY_WATCH_S:
+                            backoff.reset()
                 except WatchEnded as ended:
                     if ended.reason == COMPACTED:
-                        # The view is right up to the watch's end; a new listing catches up.
+                        # Still connected, the view right up to the watch's end: a new listing catches up.
                         self.telemetry.errors.labels(COMPACTED).inc()
-                        continue
-                    self._failed(ended.reason, f"{base}: {ended}")
+                    else:
+                        self._failed(ended.reason, f"{base}: {ended}")
                 except EtcdUnavailable as error:
                     self.view.abandon_listing()
                     self._failed(UNREACHABLE, f"{base}: {error}")

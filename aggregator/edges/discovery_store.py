@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Final, Protocol
+from typing import ClassVar, Final, Protocol
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -45,9 +45,6 @@ from fleet_protocol import (
 )
 from fleet_protocol.discovery import KEY_ROOT
 from fleet_runtime.logs import LogLimiter
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 log = structlog.get_logger("aggregator.discovery")
 
@@ -131,12 +128,6 @@ class DiscoveryView:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
-
-    def keys(self) -> Iterator[str]:
-        return iter(list(self._entries))
 
     def wants(self, key: str) -> bool:
         """Whether `key` may hold an entry of this namespace (a cheap test, before its value is read)."""
@@ -277,21 +268,22 @@ class DiscoveryWatcher:
         if not self.connected:
             self.connected = True
             self.telemetry.connected.set(1)
-            log.info("discovery store read", backend=self.backend, store=self.where, entries=len(self.view),
-                     listing=self.listings)
+            suppressed = self._limiter.allow("listed")
+            if suppressed is not None:
+                log.info("discovery store read", backend=self.backend, store=self.where, entries=len(self.view),
+                         listing=self.listings, suppressed_since_last=suppressed)
 
     def _failed(self, reason: str, message: str) -> None:
         """The store could not be read, or a watch of it ended: counted, and logged rarely."""
         self.telemetry.errors.labels(reason).inc()
         self.last_error = f"{reason}: {message}"[:1024]
-        was_connected = self.connected
         self.connected = False
         self.telemetry.connected.set(0)
         suppressed = self._limiter.allow(reason)
-        if was_connected or suppressed is not None:
+        if suppressed is not None:
             log.warning("discovery store not readable; retrying, its last entries kept", backend=self.backend,
                         store=self.where, reason=reason, error=message[:512],
-                        suppressed_since_last=suppressed or 0)
+                        suppressed_since_last=suppressed)
 
 
     def _bug(self, error: Exception) -> None:
