@@ -102,12 +102,11 @@ class FileDiscovery(DiscoveryWatcher):
         while not stop.is_set():
             try:
                 scan = await asyncio.to_thread(self._scan)
+                self.apply(scan, self._clock())
             except OSError as error:
                 self._failed(UNREADABLE, f"{error.filename or self.root}: {error.strerror or error}")
                 await backoff.wait(stop)
                 continue
-            try:
-                self.apply(scan, self._clock())
             except Exception as error:  # noqa: BLE001 - a bug here must not end discovery for good
                 self._bug(error)
                 await backoff.wait(stop)
