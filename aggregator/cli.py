@@ -20,6 +20,7 @@ from aggregator.config import (
     AggregatorConfig,
     ComponentMetricsConfig,
     ConfigError,
+    DiscoveryConfig,
     HttpConfig,
     JournalConfig,
     LimitsConfig,
@@ -46,10 +47,12 @@ SECTIONS: Mapping[str, type] = {
     "component_metrics": ComponentMetricsConfig,
     "journal": JournalConfig,
     "pull": PullConfig,
+    "discovery": DiscoveryConfig,
 }
 
 NATS_AUTH = "NATS authentication and TLS"
 JOURNAL = "hit-rate history across restarts (JetStream)"
+DISCOVERY = "Dynamo's discovery store (worker instances, model cards, event channels)"
 
 
 def default_of(flag: Flag) -> Any:
@@ -85,6 +88,24 @@ def _readable_file(value: str) -> str:
 
 def _optional_path(value: str) -> str | None:
     return value or None  # an empty variable means none
+
+
+def _discovery_backend(value: str) -> str | None:
+    return value.strip().lower() or None  # unset or empty: discovery off
+
+
+def _etcd_endpoints(value: str) -> tuple[str, ...]:
+    # Dynamo's etcd client takes `host:port` as http://host:port.
+    return tuple(url if "://" in url else f"http://{url}" for url in comma_list(value))
+
+
+def dynamo_file_kv(environ: Mapping[str, str] = os.environ) -> str:
+    """Where Dynamo's file backend lives without DYN_FILE_KV: its temporary directory's dynamo_store_kv."""
+    return os.path.join(environ.get("TMPDIR") or "/tmp", "dynamo_store_kv")
+
+
+def _file_kv(value: str) -> str:
+    return value or dynamo_file_kv()  # an empty variable means Dynamo's default
 
 
 def scrape_target(value: str) -> ScrapeTarget:
@@ -170,6 +191,22 @@ FLAGS: tuple[Flag, ...] = (
          "a snapshot with more series is rejected (reason=series_limit)"),
     Flag("--component-metrics-max-series", "AGGREGATOR_COMPONENT_METRICS_MAX_SERIES", "component_metrics.max_series",
          int, "series of all workers' snapshots together; a snapshot past it is rejected (reason=series_limit)"),
+    Flag("--discovery-backend", "DYN_DISCOVERY_BACKEND", "discovery.backend", _discovery_backend,
+         "read Dynamo's discovery store: file or etcd, as Dynamo's workers are configured; unset means off",
+         DISCOVERY),
+    Flag("--discovery-file-kv", "DYN_FILE_KV", "discovery.file_kv", _file_kv,
+         "directory of Dynamo's file discovery backend (default: $TMPDIR/dynamo_store_kv, as Dynamo's)", DISCOVERY),
+    Flag("--etcd-endpoints", "ETCD_ENDPOINTS", "discovery.etcd_endpoints", _etcd_endpoints,
+         "etcd client URLs, comma-separated (http://host:2379), read through etcd's JSON gateway", DISCOVERY),
+    Flag("--discovery-file-ttl", "AGGREGATOR_DISCOVERY_FILE_TTL", "discovery.file_ttl", float,
+         "seconds after its last keep-alive (the file's mtime) that a file entry counts as gone", DISCOVERY),
+    Flag("--discovery-file-scan-interval", "AGGREGATOR_DISCOVERY_FILE_SCAN_INTERVAL", "discovery.file_scan_interval",
+         float, "seconds between scans of the file backend's directory", DISCOVERY),
+    Flag("--discovery-max-entry-bytes", "AGGREGATOR_DISCOVERY_MAX_ENTRY_BYTES", "discovery.max_entry_bytes", int,
+         "larger discovery entries are dropped (reason=oversized)", DISCOVERY),
+    Flag("--discovery-max-entries", "AGGREGATOR_DISCOVERY_MAX_ENTRIES", "discovery.max_entries", int,
+         "discovery entries of the namespace kept at most; new ones past it are dropped (reason=entry_limit)",
+         DISCOVERY),
     Flag("--gpu-hostname-label", "AGGREGATOR_GPU_HOSTNAME_LABEL", "gpu_hostname_label", str,
          "name of the node label on DCGM_FI_* series: dcgm-exporter's released 'Hostname', "
          "or 'hostname' as on its main branch since PR #655 (joins with Slurm's label)"),
@@ -195,7 +232,8 @@ def build_parser() -> OneLineParser:
             )
         if flag.group not in groups:
             groups[flag.group] = parser.add_argument_group(flag.group)
-        flag.add_to(groups[flag.group], default_of(flag))
+        default = dynamo_file_kv() if flag.field == "discovery.file_kv" else default_of(flag)
+        flag.add_to(groups[flag.group], default)
     return parser
 
 
@@ -253,6 +291,14 @@ def config_from_values(args: Mapping[str, Any], targets: tuple[ScrapeTarget, ...
                 check_field(field_named(JournalConfig, name), value)
             except ConfigError as error:
                 raise error.within("journal") from None
+    discovery = build("discovery") if values["discovery"]["backend"] is not None else None
+    if discovery is None:  # off: its other flags are checked all the same
+        for name, value in values["discovery"].items():
+            if name != "backend":
+                try:
+                    check_field(field_named(DiscoveryConfig, name), value)
+                except ConfigError as error:
+                    raise error.within("discovery") from None
     return AggregatorConfig(
         nats=build("nats"),
         http=build("http"),
@@ -260,5 +306,6 @@ def config_from_values(args: Mapping[str, Any], targets: tuple[ScrapeTarget, ...
         component_metrics=build("component_metrics"),
         journal=journal,
         pull=pull if pull.targets else None,
+        discovery=discovery,
         **values[""],
     )

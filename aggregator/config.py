@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Final
+from urllib.parse import urlsplit
 
 import fleet_protocol as protocol
 from fleet_protocol.names import METRIC_NAME
@@ -43,6 +44,7 @@ __all__ = [
     "AggregatorConfig",
     "ComponentMetricsConfig",
     "ConfigError",
+    "DiscoveryConfig",
     "HttpConfig",
     "JournalConfig",
     "LimitsConfig",
@@ -51,6 +53,7 @@ __all__ = [
     "ScrapeTarget",
     "check_prefix",
     "check_stream_name",
+    "etcd_url",
 ]
 
 # Names of the node label on DCGM_FI_* series: dcgm-exporter's released one, and its main branch's since PR #655.
@@ -235,6 +238,60 @@ class PullConfig:
         return self.scrape_timeout
 
 
+DISCOVERY_BACKENDS: Final = ("file", "etcd")
+# Dynamo's own default for DYN_FILE_KV is `$TMPDIR/dynamo_store_kv` (cli.py resolves $TMPDIR).
+DEFAULT_FILE_KV: Final = "/tmp/dynamo_store_kv"
+DEFAULT_ETCD_ENDPOINTS: Final = ("http://localhost:2379",)
+
+
+def etcd_url(url: str) -> str:
+    """An etcd client URL as ETCD_ENDPOINTS lists them: http(s)://host:port, nothing after."""
+    if not isinstance(url, str):
+        raise TypeError(f"{url!r} is not an etcd URL like http://host:2379")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"{redact_url(url)!r} is not an etcd URL like http://host:2379")
+    if "@" in parts.netloc:
+        # The JSON gateway takes no credentials in the URL; refused rather than sent in the clear.
+        raise ValueError(f"{redact_url(url)!r} holds credentials; etcd authentication is not supported")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError(f"{url!r} has an invalid port") from None
+    return url
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """Dynamo's discovery store, read for worker instances, model cards and event channels.
+
+    `backend` is Dynamo's `DYN_DISCOVERY_BACKEND`; the file backend reads `file_kv`
+    (`DYN_FILE_KV`), etcd reads `etcd_endpoints` (`ETCD_ENDPOINTS`).
+    """
+
+    backend: str = field(metadata=checked(one_of(DISCOVERY_BACKENDS)))
+    file_kv: str = field(default=DEFAULT_FILE_KV, metadata=checked(text))
+    etcd_endpoints: tuple[str, ...] = field(default=DEFAULT_ETCD_ENDPOINTS,
+                                            metadata=checked(each(etcd_url, what="etcd URL")))
+    # A file whose keep-alive stopped this long ago is a dead worker's (Dynamo's own FileStore TTL).
+    file_ttl: float = field(default=float(protocol.FILE_ENTRY_TTL_S), metadata=checked(within(1.0, 3600.0)))
+    # Seconds between two scans of the file backend's directory.
+    file_scan_interval: float = field(default=1.0, metadata=checked(within(0.05, 60.0)))
+    # Larger entries are dropped (reason=oversized).
+    max_entry_bytes: int = field(default=256 * 1024, metadata=checked(within(1024, 64 * 1024 * 1024)))
+    # Entries of the aggregator's namespace kept at most; past it new ones are dropped (reason=entry_limit).
+    max_entries: int = field(default=100_000, metadata=checked(within(1, 10_000_000)))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.file_scan_interval >= self.file_ttl:
+            raise ConfigError("file_scan_interval", f"{shown(self.file_scan_interval)} must be below {{0}} "
+                              f"{shown(self.file_ttl)}, or live entries would expire between scans", ("file_ttl",))
+        if self.file_ttl <= protocol.FILE_KEEP_ALIVE_S:
+            raise ConfigError("file_ttl", f"{shown(self.file_ttl)} must be above Dynamo's keep-alive period "
+                              f"({protocol.FILE_KEEP_ALIVE_S:.1f}s), or live workers would expire")
+
+
 def _instance(kind: type) -> Check:
     def check(value: object) -> None:
         if not isinstance(value, kind):
@@ -245,7 +302,7 @@ def _instance(kind: type) -> Check:
 
 @dataclass(frozen=True, slots=True)
 class AggregatorConfig:
-    """Everything `python -m aggregator` is told. `journal` and `pull` are None when off."""
+    """Everything `python -m aggregator` is told. `journal`, `pull` and `discovery` are None when off."""
 
     nats: NatsConfig = field(default_factory=NatsConfig, metadata=checked(_instance(NatsConfig)))
     http: HttpConfig = field(default_factory=HttpConfig, metadata=checked(_instance(HttpConfig)))
@@ -254,6 +311,7 @@ class AggregatorConfig:
                                                       metadata=checked(_instance(ComponentMetricsConfig)))
     journal: JournalConfig | None = field(default=None, metadata=checked(optional(_instance(JournalConfig))))
     pull: PullConfig | None = field(default=None, metadata=checked(optional(_instance(PullConfig))))
+    discovery: DiscoveryConfig | None = field(default=None, metadata=checked(optional(_instance(DiscoveryConfig))))
     namespace: str = field(default=protocol.DEFAULT_NAMESPACE, metadata=checked(nats_token))  # Dynamo namespace
     # Component label for namespace-level subjects (namespace.{ns}.kv_metrics, .kv-hit-rate).
     component: str = field(default=protocol.DEFAULT_COMPONENT, metadata=checked(nats_token))

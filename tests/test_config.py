@@ -12,6 +12,7 @@ from aggregator.config import (
     AggregatorConfig,
     ComponentMetricsConfig,
     ConfigError,
+    DiscoveryConfig,
     HttpConfig,
     JournalConfig,
     LimitsConfig,
@@ -177,10 +178,16 @@ def test_every_flag_sets_a_config_field_and_every_field_has_a_flag():
     assert {item.name for item in dataclasses.fields(MockWorkerConfig)} == set(mock_worker_cli.FIELD_FLAGS)
 
 
-ON = ["--hit-rate-stream", "hits", "--scrape", "backend/generate"]  # the optional sections, on
+ON = ["--hit-rate-stream", "hits", "--scrape", "backend/generate", "--discovery-backend", "file"]  # optional sections
 
 
-WITH_DEFAULTS = [flag for flag in cli.FLAGS if flag.name != "--hit-rate-stream"]  # required when the journal is on
+def on_without(name: str) -> list[str]:
+    """ON, less the flag `name` and its value."""
+    return [item for flag, value in zip(ON[::2], ON[1::2], strict=True) if flag != name for item in (flag, value)]
+
+
+# Required when their section is on.
+WITH_DEFAULTS = [flag for flag in cli.FLAGS if flag.name not in ("--hit-rate-stream", "--discovery-backend")]
 
 
 @pytest.mark.parametrize("flag", WITH_DEFAULTS, ids=[flag.name for flag in WITH_DEFAULTS])
@@ -198,6 +205,7 @@ def test_no_flags_give_the_default_config():
     config = cli.parse_config(ON)
     assert config.journal == JournalConfig("hits")
     assert config.pull == PullConfig((ScrapeTarget("backend", "generate"),))
+    assert config.discovery == DiscoveryConfig("file", file_kv=cli.dynamo_file_kv())
     assert mock_worker_cli.parse_config([]) == MockWorkerConfig()
     from fleet_demo.__main__ import parse_config as demo_config
 
@@ -246,6 +254,13 @@ def given(tmp_path):
         "--component-metrics-max-series-per-worker": ("10", 10),
         "--component-metrics-max-series": ("20", 20),
         "--gpu-hostname-label": ("hostname", "hostname"),
+        "--discovery-backend": ("etcd", "etcd"),
+        "--discovery-file-kv": ("/var/lib/dynamo", "/var/lib/dynamo"),
+        "--etcd-endpoints": ("http://a:2379, b:2379", ("http://a:2379", "http://b:2379")),
+        "--discovery-file-ttl": ("20", 20.0),
+        "--discovery-file-scan-interval": ("0.5", 0.5),
+        "--discovery-max-entry-bytes": ("4096", 4096),
+        "--discovery-max-entries": ("50", 50),
     }
 
 
@@ -261,7 +276,7 @@ def test_each_flag_and_its_variable_set_their_field(given, source, monkeypatch):
     for flag in cli.FLAGS:
         text, expected = given[flag.name]
         partner = [text if value == "KEY" else value for value in PARTNERS.get(flag.name, [])]
-        base = ON[2:] if flag.name == "--hit-rate-stream" else ON
+        base = on_without(flag.name)
         if source == "flag":
             args = parser.parse_args([*base, *partner, flag.name, text])
         else:
