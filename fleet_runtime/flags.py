@@ -2,7 +2,9 @@
 
 Every setting is a flag; its default comes from an environment variable (Dynamo's name
 where Dynamo has one), and an invalid value, from either source, stops the program with
-one line naming the flag and the variable.
+one line naming the flag and the variable. No error line quotes a secret: URLs are shown
+with their credentials masked, and argparse's own messages (which quote raw arguments) are
+redacted before they are printed (fleet_runtime.redaction).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from urllib.parse import urlsplit
 
 from fleet_protocol import MAX_LABEL_LENGTH
+from fleet_runtime.redaction import redact_message, redact_url
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NATS_SCHEMES = {"nats", "tls", "ws", "wss"}
@@ -24,8 +27,18 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag or variable in one line instead of usage + error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {redact_message(message)}\n")
         sys.exit(2)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # A mistyped secret flag's value would follow it: name the unknown flags, never the values.
+            flags = [extra.split("=", 1)[0] for extra in extras if extra.startswith("-")]
+            hidden = len(extras) - len(flags)
+            self.error("unrecognized arguments: " + " ".join(flags)
+                       + (f" (and {hidden} value{'s' if hidden > 1 else ''}, not shown)" if hidden else ""))
+        return parsed
 
 
 def env_flag(parser: argparse.ArgumentParser, flag: str, env: str | None, default, type, help: str, **kw):
@@ -60,14 +73,16 @@ def nats_urls(value: str) -> str:
     urls = [u.strip() for u in value.split(",") if u.strip()]
     if not urls:
         raise ValueError("no NATS URL given")
-    for url in urls:
+    for number, url in enumerate(urls, 1):
+        # Quoted as the whole value, redacted: a password holding a ',' is split across two "URLs".
+        where = repr(redact_url(value.strip())) + (f", URL {number} of {len(urls)}," if len(urls) > 1 else "")
         parts = urlsplit(url)
         if parts.scheme not in _NATS_SCHEMES or not parts.hostname:
-            raise ValueError(f"{url!r} is not a NATS URL like nats://host:4222")
+            raise ValueError(f"{where} is not a NATS URL like nats://host:4222")
         try:
             parts.port
         except ValueError:
-            raise ValueError(f"{url!r} has an invalid port") from None
+            raise ValueError(f"{where} has an invalid port") from None
     return ",".join(urls)
 
 

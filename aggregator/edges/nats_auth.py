@@ -15,26 +15,22 @@ from __future__ import annotations
 import argparse
 import ssl
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from fleet_runtime.flags import env_flag
+from fleet_runtime.redaction import redact_url
 
-
-def redact_url(url: str) -> str:
-    """`nats://user:secret@host:4222` -> `nats://***@host:4222`."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+__all__ = ["add_flags", "check", "connect_options", "describe", "redact_url", "tls_context"]
 
 
 def _secret(value: str) -> str:
     if value.startswith("@"):
-        path = Path(value[1:])
+        # Neither the path nor the content is quoted: a password may itself begin with '@'.
         try:
-            value = path.read_text().strip()
+            value = Path(value[1:]).read_text().strip()
         except OSError as error:
-            raise ValueError(f"cannot read {path}: {error.strerror}") from None
+            raise ValueError(f"cannot read the @FILE given: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError("the @FILE given is not UTF-8 text") from None
     if not value:
         raise ValueError("must not be empty")
     return value

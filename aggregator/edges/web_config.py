@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ _CLIENT_AUTH = {
 }
 _VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 _CACHE_LIMIT = 1024
+# `$2b$12$` + 22 characters of salt + 31 of hash, bcrypt's own base64 alphabet; costs 4-31.
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 
 
 class WebConfigError(ValueError):
@@ -63,7 +66,10 @@ def load(path: str) -> WebConfig:
         document = yaml.safe_load(file.read_text()) or {}
     except OSError as error:
         raise WebConfigError(f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise WebConfigError(f"{path} is not UTF-8 text") from None
     except yaml.YAMLError as error:
+        # The first line only: the next ones quote the offending line of the file, which may hold a secret.
         raise WebConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(document, dict):
         raise WebConfigError(f"{path}: expected a mapping at the top level")
@@ -78,7 +84,9 @@ def load(path: str) -> WebConfig:
     if not isinstance(users, dict):
         raise WebConfigError(f"{path}: basic_auth_users must map user names to bcrypt hashes")
     for user, hashed in users.items():
-        if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+        # Checked whole: a malformed hash made bcrypt raise at every request. The value is never
+        # quoted (a plaintext password put where the hash goes is a common mistake).
+        if not isinstance(hashed, str) or not _BCRYPT_HASH.fullmatch(hashed):
             raise WebConfigError(f"{path}: basic_auth_users.{user} is not a bcrypt hash")
         config.users[str(user)] = hashed.encode()
     return config
