@@ -46,8 +46,9 @@ def build_parser() -> OneLineParser:
     env_flag(parser, "--max-workers", "AGGREGATOR_MAX_WORKERS", 100_000, bounded(int, 1, 10_000_000),
              "live workers kept at most; new ones past it are refused (reason=worker_limit)")
     env_flag(parser, "--max-groups", "AGGREGATOR_MAX_GROUPS", 10_000, bounded(int, 1, 1_000_000),
-             "component/endpoint pairs kept at most (their totals outlive their workers); "
-             "new ones past it are refused (reason=group_limit)")
+             "component/endpoint pairs kept at most (their totals outlive their workers); past it the pair "
+             "idle longest (no live worker) is evicted for a new one (llm_aggregator_groups_evicted_total), "
+             "which is refused (reason=group_limit) only while every pair has a live worker")
     env_flag(parser, "--pending-msgs-limit", "AGGREGATOR_PENDING_MSGS_LIMIT", 512 * 1024,
              bounded(int, 1, 100_000_000), "per-subscription NATS buffer, messages; past it NATS drops (counted)")
     add_scrape_flags(parser)

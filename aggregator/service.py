@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 
 import fleet_protocol as protocol
 from aggregator.collectors.fleet_kv import FleetCollector
+from aggregator.collectors.group_table import GroupTableCollector
 from aggregator.collectors.telemetry import StatsScrapeTelemetry, Telemetry
 from aggregator.component_metrics import (
     ComponentMetricsCollector,
@@ -47,6 +48,7 @@ class Aggregator:
                            max_component_series=args.component_metrics_max_series)
         self.registry.register(FleetCollector(self.fleet, gpu_hostname_label=args.gpu_hostname_label))
         self.registry.register(ComponentMetricsCollector(self.fleet))
+        self.registry.register(GroupTableCollector(self.fleet))
         self.ingest = Ingest(
             self.fleet,
             self.telemetry,

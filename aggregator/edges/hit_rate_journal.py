@@ -113,8 +113,7 @@ def take_snapshot(fleet: Fleet, stream: str, last_seq: int, *, wall: float, mono
 def restore(fleet: Fleet, snapshot: Snapshot, *, wall: float, monotonic: float) -> None:
     """Put the snapshot's sums back into an empty fleet (pure)."""
     for component, endpoint, isl, overlap, expired in snapshot.groups:
-        totals = fleet.groups.setdefault(GroupKey(component, endpoint), GroupTotals())
-        totals.isl_blocks, totals.overlap_blocks, totals.expired = isl, overlap, expired
+        fleet.restore_group(GroupKey(component, endpoint), GroupTotals(isl, overlap, expired))
     for component, endpoint, worker_id, rank, isl, overlap, seen in sorted(snapshot.workers, key=lambda w: w[6]):
         last_seen = monotonic - max(0.0, wall - seen)
         fleet.restore_hit_rate(WorkerKey(component, endpoint, worker_id, rank), isl, overlap, last_seen)
