@@ -58,6 +58,7 @@ def build_parser() -> OneLineParser:
              "seconds between pings; 2 unanswered pings mark a frozen server as disconnected")
     env_flag(parser, "--web-config-file", "AGGREGATOR_WEB_CONFIG_FILE", None, str,
              "exporter-toolkit web config (YAML): TLS and basic auth for the HTTP endpoint")
+    _http_limit_flags(parser)
     from aggregator.edges import (
         hit_rate_journal,  # they import this module
         nats_auth,
@@ -71,6 +72,26 @@ def build_parser() -> OneLineParser:
              "name of the node label on DCGM_FI_* series: dcgm-exporter's released 'Hostname', "
              "or 'hostname' as on its main branch since PR #655 (joins with Slurm's label)")
     return parser
+
+
+def _http_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """The HTTP server's limits, as Prometheus's exporters have them (Go's net/http timeouts,
+    Prometheus's --web.max-connections, node_exporter's --web.max-requests)."""
+    group = parser.add_argument_group("HTTP limits")
+    env_flag(group, "--http-max-connections", "AGGREGATOR_HTTP_MAX_CONNECTIONS", 512, bounded(int, 1, 1_000_000),
+             "open HTTP connections at most; past it no new one is accepted until one closes "
+             "(keep it below the open-files limit, ulimit -n)")
+    env_flag(group, "--http-header-timeout", "AGGREGATOR_HTTP_HEADER_TIMEOUT", 5.0, bounded(float, 0.1, 3600.0),
+             "seconds a new connection has to send a complete request header (and to finish a TLS "
+             "handshake); then it is closed")
+    env_flag(group, "--http-idle-timeout", "AGGREGATOR_HTTP_IDLE_TIMEOUT", 90.0, bounded(float, 0.1, 86400.0),
+             "seconds a keep-alive connection may wait for its next request after a response; then it is "
+             "closed (above Prometheus's scrape interval, so it keeps its connection)")
+    env_flag(group, "--http-write-timeout", "AGGREGATOR_HTTP_WRITE_TIMEOUT", 30.0, bounded(float, 0.1, 3600.0),
+             "seconds a /metrics scrape may take, render and transfer; past it the connection is closed "
+             "(a client that stops reading holds neither a slot nor memory longer)")
+    env_flag(group, "--http-max-scrapes", "AGGREGATOR_HTTP_MAX_SCRAPES", 40, bounded(int, 1, 100_000),
+             "/metrics scrapes in flight at most; past it 503 with Retry-After at once")
 
 
 def prefixes(value: str) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 import fleet_protocol as protocol
 from aggregator.collectors.fleet_kv import FleetCollector
 from aggregator.collectors.group_table import GroupTableCollector
+from aggregator.collectors.http_telemetry import HttpTelemetry
 from aggregator.collectors.telemetry import StatsScrapeTelemetry, Telemetry
 from aggregator.component_metrics import (
     ComponentMetricsCollector,
@@ -21,7 +22,8 @@ from aggregator.component_metrics import (
 )
 from aggregator.edges import nats_auth
 from aggregator.edges.hit_rate_journal import HitRateJournal
-from aggregator.edges.http_server import bound_port, build_app, start_server
+from aggregator.edges.http_listener import ConnectionLimits
+from aggregator.edges.http_server import ScrapeLimits, build_app, start_server
 from aggregator.edges.nats_transport import NatsSubscriber
 from aggregator.edges.stats_scraper import StatsScraper
 from aggregator.edges.web_config import basic_auth_middleware
@@ -43,6 +45,7 @@ class Aggregator:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.telemetry = Telemetry(self.registry)
+        self.http_telemetry = HttpTelemetry(self.registry)
         self.fleet = Fleet(args.stale_after, max_workers=args.max_workers, max_groups=args.max_groups,
                            default_endpoint=args.endpoint,
                            max_component_series=args.component_metrics_max_series)
@@ -122,11 +125,16 @@ class Aggregator:
 
     async def run(self, stop: asyncio.Event) -> None:
         web = self.args.web_config
-        middlewares = (basic_auth_middleware(web.users),) if web.users else ()
+        middlewares = (basic_auth_middleware(web.users, self.http_telemetry),) if web.users else ()
+        args = self.args
         app = build_app(self.registry, self.telemetry, health=self.health, before_scrape=self.expire_now,
-                        middlewares=middlewares)
-        runner = await start_server(app, self.args.host, self.args.port, ssl_context=web.ssl_context)
-        self.port = bound_port(runner)
+                        middlewares=middlewares, http_telemetry=self.http_telemetry,
+                        limits=ScrapeLimits(args.http_max_scrapes, args.http_write_timeout))
+        server = await start_server(app, args.host, args.port, ssl_context=web.ssl_context,
+                                    limits=ConnectionLimits(args.http_max_connections, args.http_header_timeout,
+                                                            args.http_idle_timeout),
+                                    telemetry=self.http_telemetry)
+        self.port = server.port
         log.info("serving metrics", url=f"{web.scheme}://{self.args.host}:{self.port}/metrics",
                  basic_auth=bool(web.users), namespace=self.args.namespace, stale_after=self.args.stale_after,
                  nats_auth=nats_auth.describe(self.args))
@@ -148,5 +156,5 @@ class Aggregator:
             if self.journal is not None:
                 await self.journal.close()  # final snapshot before the connection goes
             await self.subscriber.close()
-            await runner.cleanup()
+            await server.close()
             log.info("stopped")
