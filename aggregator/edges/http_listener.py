@@ -82,12 +82,13 @@ class _Connection(asyncio.Protocol):
     def __init__(self, listener: Listener, handler: asyncio.Protocol) -> None:
         self.listener = listener
         self.handler = handler
-        self.transport: asyncio.BaseTransport | None = None
+        self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.requested = False
         self.released = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.handler.connection_made(transport)
         self.listener.by_handler[self.handler] = self

@@ -147,6 +147,13 @@ def _request_logger() -> logging.Logger:
     return logger
 
 
+def _protocol(runner: web.AppRunner) -> asyncio.Protocol:
+    """A new aiohttp RequestHandler for one connection."""
+    server = runner.server
+    assert server is not None, "runner not set up"
+    return server()
+
+
 @dataclass
 class HttpServer:
     """A started server: its bound port, and how to stop it."""
@@ -175,7 +182,7 @@ async def start_server(app: web.Application, host: str, port: int, ssl_context=N
     runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=limits.idle_timeout,
                            logger=_request_logger())
     try:
-        listener = Listener(lambda: runner.server(), sock, ssl_context, limits, telemetry)
+        listener = Listener(lambda: _protocol(runner), sock, ssl_context, limits, telemetry)
         app.middlewares.insert(0, listener.middleware)
         await runner.setup()
     except BaseException:
@@ -184,7 +191,3 @@ async def start_server(app: web.Application, host: str, port: int, ssl_context=N
     task = asyncio.create_task(listener.serve(), name="http-accept")
     return HttpServer(runner, listener, task)
 
-
-def bound_port(server: HttpServer) -> int:
-    """The port actually bound (for --port 0)."""
-    return server.port
