@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
@@ -189,5 +190,12 @@ async def start_server(app: web.Application, host: str, port: int, ssl_context=N
         sock.close()
         raise
     task = asyncio.create_task(listener.serve(), name="http-accept")
+    task.add_done_callback(_accept_loop_ended)
     return HttpServer(runner, listener, task)
+
+
+def _accept_loop_ended(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        structlog.get_logger("aggregator.http").error("HTTP accept loop failed; no new connections",
+                                                      exc_info=task.exception())
 
