@@ -36,6 +36,7 @@ from fleet_runtime.flags import (
     comma_list,
     config_error,
     field_flags,
+    nats_url_list,
 )
 
 # Where each flag's value lands: AggregatorConfig's field, or the field of one of its sections.
@@ -51,6 +52,7 @@ SECTIONS: Mapping[str, type] = {
 }
 
 NATS_AUTH = "NATS authentication and TLS"
+HTTP_LIMITS = "HTTP limits"
 JOURNAL = "hit-rate history across restarts (JetStream)"
 DISCOVERY = "Dynamo's discovery store (worker instances, model cards, event channels)"
 
@@ -69,11 +71,15 @@ def default_of(flag: Flag) -> Any:
 def _secret(value: str) -> str:
     """A password or token, or `@FILE` holding it (a mounted secret)."""
     if value.startswith("@"):
-        path = Path(value[1:])
+        # Neither the path nor the content is quoted: a password may itself begin with '@'.
         try:
-            return path.read_text().strip()
+            value = Path(value[1:]).read_text().strip()
         except OSError as error:
-            raise ValueError(f"cannot read {path}: {error.strerror}") from None
+            raise ValueError(f"cannot read the @FILE given: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError("the @FILE given is not UTF-8 text") from None
+    if not value:
+        raise ValueError("must not be empty")
     return value
 
 
@@ -128,7 +134,7 @@ def _scrape_flag(value: str) -> ScrapeTarget:
 _SCRAPE_ENV = "AGGREGATOR_SCRAPE"
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("--nats-url", "NATS_SERVER", "nats.urls", comma_list, "NATS server URL(s), comma-separated"),
+    Flag("--nats-url", "NATS_SERVER", "nats.urls", nats_url_list, "NATS server URL(s), comma-separated"),
     Flag("--namespace", "DYN_NAMESPACE", "namespace", str, "Dynamo namespace"),
     Flag("--component", "AGGREGATOR_COMPONENT", "component", str,
          "component label for namespace-level subjects (namespace.{ns}.kv_metrics, .kv-hit-rate)"),
@@ -143,8 +149,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--max-workers", "AGGREGATOR_MAX_WORKERS", "limits.max_workers", int,
          "live workers kept at most; new ones past it are refused (reason=worker_limit)"),
     Flag("--max-groups", "AGGREGATOR_MAX_GROUPS", "limits.max_groups", int,
-         "component/endpoint pairs kept at most (their totals outlive their workers); "
-         "new ones past it are refused (reason=group_limit)"),
+         "component/endpoint pairs kept at most (their totals outlive their workers); past it the pair "
+         "idle longest (no live worker) is evicted for a new one (llm_aggregator_groups_evicted_total), "
+         "which is refused (reason=group_limit) only while every pair has a live worker"),
     Flag("--pending-msgs-limit", "AGGREGATOR_PENDING_MSGS_LIMIT", "nats.pending_msgs_limit", int,
          "per-subscription NATS buffer, messages; past it NATS drops (counted)"),
     # --scrape comes here (see build_parser)
@@ -158,6 +165,20 @@ FLAGS: tuple[Flag, ...] = (
          "seconds between pings; 2 unanswered pings mark a frozen server as disconnected"),
     Flag("--web-config-file", "AGGREGATOR_WEB_CONFIG_FILE", "http.web_config_file", _optional_path,
          "exporter-toolkit web config (YAML): TLS and basic auth for the HTTP endpoint"),
+    Flag("--http-max-connections", "AGGREGATOR_HTTP_MAX_CONNECTIONS", "http.max_connections", int,
+         "open HTTP connections at most; past it no new one is accepted until one closes "
+         "(keep it below the open-files limit, ulimit -n)", HTTP_LIMITS),
+    Flag("--http-header-timeout", "AGGREGATOR_HTTP_HEADER_TIMEOUT", "http.header_timeout", float,
+         "seconds a new connection has to send a complete request header (and to finish a TLS "
+         "handshake); then it is closed", HTTP_LIMITS),
+    Flag("--http-idle-timeout", "AGGREGATOR_HTTP_IDLE_TIMEOUT", "http.idle_timeout", float,
+         "seconds a keep-alive connection may wait for its next request after a response; then it is "
+         "closed (above Prometheus's scrape interval, so it keeps its connection)", HTTP_LIMITS),
+    Flag("--http-write-timeout", "AGGREGATOR_HTTP_WRITE_TIMEOUT", "http.write_timeout", float,
+         "seconds a /metrics scrape may take, render and transfer; past it the connection is closed "
+         "(a client that stops reading holds neither a slot nor memory longer)", HTTP_LIMITS),
+    Flag("--http-max-scrapes", "AGGREGATOR_HTTP_MAX_SCRAPES", "http.max_scrapes", int,
+         "/metrics scrapes in flight at most; past it 503 with Retry-After at once", HTTP_LIMITS),
     Flag("--nats-user", "NATS_USER", "nats.user", str, "NATS user name", NATS_AUTH),
     Flag("--nats-password", "NATS_PASSWORD", "nats.password", _secret,
          "NATS password (or @FILE); prefer the env variable to the flag", NATS_AUTH),

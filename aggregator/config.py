@@ -175,6 +175,12 @@ class HttpConfig:
     port: int = field(default=9091, metadata=checked(port_number))  # 0 picks a free one
     # exporter-toolkit web config (YAML): TLS and basic auth
     web_config_file: str | None = field(default=None, metadata=checked(optional(text)))
+    # Limits as Prometheus's exporters have them (Go's net/http timeouts, --web.max-connections).
+    max_connections: int = field(default=512, metadata=checked(within(1, 1_000_000)))
+    header_timeout: float = field(default=5.0, metadata=checked(within(0.1, 3600.0)))
+    idle_timeout: float = field(default=90.0, metadata=checked(within(0.1, 86400.0)))
+    write_timeout: float = field(default=30.0, metadata=checked(within(0.1, 3600.0)))
+    max_scrapes: int = field(default=40, metadata=checked(within(1, 100_000)))
 
     def __post_init__(self) -> None:
         check_fields(self)

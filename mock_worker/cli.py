@@ -9,16 +9,16 @@ from fleet_runtime.config_checks import ConfigError, field_named
 from fleet_runtime.flags import (
     Flag,
     OneLineParser,
-    comma_list,
     config_error,
     field_flags,
+    nats_url_list,
 )
 
 from .config import MockWorkerConfig
 from .fleet import SHAPES
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("--nats-url", "NATS_SERVER", "nats_urls", comma_list, "NATS server URL(s)"),
+    Flag("--nats-url", "NATS_SERVER", "nats_urls", nats_url_list, "NATS server URL(s)"),
     Flag("--namespace", "DYN_NAMESPACE", "namespace", str, "Dynamo namespace"),
     Flag("--component", "MOCK_WORKER_COMPONENT", "component", str, "component name"),
     Flag("--endpoint", "MOCK_WORKER_ENDPOINT", "endpoint", str, "endpoint name"),

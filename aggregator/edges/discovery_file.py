@@ -217,7 +217,5 @@ class FileDiscovery(DiscoveryWatcher):
 
     def _expired(self, key: str, age: float) -> None:
         self.telemetry.expired.inc()
-        suppressed = self._limiter.allow("expired")
-        if suppressed is not None:
-            log.info("discovery entry expired: its keep-alive stopped (a killed worker)", key=key[:256],
-                     age_s=round(age, 1), suppressed_since_last=suppressed)
+        log.info("discovery entry expired: its keep-alive stopped (a killed worker)", key=key[:256],
+                 age_s=round(age, 1), rate_limit="expired")

@@ -44,7 +44,6 @@ from fleet_protocol import (
     MessageRejected,
 )
 from fleet_protocol.discovery import KEY_ROOT
-from fleet_runtime.logs import LogLimiter
 
 log = structlog.get_logger("aggregator.discovery")
 
@@ -113,7 +112,7 @@ class DiscoveryView:
     """The entries of one namespace the sink has been told of, by key; the only way to the sink."""
 
     def __init__(self, namespace: str, sink: DiscoverySink, telemetry: DiscoveryTelemetry, *,
-                 max_entry_bytes: int, max_entries: int, limiter: LogLimiter | None = None) -> None:
+                 max_entry_bytes: int, max_entries: int) -> None:
         self.namespace = namespace
         self.sink = sink
         self.telemetry = telemetry
@@ -124,7 +123,6 @@ class DiscoveryView:
         self._entries: dict[str, DiscoveryEntry] = {}
         self._counts = dict.fromkeys(self.prefixes, 0)
         self._listed: set[str] | None = None  # keys seen by the listing in progress
-        self._limiter = limiter or LogLimiter(interval=60.0)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -152,10 +150,8 @@ class DiscoveryView:
 
     def reject(self, key: str, reason: str, detail: str) -> None:
         self.telemetry.errors.labels(reason).inc()
-        suppressed = self._limiter.allow(("reject", reason))
-        if suppressed is not None:
-            log.warning("discovery entry dropped", reason=reason, key=key[:_SHOWN_KEY], detail=detail[:512],
-                        suppressed_since_last=suppressed)
+        log.warning("discovery entry dropped", reason=reason, key=key[:_SHOWN_KEY], detail=detail[:512],
+                    rate_limit=("reject", reason))
 
     def apply(self, key: str, value: bytes) -> None:
         """The store holds `value` at `key` (a key of any namespace)."""
@@ -248,7 +244,6 @@ class DiscoveryWatcher:
         self.connected = False
         self.last_error: str | None = None
         self.listings = 0
-        self._limiter = LogLimiter(interval=60.0)
 
     @property
     def healthy(self) -> bool:
@@ -268,10 +263,8 @@ class DiscoveryWatcher:
         if not self.connected:
             self.connected = True
             self.telemetry.connected.set(1)
-            suppressed = self._limiter.allow("listed")
-            if suppressed is not None:
-                log.info("discovery store read", backend=self.backend, store=self.where, entries=len(self.view),
-                         listing=self.listings, suppressed_since_last=suppressed)
+            log.info("discovery store read", backend=self.backend, store=self.where, entries=len(self.view),
+                     listing=self.listings, rate_limit="listed")
 
     def _failed(self, reason: str, message: str) -> None:
         """The store could not be read, or a watch of it ended: counted, and logged rarely."""
@@ -279,20 +272,15 @@ class DiscoveryWatcher:
         self.last_error = f"{reason}: {message}"[:1024]
         self.connected = False
         self.telemetry.connected.set(0)
-        suppressed = self._limiter.allow(reason)
-        if suppressed is not None:
-            log.warning("discovery store not readable; retrying, its last entries kept", backend=self.backend,
-                        store=self.where, reason=reason, error=message[:512],
-                        suppressed_since_last=suppressed)
+        log.warning("discovery store not readable; retrying, its last entries kept", backend=self.backend,
+                    store=self.where, reason=reason, error=message[:512], rate_limit=reason)
 
 
     def _bug(self, error: Exception) -> None:
         """Something here (or in the sink) raised: logged rarely, retried; the view is re-listed."""
         self.last_error = f"internal: {error!r}"[:1024]
-        suppressed = self._limiter.allow("bug")
-        if suppressed is not None:
-            log.error("discovery watcher failed; retrying", backend=self.backend, error=repr(error)[:512],
-                      suppressed_since_last=suppressed, exc_info=error)
+        log.error("discovery watcher failed; retrying", backend=self.backend, error=repr(error)[:512],
+                  rate_limit="bug", exc_info=error)
 
 
 def discovery_watcher(config: DiscoveryConfig, namespace: str, sink: DiscoverySink,
