@@ -5,7 +5,8 @@
     await load.publish(dp_rank=0, active_decode_blocks=12, kv_used_blocks=40)  # not sent
 
 - `kv_metrics` (ActiveLoadPublisher, Dynamo's `WorkerMetricsPublisher`): per dp_rank, only
-  when a value changed; no heartbeat.
+  when a value changed; no heartbeat. Dynamo also debounces: of changes less than 1 ms
+  apart only the last goes out. Here every change goes out, as Dynamo's do when further apart.
 - `forward-pass-metrics` (ForwardPassPublisher, Dynamo's `FpmDirectPublisher`): one message
   per forward pass; a rank that is idle gets a zeroed heartbeat once nothing went out for it
   for a second, then every second. `counter_id` counts both, per rank, from 1.
