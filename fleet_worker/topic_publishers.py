@@ -11,7 +11,7 @@
   per forward pass; a rank that is idle gets a zeroed heartbeat once nothing went out for it
   for a second, then every second. `counter_id` counts both, per rank, from 1.
 - `kv-events` (KvEventPublisher, Dynamo's `KvEventPublisher`, one per dp_rank): stored,
-  removed, cleared, each one RouterEvent in its own message, `event_id` from 1. Block
+  removed, cleared, `event_id` from 1; a message holds one event, or an engine's batch. Block
   hashes may be given as i64 (negative ones travel as their two's complement, as Dynamo's
   Python API sends them).
 """
@@ -125,8 +125,23 @@ class ForwardPassPublisher:
         return len(due)
 
 
+def stored_data(blocks: Sequence[tuple[int, int]], parent_hash: int | None = None) -> KvEventData:
+    """Blocks stored, each (block_hash, tokens_hash), after `parent_hash` (None: the first of a sequence)."""
+    return KvEventData(stored=KvStored(None if parent_hash is None else block_hash_u64(parent_hash), None,
+                                       [StoredBlock(block_hash_u64(block), block_hash_u64(tokens))
+                                        for block, tokens in blocks]))
+
+
+def removed_data(block_hashes: Sequence[int]) -> KvEventData:
+    return KvEventData(removed=KvRemoved([block_hash_u64(block) for block in block_hashes]))
+
+
 class KvEventPublisher:
-    """The KV cache events of one (worker, dp_rank) source; `event_id` counts them from 1."""
+    """The KV cache events of one (worker, dp_rank) source; `event_id` counts them from 1.
+
+    `stored`, `removed` and `cleared` send one event each, as Dynamo's Python API does;
+    `publish` sends several in one message, as Dynamo's relay sends an engine's batch.
+    """
 
     def __init__(self, events: EventPublisher, worker_id: int, dp_rank: int = 0,
                  storage_tier: str = DEVICE_TIER) -> None:
@@ -136,23 +151,28 @@ class KvEventPublisher:
         self.storage_tier = storage_tier
         self.next_event_id = 1
 
-    async def _send(self, data: KvEventData | Literal["cleared"]) -> int:
-        event_id = self.next_event_id
-        self.next_event_id += 1
-        event = RouterEvent(worker_id=self.worker_id, storage_tier=self.storage_tier,
-                            event=KvCacheEvent(event_id, data, self.dp_rank))
-        await self.events.publish(encode_kv_events([event]))
-        return event_id
+    async def publish(self, *batch: KvEventData | Literal["cleared"]) -> list[int]:
+        """The events of `batch`, in order, in one message; their ids."""
+        if not batch:
+            return []
+        first = self.next_event_id
+        self.next_event_id += len(batch)
+        events = [RouterEvent(worker_id=self.worker_id, storage_tier=self.storage_tier,
+                              event=KvCacheEvent(first + offset, data, self.dp_rank))
+                  for offset, data in enumerate(batch)]
+        await self.events.publish(encode_kv_events(events))
+        return list(range(first, self.next_event_id))
 
     async def stored(self, blocks: Sequence[tuple[int, int]], parent_hash: int | None = None) -> int:
         """Blocks stored, each (block_hash, tokens_hash), after `parent_hash`; the event's id."""
-        stored = KvStored(None if parent_hash is None else block_hash_u64(parent_hash), None,
-                          [StoredBlock(block_hash_u64(block), block_hash_u64(tokens)) for block, tokens in blocks])
-        return await self._send(KvEventData(stored=stored))
+        (event_id,) = await self.publish(stored_data(blocks, parent_hash))
+        return event_id
 
     async def removed(self, block_hashes: Sequence[int]) -> int:
-        return await self._send(KvEventData(removed=KvRemoved([block_hash_u64(block) for block in block_hashes])))
+        (event_id,) = await self.publish(removed_data(block_hashes))
+        return event_id
 
     async def cleared(self) -> int:
         """Every block of this source dropped."""
-        return await self._send("cleared")
+        (event_id,) = await self.publish("cleared")
+        return event_id

@@ -1,7 +1,7 @@
 """What one simulated worker publishes in Dynamo 1.x's protocol, from its engines' state after each step.
 
-Per dp_rank, after every step: the KV blocks the step stored and removed (kv-events, so
-that a consumer's block count is the step's `kv_used_blocks`), the load if it changed
+Per dp_rank, after every step: the KV blocks the step stored and removed (kv-events, one
+message per step, so that a consumer's block count is the step's `kv_used_blocks`), the load if it changed
 (kv_metrics), and the step as one forward pass (forward-pass-metrics), or, for a step
 that ran nothing, the rank marked idle so that Dynamo's heartbeat takes over. Each rank's
 KV events start with `cleared`: whoever sees a source from its start can count exactly.
@@ -12,6 +12,7 @@ from __future__ import annotations
 from fleet_protocol import QueuedRequests, ScheduledRequests
 from fleet_worker.discovery_entries import ModelCardValues
 from fleet_worker.event_plane_worker import EventPlaneWorker
+from fleet_worker.topic_publishers import removed_data, stored_data
 
 from .engine import EngineConfig, IterationStats, SimulatedEngine
 from .kv_blocks import DeviceBlocks, tokens_hash
@@ -59,11 +60,11 @@ class EngineEvents:
         """Publish what the step that rank `rank`'s engine just took changed."""
         engine = self.engines[rank]
         changes = self.blocks[rank].update(engine)
-        kv = self.publisher.kv_events[rank]
-        if changes.removed:
-            await kv.removed(changes.removed)
-        for run in changes.stored:
-            await kv.stored([(block, tokens_hash(block)) for block in run.block_hashes], run.parent_hash)
+        # One message per step, as an engine hands Dynamo its events a batch per step: frees first.
+        batch = [removed_data(changes.removed)] if changes.removed else []
+        batch += [stored_data([(block, tokens_hash(block)) for block in run.block_hashes], run.parent_hash)
+                  for run in changes.stored]
+        await self.publisher.kv_events[rank].publish(*batch)
         used = used_blocks(engine)
         # Every running request decodes: the blocks of decoding requests are all the blocks in use.
         await self.publisher.load.publish(rank, active_decode_blocks=used, kv_used_blocks=used)

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from .engine import SimulatedEngine
 
 _MASK = (1 << 64) - 1
-_PREFIX_SALT = 0x5DEECE66D
-_REQUEST_SALT = 0x2545F4914F6CDD1D
+_REQUEST_BIT = 1 << 63
+_INDEX_BITS = 24  # a sequence of up to 16M blocks
 _TOKENS_SALT = 0x9E3779B97F4A7C15
 
 
 def _mix(value: int) -> int:
-    """splitmix64's finaliser: spreads any 64-bit value over all 64 bits."""
+    """splitmix64's finaliser: a bijection of 64-bit values, so distinct inputs never share a hash."""
     value = (value + 0x9E3779B97F4A7C15) & _MASK
     value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
     value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK
@@ -30,11 +30,11 @@ def _mix(value: int) -> int:
 
 
 def prefix_block_hash(prefix: int, index: int) -> int:
-    return _mix(_mix(_PREFIX_SALT ^ prefix) ^ index)
+    return _mix((prefix << _INDEX_BITS) | index)
 
 
 def request_block_hash(serial: int, index: int) -> int:
-    return _mix(_mix(_REQUEST_SALT ^ serial) ^ index)
+    return _mix(_REQUEST_BIT | ((serial << _INDEX_BITS) & (_REQUEST_BIT - 1)) | index)
 
 
 def tokens_hash(block_hash: int) -> int:
@@ -56,65 +56,72 @@ class BlockChanges:
     stored: tuple[StoredRun, ...]
 
 
+# A sequence of blocks: a shared prefix by its number, or a request's own blocks by the request's number.
+ChainKey = tuple[str, int]
+
+
 @dataclass
 class DeviceBlocks:
-    """The blocks one engine's device tier holds, as its kv-events have described them."""
+    """The blocks one engine's device tier holds, as its kv-events have described them.
+
+    Every sequence's resident blocks are its first ones (blocks are stored in order, and a
+    sequence only grows), so the state is how many of each sequence are resident; a step
+    costs what it changed, not what is in use.
+    """
 
     capacity: int
     resident: set[int] = field(default_factory=set)
-    # Hashes already computed: per prefix, and per running request (by its number), grown as it grows.
-    _prefix_chains: dict[int, list[int]] = field(default_factory=dict)
-    _request_chains: dict[int, list[int]] = field(default_factory=dict)
+    _resident_counts: dict[ChainKey, int] = field(default_factory=dict)
+    _hashes: dict[ChainKey, list[int]] = field(default_factory=dict)
 
-    def sequences(self, engine: SimulatedEngine) -> list[tuple[int | None, list[int]]]:
-        """Every sequence of blocks in use, in a fixed order: (hash before its first block, its block hashes)."""
+    def _chain(self, key: ChainKey, length: int) -> list[int]:
+        """The first `length` block hashes of a sequence (computed once, kept while it is resident)."""
+        chain = self._hashes.setdefault(key, [])
+        if len(chain) < length:
+            kind, number = key
+            make = prefix_block_hash if kind == "prefix" else request_block_hash
+            chain.extend(make(number, index) for index in range(len(chain), length))
+        return chain
+
+    def sequences(self, engine: SimulatedEngine) -> list[tuple[ChainKey, int | None, int]]:
+        """Every sequence in use, in a fixed order: (key, hash before its first block, its length in blocks)."""
         block_size = engine.config.block_size
-        found: list[tuple[int | None, list[int]]] = []
-        for prefix in sorted({request.prefix for request in engine.running if request.prefix is not None}):
-            chain = self._prefix_chains.get(prefix)
-            if chain is None:
-                chain = [prefix_block_hash(prefix, index) for index in range(engine.prefix_blocks(prefix))]
-                self._prefix_chains[prefix] = chain
-            found.append((None, chain))
-        chains: dict[int, list[int]] = {}
+        found: list[tuple[ChainKey, int | None, int]] = [
+            (("prefix", prefix), None, engine.prefix_blocks(prefix))
+            for prefix in sorted({request.prefix for request in engine.running if request.prefix is not None})]
         for request in engine.running:
-            chain = self._request_chains.get(request.serial, [])
-            wanted = request.blocks(block_size)
-            if len(chain) < wanted:
-                chain.extend(request_block_hash(request.serial, index) for index in range(len(chain), wanted))
-            chains[request.serial] = chain
             parent = None
             if request.prefix is not None and request.prefix_blocks:
-                parent = prefix_block_hash(request.prefix, request.prefix_blocks - 1)
-            found.append((parent, chain[:wanted]))
-        self._request_chains = chains
+                parent = self._chain(("prefix", request.prefix), request.prefix_blocks)[request.prefix_blocks - 1]
+            found.append((("request", request.serial), parent, request.blocks(block_size)))
         return found
 
     def clear(self) -> None:
         self.resident.clear()
+        self._resident_counts.clear()
+        self._hashes.clear()
 
     def update(self, engine: SimulatedEngine) -> BlockChanges:
-        """Bring `resident` to the engine's blocks in use; what was removed and stored to get there."""
+        """Bring `resident` to the engine's blocks in use (up to capacity); what was removed and stored."""
         wanted = self.sequences(engine)
-        in_use = {block for _, blocks in wanted for block in blocks}
-        removed = tuple(sorted(self.resident - in_use))
+        in_use = {key for key, _, _ in wanted}
+        removed: list[int] = []
+        for key in [key for key in self._resident_counts if key not in in_use]:
+            removed.extend(self._hashes[key][:self._resident_counts.pop(key)])
+            if key[0] == "request":
+                del self._hashes[key]  # a request's number is never used again
         self.resident.difference_update(removed)
         room = self.capacity - len(self.resident)
         stored: list[StoredRun] = []
-        for parent, blocks in wanted:
-            run: list[int] = []
-            run_parent = before = parent
-            for block in blocks:
-                if block not in self.resident and room > 0:
-                    if not run:
-                        run_parent = before
-                    run.append(block)
-                    self.resident.add(block)
-                    room -= 1
-                elif run:
-                    stored.append(StoredRun(run_parent, tuple(run)))
-                    run = []
-                before = block
-            if run:
-                stored.append(StoredRun(run_parent, tuple(run)))
-        return BlockChanges(removed, tuple(stored))
+        for key, parent, length in wanted:
+            have = self._resident_counts.get(key, 0)
+            take = min(length - have, room)
+            if take <= 0:
+                continue
+            chain = self._chain(key, have + take)
+            run = chain[have:have + take]
+            stored.append(StoredRun(chain[have - 1] if have else parent, tuple(run)))
+            self.resident.update(run)
+            self._resident_counts[key] = have + take
+            room -= take
+        return BlockChanges(tuple(removed), tuple(stored))

@@ -26,7 +26,13 @@ from fleet_worker.discovery_entries import ModelCardValues, WorkerEndpoint
 from fleet_worker.event_plane_worker import EventPlaneWorker, NatsEventPlane, ZmqEventPlane
 from fleet_worker.event_publisher import EventPublisher, NatsEventTransport, ZmqEventTransport
 from fleet_worker.file_kv_store import FileKvStore
-from fleet_worker.topic_publishers import ActiveLoadPublisher, ForwardPassPublisher, KvEventPublisher
+from fleet_worker.topic_publishers import (
+    ActiveLoadPublisher,
+    ForwardPassPublisher,
+    KvEventPublisher,
+    removed_data,
+    stored_data,
+)
 from mock_worker.dynamo_events import MODEL_NAME, model_card
 from mock_worker.engine import EngineConfig
 from mock_worker.fleet import MockFleet
@@ -132,7 +138,7 @@ async def test_on_nats_our_messages_are_the_runtimes_for_the_same_values(
     load = ActiveLoadPublisher(publisher(protocol.KV_METRICS_TOPIC), real.worker_id)
     passes = ForwardPassPublisher(publisher(protocol.FORWARD_PASS_METRICS_TOPIC), real.worker_id, (0,),
                                   clock=lambda: now[0])
-    kv = {rank: KvEventPublisher(publisher(protocol.KV_EVENTS_TOPIC), real.worker_id, rank) for rank in (0, 1)}
+    kv = {rank: KvEventPublisher(publisher(protocol.KV_EVENTS_TOPIC), real.worker_id, rank) for rank in (0, 1, 2)}
     ours = {p.events.publisher_id for p in (load, passes, *kv.values())}
 
     # kv_metrics: the same calls, unchanged repeats included
@@ -181,26 +187,33 @@ async def test_on_nats_our_messages_are_the_runtimes_for_the_same_values(
     await in_thread(real.command, "engine_kv", dp_rank=1, seq=0,
                     events=[["BlockStored", [10, 11], None, list(range(8)), 4, None, "GPU"]])
     await in_thread(real.command, "engine_kv", dp_rank=1, seq=1, events=[["AllBlocksCleared"]])
+    # an engine's batch (dp_rank 2) travels as one message, as the mock sends a step's changes
+    await in_thread(real.command, "engine_kv", dp_rank=2, seq=0, events=[
+        ["BlockStored", [40, 41], None, list(range(8)), 4, None, "GPU"],
+        ["BlockStored", [50], 5, list(range(4)), 4, None, "GPU"], ["BlockRemoved", [40], "GPU"]])
     theirs = {}
-    for _, envelope, _ in await capture.wait_for(protocol.KV_EVENTS_TOPIC, 4, besides=ours):
-        (event,) = protocol.decode_kv_events(envelope.payload, LIMIT)
-        theirs[(event.event.dp_rank, event.event.event_id)] = (envelope, event)
+    for _, envelope, _ in await capture.wait_for(protocol.KV_EVENTS_TOPIC, 5, besides=ours):
+        batch = protocol.decode_kv_events(envelope.payload, LIMIT)
+        theirs[tuple((event.event.dp_rank, event.event.event_id) for event in batch)] = (envelope, batch)
+    assert sorted(theirs) == [((0, 1),), ((0, 2),), ((1, 1),), ((1, 2),), ((2, 1), (2, 2), (2, 3))]
     # tokens_hash is the runtime's own hash of the block's tokens: taken from what it sent
-    tokens = {(rank, block.block_hash): block.tokens_hash for (rank, _), (_, event) in theirs.items()
-              if event.event.kind == "stored" for block in event.event.data.stored.blocks}
+    tokens = {(event.event.dp_rank, block.block_hash): block.tokens_hash for _, batch in theirs.values()
+              for event in batch if event.event.kind == "stored" for block in event.event.data.stored.blocks}
     await kv[0].stored([(-5, tokens[(0, 2**64 - 5)]), (2**63 - 1, tokens[(0, 2**63 - 1)])], parent_hash=-7)
     await kv[0].removed([-5])
     await kv[1].stored([(10, tokens[(1, 10)]), (11, tokens[(1, 11)])])
     await kv[1].cleared()
-    mine = await capture.wait_for(protocol.KV_EVENTS_TOPIC, 4, only=ours)
+    assert await kv[2].publish(stored_data([(40, tokens[(2, 40)]), (41, tokens[(2, 41)])]),
+                               stored_data([(50, tokens[(2, 50)])], parent_hash=5), removed_data([40])) == [1, 2, 3]
+    mine = await capture.wait_for(protocol.KV_EVENTS_TOPIC, 5, only=ours)
     keys = []
     for subject, envelope, raw in mine:
-        (event,) = protocol.decode_kv_events(envelope.payload, LIMIT)
-        key = (event.event.dp_rank, event.event.event_id)
+        key = tuple((event.event.dp_rank, event.event.event_id)
+                    for event in protocol.decode_kv_events(envelope.payload, LIMIT))
         keys.append(key)
         assert subject == f"{PREFIX}.kv-events"
         same_envelope(envelope, raw, theirs[key][0])
-    assert keys == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert keys == [((0, 1),), ((0, 2),), ((1, 1),), ((1, 2),), ((2, 1), (2, 2), (2, 3))]
     for publisher in (load, passes, *kv.values()):
         publisher.events.close()
 

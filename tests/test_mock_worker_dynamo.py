@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
 import signal
 import sys
 import time
@@ -38,7 +39,9 @@ from fleet_worker.topic_publishers import ForwardPassPublisher, block_hash_u64
 from mock_worker import cli as mock_worker_cli
 from mock_worker.config import MockWorkerConfig
 from mock_worker.dynamo_events import used_blocks
+from mock_worker.engine import EngineConfig, SimulatedEngine
 from mock_worker.fleet import MockFleet
+from mock_worker.kv_blocks import DeviceBlocks
 
 from .support import Process, wait_until
 
@@ -356,6 +359,29 @@ async def test_the_keep_alive_loop_refreshes_until_stopped(tmp_path):
 
 
 # The mock fleet -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [EngineConfig(), EngineConfig(total_blocks=600, mean_arrival_rate=20)],
+                         ids=["roomy", "full"])
+def test_an_engines_block_changes_replayed_give_its_blocks_in_use_up_to_capacity(config):
+    engine = SimulatedEngine(config, random.Random(7))
+    blocks = DeviceBlocks(config.total_blocks)
+    replayed: set[int] = set()
+    over_capacity = 0
+    for _ in range(600):
+        engine.step(1.0)
+        changes = blocks.update(engine)
+        assert set(changes.removed) <= replayed
+        replayed.difference_update(changes.removed)
+        for run in changes.stored:
+            assert not replayed & set(run.block_hashes)  # never stored twice
+            replayed.update(run.block_hashes)
+        assert replayed == blocks.resident
+        assert len(replayed) == used_blocks(engine) == min(engine.active_blocks(), config.total_blocks)
+        over_capacity += engine.active_blocks() > config.total_blocks
+    assert (over_capacity > 0) == (config.total_blocks == 600)  # the full engine did run out of blocks
+
+
 
 
 def apply(blocks: set[int], event: protocol.RouterEvent) -> None:
