@@ -460,6 +460,31 @@ async def test_the_fleets_events_follow_its_engines_step_by_step(nc, capture):
     assert not [subject for subject, _ in capture.messages if subject.endswith(legacy)]
 
 
+async def test_gpu_readings_and_metric_snapshots_stay_as_they_are_in_dynamo_1(nc, capture):
+    fleet = MockFleet(nc, workers=2, seed=2, protocol="dynamo-1", gpu="simulated")
+    await fleet.start()
+    try:
+        await fleet.tick(1.0)
+        await fleet.gpu_tick(1.0)
+        await fleet.publish_component_metrics()
+        await nc.flush()
+        await capture.wait_for_events(published(fleet))
+        deadline = time.monotonic() + WAIT_S
+        while len([s for s, _ in capture.messages if not s.endswith(protocol.EVENT_TOPICS)]) < 4:
+            assert time.monotonic() < deadline, "no GPU readings or snapshots"
+            await asyncio.sleep(0.01)
+    finally:
+        fleet.close()
+    own = {subject: data for subject, data in capture.messages if not subject.endswith(protocol.EVENT_TOPICS)}
+    gpus = [protocol.decode_gpu_metrics(data, LIMIT) for subject, data in capture.messages
+            if subject == "namespace.dynamo.component.backend.gpu_metrics"]
+    snapshots = [protocol.decode_metrics_snapshot(data, LIMIT) for subject, data in capture.messages
+                 if subject == "namespace.dynamo.component.backend.metrics"]
+    assert set(own) == {"namespace.dynamo.component.backend.gpu_metrics", "namespace.dynamo.component.backend.metrics"}
+    workers = {worker.worker_id for worker in fleet.workers}
+    assert {event.worker_id for event in gpus} == workers == {snapshot.worker_id for snapshot in snapshots}
+
+
 async def test_a_frozen_fleet_runs_no_passes_and_leaves_its_ranks_to_the_heartbeat(nc, capture):
     fleet = MockFleet(nc, workers=1, seed=5, protocol="dynamo-1", freeze_after=3, component_metrics=False)
     await fleet.start()
