@@ -22,7 +22,7 @@ from fleet_demo.nats_server import free_port
 
 from .http_receiver import Receiver
 from .support import Process, http_get, publish, samples, scrape, slowest_answer, wait_until
-from .test_push import LOAD_SUBJECT, fleet_series, hit_rate, load
+from .test_push import LOAD_SUBJECT, close, exact, fleet_series, hit_rate, load
 
 needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None,
                                       reason="prometheus not installed (.ci/run installs it)")
@@ -102,7 +102,9 @@ def test_prometheus_receives_every_fleet_series_with_exact_values(nats_server, p
                       10, what="the aggregator's own view")
     # Every series, labelled replica="r1" (no series of the aggregator has that label of its own).
     want = {(name, tuple(sorted((*labels, ("replica", "r1"))))): value for (name, labels), value in want.items()}
-    wait_until(lambda: prometheus.query(FLEET_QUERY) == want, 15, what="PromQL returning the aggregator's values")
+    wait_until(lambda: exact(prometheus.query(FLEET_QUERY)) == exact(want), 15,
+               what="PromQL returning the aggregator's values")
+    assert close(prometheus.query(FLEET_QUERY), want)
     got = prometheus.query('llm_kv_blocks_active{worker_id="2"} + llm_kv_hit_rate_overlap_blocks_total')
     assert got == {("", (("component", "backend"), ("dp_rank", "0"), ("endpoint", "generate"), ("replica", "r1"),
                          ("worker_id", "2"))): 55.0}

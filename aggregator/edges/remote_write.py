@@ -66,8 +66,9 @@ DROP_REASONS = ("queue_full", "rejected")
 Labels = tuple[tuple[str, str], ...]  # sorted by name, __name__ among them
 
 
-def _write_request_class() -> Any:
-    """`prometheus.WriteRequest` of remote write 1.0 (prompb/remote.proto, types.proto), fields it sends only."""
+def _message_classes() -> tuple[Any, Any]:
+    """`prometheus.WriteRequest` and `.TimeSeries` of remote write 1.0 (prompb/remote.proto, types.proto),
+    with the fields it sends only."""
     string, double, int64 = (descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
                              descriptor_pb2.FieldDescriptorProto.TYPE_DOUBLE,
                              descriptor_pb2.FieldDescriptorProto.TYPE_INT64)
@@ -92,10 +93,11 @@ def _write_request_class() -> Any:
                 item.type_name = type_name
     pool = descriptor_pool.DescriptorPool()  # its own pool: no clash with another `prometheus` package's
     pool.Add(proto)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("prometheus.WriteRequest"))
+    return (message_factory.GetMessageClass(pool.FindMessageTypeByName("prometheus.WriteRequest")),
+            message_factory.GetMessageClass(pool.FindMessageTypeByName("prometheus.TimeSeries")))
 
 
-WriteRequest = _write_request_class()
+WriteRequest, TimeSeries = _message_classes()
 
 
 def collect_series(registry: CollectorRegistry, external: Iterable[tuple[str, str]] = ()) -> dict[Labels, float]:
@@ -111,14 +113,27 @@ def collect_series(registry: CollectorRegistry, external: Iterable[tuple[str, st
     return series
 
 
-def encode(points: list[tuple[Labels, float]], timestamp_ms: int) -> bytes:
-    """One WriteRequest of `points` at `timestamp_ms`, serialised and snappy-compressed (block format)."""
-    request = WriteRequest()
+def encode(points: list[tuple[Labels, float]], timestamp_ms: int, built: dict[Labels, Any] | None = None) -> bytes:
+    """One WriteRequest of `points` at `timestamp_ms`, serialised and snappy-compressed (block format).
+
+    `built` keeps each series' TimeSeries message from one call to the next, so that only its sample
+    is set again: building the labels is four fifths of the cost (3 µs a sample instead of 15).
+    """
+    built = {} if built is None else built
+    series = []
     for labels, value in points:
-        series = request.timeseries.add()
-        for name, label in labels:
-            series.labels.add(name=name, value=label)
-        series.samples.add(value=value, timestamp=timestamp_ms)
+        message = built.get(labels)
+        if message is None:
+            message = built[labels] = TimeSeries()
+            for name, label in labels:
+                message.labels.add(name=name, value=label)
+            message.samples.add()
+        sample = message.samples[0]
+        sample.value = value
+        sample.timestamp = timestamp_ms
+        series.append(message)
+    request = WriteRequest()
+    request.timeseries.extend(series)  # copied in C
     return bytes(cramjam.snappy.compress_raw(request.SerializeToString()))
 
 
@@ -167,7 +182,8 @@ class RemoteWriter:
         self.display_url = redact_url(config.url)
         self.queue: deque[Batch] = deque()
         self.queued_samples = 0
-        self._previous: set[Labels] = set()  # series of the last collection, for stale markers
+        # The series of the last collection (for stale markers), each with its message built.
+        self._built: dict[Labels, Any] = {}
         self._wake = asyncio.Event()
         self._failing = False
         self.telemetry = RemoteWriteTelemetry(registry, self)
@@ -179,12 +195,13 @@ class RemoteWriter:
         started = time.perf_counter()
         timestamp_ms = int(time.time() * 1000)
         series = collect_series(self.registry, self.config.labels)
-        points = list(series.items())
-        points += [(labels, STALE_NAN) for labels in self._previous - series.keys()]
-        self._previous = set(series)
+        gone = self._built.keys() - series.keys()
+        points = [*series.items(), *((labels, STALE_NAN) for labels in gone)]
         size = self.config.max_samples_per_send
-        batches = [Batch(encode(points[i:i + size], timestamp_ms), len(points[i:i + size]))
+        batches = [Batch(encode(points[i:i + size], timestamp_ms, self._built), len(points[i:i + size]))
                    for i in range(0, len(points), size)]
+        for labels in gone:
+            del self._built[labels]
         self.telemetry.collect_duration.observe(time.perf_counter() - started)
         return batches
 
