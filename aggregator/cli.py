@@ -26,6 +26,8 @@ from aggregator.config import (
     LimitsConfig,
     NatsConfig,
     PullConfig,
+    PushGatewayConfig,
+    RemoteWriteConfig,
     ScrapeTarget,
 )
 from aggregator.edges import nats_auth, web_config
@@ -49,12 +51,19 @@ SECTIONS: Mapping[str, type] = {
     "journal": JournalConfig,
     "pull": PullConfig,
     "discovery": DiscoveryConfig,
+    "push_gateway": PushGatewayConfig,
+    "remote_write": RemoteWriteConfig,
+}
+# Sections that are off (None) unless their first field's flag is given: {section: that field}.
+OPTIONAL_SECTIONS: Mapping[str, str] = {
+    "journal": "stream", "discovery": "backend", "push_gateway": "url", "remote_write": "url",
 }
 
 NATS_AUTH = "NATS authentication and TLS"
 HTTP_LIMITS = "HTTP limits"
 JOURNAL = "hit-rate history across restarts (JetStream)"
 DISCOVERY = "Dynamo's discovery store (worker instances, model cards, event channels)"
+PUSH = "push where nothing can scrape (Pushgateway, remote write)"
 
 
 def default_of(flag: Flag) -> Any:
@@ -112,6 +121,19 @@ def dynamo_file_kv(environ: Mapping[str, str] = os.environ) -> str:
 
 def _file_kv(value: str) -> str:
     return value or dynamo_file_kv()  # an empty variable means Dynamo's default
+def _optional_url(value: str) -> str | None:
+    return value or None  # an empty variable means off
+
+
+def label_pairs(value: str) -> tuple[tuple[str, str], ...]:
+    """`a=1, b=2` -> (("a", "1"), ("b", "2")): labels written in one flag or variable."""
+    pairs = []
+    for item in comma_list(value):
+        name, equals, label = item.partition("=")
+        if not equals:
+            raise ValueError(f"{item!r} is not NAME=VALUE")
+        pairs.append((name.strip(), label.strip()))
+    return tuple(pairs)
 
 
 def scrape_target(value: str) -> ScrapeTarget:
@@ -202,6 +224,33 @@ FLAGS: tuple[Flag, ...] = (
          "seconds between snapshots (and one at shutdown)", JOURNAL),
     Flag("--hit-rate-stream-max-age", "AGGREGATOR_HIT_RATE_STREAM_MAX_AGE", "journal.stream_max_age", float,
          "retention of a stream the aggregator creates, seconds", JOURNAL),
+    Flag("--hit-rate-stream-replicas", "AGGREGATOR_HIT_RATE_STREAM_REPLICAS", "journal.stream_replicas", int,
+         "copies of a stream the aggregator creates, on that many nodes of a NATS cluster (3 survives the loss "
+         "of one node); an existing stream is used as it is", JOURNAL),
+    Flag("--push-gateway", "AGGREGATOR_PUSH_GATEWAY", "push_gateway.url", _optional_url,
+         "push the exposition to this Prometheus Pushgateway every interval (PUT: the group is replaced); "
+         "user:password@ in the URL becomes basic auth, prefer the env variable to the flag", PUSH),
+    Flag("--push-gateway-job", "AGGREGATOR_PUSH_GATEWAY_JOB", "push_gateway.job", str,
+         "the job label of the pushed group", PUSH),
+    Flag("--push-gateway-grouping", "AGGREGATOR_PUSH_GATEWAY_GROUPING", "push_gateway.grouping", label_pairs,
+         "more labels of the group's key, NAME=VALUE,...; give each aggregator its own (e.g. instance=a)", PUSH),
+    Flag("--push-gateway-interval", "AGGREGATOR_PUSH_GATEWAY_INTERVAL", "push_gateway.interval", float,
+         "seconds between pushes", PUSH),
+    Flag("--push-gateway-timeout", "AGGREGATOR_PUSH_GATEWAY_TIMEOUT", "push_gateway.timeout", float,
+         "seconds one push may take", PUSH),
+    Flag("--remote-write", "AGGREGATOR_REMOTE_WRITE", "remote_write.url", _optional_url,
+         "send the aggregator's series to this Prometheus remote-write receiver (1.0: protobuf + snappy) every "
+         "interval; user:password@ in the URL becomes basic auth, prefer the env variable to the flag", PUSH),
+    Flag("--remote-write-interval", "AGGREGATOR_REMOTE_WRITE_INTERVAL", "remote_write.interval", float,
+         "seconds between samples of every series", PUSH),
+    Flag("--remote-write-timeout", "AGGREGATOR_REMOTE_WRITE_TIMEOUT", "remote_write.timeout", float,
+         "seconds one request may take", PUSH),
+    Flag("--remote-write-labels", "AGGREGATOR_REMOTE_WRITE_LABELS", "remote_write.labels", label_pairs,
+         "labels added to every series that lacks them, NAME=VALUE,... (as Prometheus's external_labels)", PUSH),
+    Flag("--remote-write-max-samples-per-send", "AGGREGATOR_REMOTE_WRITE_MAX_SAMPLES_PER_SEND",
+         "remote_write.max_samples_per_send", int, "samples in one request at most", PUSH),
+    Flag("--remote-write-queue-samples", "AGGREGATOR_REMOTE_WRITE_QUEUE_SAMPLES", "remote_write.queue_samples", int,
+         "samples waiting to be sent at most; past it the oldest are dropped (counted)", PUSH),
     Flag("--component-metrics-prefixes", "AGGREGATOR_COMPONENT_METRICS_PREFIXES", "component_metrics.prefixes",
          comma_list,
          "comma-separated name prefixes a worker's metrics may use; others are rejected (reason=bad_name)"),
@@ -300,33 +349,29 @@ def config_from_values(args: Mapping[str, Any], targets: tuple[ScrapeTarget, ...
         except ConfigError as error:
             raise error.within(section) from None
 
-    pull = build("pull")  # checked even when off: a bad flag is an error either way
-    if values["journal"]["stream"] is not None:
-        journal = build("journal")
-    else:
-        journal = None
-        for name, value in values["journal"].items():
-            if name == "stream":
+    def build_optional(section: str) -> Any:
+        """The section, or None when its first field is not given; its other fields are checked either way."""
+        if values[section][OPTIONAL_SECTIONS[section]] is not None:
+            return build(section)
+        for name, value in values[section].items():
+            if name == OPTIONAL_SECTIONS[section]:
                 continue
             try:
-                check_field(field_named(JournalConfig, name), value)
+                check_field(field_named(SECTIONS[section], name), value)
             except ConfigError as error:
-                raise error.within("journal") from None
-    discovery = build("discovery") if values["discovery"]["backend"] is not None else None
-    if discovery is None:  # off: its other flags are checked all the same
-        for name, value in values["discovery"].items():
-            if name != "backend":
-                try:
-                    check_field(field_named(DiscoveryConfig, name), value)
-                except ConfigError as error:
-                    raise error.within("discovery") from None
+                raise error.within(section) from None
+        return None
+
+    pull = build("pull")  # checked even when off: a bad flag is an error either way
     return AggregatorConfig(
         nats=build("nats"),
         http=build("http"),
         limits=build("limits"),
         component_metrics=build("component_metrics"),
-        journal=journal,
+        journal=build_optional("journal"),
         pull=pull if pull.targets else None,
-        discovery=discovery,
+        discovery=build_optional("discovery"),
+        push_gateway=build_optional("push_gateway"),
+        remote_write=build_optional("remote_write"),
         **values[""],
     )

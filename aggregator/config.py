@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import fleet_protocol as protocol
-from fleet_protocol.names import METRIC_NAME
+from fleet_protocol.names import LABEL_NAME, METRIC_NAME
 from fleet_protocol.service_stats import service_name
 from fleet_runtime.config_checks import (
     Check,
@@ -50,10 +50,13 @@ __all__ = [
     "LimitsConfig",
     "NatsConfig",
     "PullConfig",
+    "PushGatewayConfig",
+    "RemoteWriteConfig",
     "ScrapeTarget",
     "check_prefix",
     "check_stream_name",
     "etcd_url",
+    "without_credentials",
 ]
 
 # Names of the node label on DCGM_FI_* series: dcgm-exporter's released one, and its main branch's since PR #655.
@@ -196,6 +199,9 @@ class JournalConfig:
     snapshot_interval: float = field(default=5.0, metadata=checked(within(0.1, 3600.0)))
     # Retention of a stream the aggregator creates.
     stream_max_age: float = field(default=7 * 86400.0, metadata=checked(within(60.0, 10 * 365 * 86400.0)))
+    # Copies of a stream the aggregator creates, on that many nodes of a NATS cluster (JetStream's limit is 5);
+    # a stream that exists is used as it is.
+    stream_replicas: int = field(default=1, metadata=checked(within(1, 5)))
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -296,6 +302,100 @@ class DiscoveryConfig:
         if self.file_ttl <= protocol.FILE_KEEP_ALIVE_S:
             raise ConfigError("file_ttl", f"{shown(self.file_ttl)} must be above Dynamo's keep-alive period "
                               f"({protocol.FILE_KEEP_ALIVE_S:.1f}s), or live workers would expire")
+def http_url(url: str) -> str:
+    """An http(s) URL with a host; credentials (user:password@) allowed, never shown in an error."""
+    if not isinstance(url, str):
+        raise TypeError("is not an http(s) URL")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{redact_url(url)!r} is not an http(s) URL like http://host:9091")
+    try:
+        _ = parts.port  # raises for a port outside 0-65535 or not a number
+    except ValueError:
+        raise ValueError(f"{redact_url(url)!r} has an invalid port") from None
+    if parts.query or parts.fragment:
+        raise ValueError(f"{redact_url(url)!r} must have no query or fragment")
+    return url
+
+
+def without_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """(the URL without user:password@, user, password); user and password are None when absent."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None, None
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    password = unquote(parts.password) if parts.password is not None else ""
+    return urlunsplit(parts._replace(netloc=netloc)), unquote(parts.username), password
+
+
+def label_pairs(*, reserved: tuple[str, ...] = ()) -> Check:
+    """A tuple of (label name, value) pairs, names unique, none of `reserved` nor Prometheus's own `__*`."""
+
+    def check(pairs: object) -> None:
+        if not isinstance(pairs, tuple) or not all(isinstance(p, tuple) and len(p) == 2 for p in pairs):
+            raise TypeError(f"{pairs!r} is not a tuple of (name, value) pairs")
+        seen: set[str] = set()
+        for name, value in pairs:
+            if not isinstance(name, str) or not LABEL_NAME.fullmatch(name) or name.startswith("__"):
+                raise ValueError(f"{name!r} is not a label name")
+            if name in reserved:
+                raise ValueError(f"{name!r} is reserved")
+            if name in seen:
+                raise ValueError(f"{name!r} given twice")
+            seen.add(name)
+            label_value(value)
+
+    return check
+
+
+def _redacted_repr(config: object) -> str:
+    """The dataclass's repr with the credentials of its `url` field hidden."""
+    shown = []
+    for item in fields(config):  # type: ignore[arg-type]
+        value = getattr(config, item.name)
+        shown.append(f"{item.name}={redact_url(value) if item.name == 'url' else value!r}")
+    return f"{type(config).__name__}({', '.join(shown)})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class PushGatewayConfig:
+    """`--push-gateway`: the exposition PUT to a Prometheus Pushgateway every interval, for where nothing scrapes."""
+
+    url: str = field(metadata=checked(http_url))  # user:password@ becomes basic auth
+    job: str = field(default="llm-aggregator", metadata=checked(label_value))
+    # Further labels of the group's key (e.g. instance=...): one group per aggregator.
+    grouping: tuple[tuple[str, str], ...] = field(default=(), metadata=checked(label_pairs(reserved=("job",))))
+    interval: float = field(default=5.0, metadata=checked(within(0.1, 3600.0)))
+    timeout: float = field(default=10.0, metadata=checked(within(0.1, 600.0)))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def __repr__(self) -> str:
+        return _redacted_repr(self)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class RemoteWriteConfig:
+    """`--remote-write`: the aggregator's series sent by Prometheus remote write 1.0 every interval."""
+
+    url: str = field(metadata=checked(http_url))  # user:password@ becomes basic auth
+    interval: float = field(default=5.0, metadata=checked(within(0.1, 3600.0)))
+    timeout: float = field(default=10.0, metadata=checked(within(0.1, 600.0)))
+    # Added to every series that lacks them, as Prometheus's external_labels (e.g. replica=a for HA dedup).
+    labels: tuple[tuple[str, str], ...] = field(default=(), metadata=checked(label_pairs()))
+    max_samples_per_send: int = field(default=2000, metadata=checked(within(1, 1_000_000)))
+    # Samples waiting to be sent at most; past it the oldest are dropped (counted).
+    queue_samples: int = field(default=500_000, metadata=checked(within(1, 100_000_000)))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.queue_samples < self.max_samples_per_send:
+            raise ConfigError("queue_samples", f"{self.queue_samples} must be at least {{0}} "
+                              f"{self.max_samples_per_send}", ("max_samples_per_send",))
+
+    def __repr__(self) -> str:
+        return _redacted_repr(self)
 
 
 def _instance(kind: type) -> Check:
@@ -308,7 +408,8 @@ def _instance(kind: type) -> Check:
 
 @dataclass(frozen=True, slots=True)
 class AggregatorConfig:
-    """Everything `python -m aggregator` is told. `journal`, `pull` and `discovery` are None when off."""
+    """Everything `python -m aggregator` is told. `journal`, `pull`, `discovery`, `push_gateway` and
+    `remote_write` are None when off."""
 
     nats: NatsConfig = field(default_factory=NatsConfig, metadata=checked(_instance(NatsConfig)))
     http: HttpConfig = field(default_factory=HttpConfig, metadata=checked(_instance(HttpConfig)))
@@ -318,6 +419,10 @@ class AggregatorConfig:
     journal: JournalConfig | None = field(default=None, metadata=checked(optional(_instance(JournalConfig))))
     pull: PullConfig | None = field(default=None, metadata=checked(optional(_instance(PullConfig))))
     discovery: DiscoveryConfig | None = field(default=None, metadata=checked(optional(_instance(DiscoveryConfig))))
+    push_gateway: PushGatewayConfig | None = field(default=None,
+                                                   metadata=checked(optional(_instance(PushGatewayConfig))))
+    remote_write: RemoteWriteConfig | None = field(default=None,
+                                                   metadata=checked(optional(_instance(RemoteWriteConfig))))
     namespace: str = field(default=protocol.DEFAULT_NAMESPACE, metadata=checked(nats_token))  # Dynamo namespace
     # Component label for namespace-level subjects (namespace.{ns}.kv_metrics, .kv-hit-rate).
     component: str = field(default=protocol.DEFAULT_COMPONENT, metadata=checked(nats_token))

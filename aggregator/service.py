@@ -23,6 +23,8 @@ from aggregator.edges.hit_rate_journal import HitRateJournal
 from aggregator.edges.http_listener import ConnectionLimits
 from aggregator.edges.http_server import ScrapeLimits, build_app, start_server
 from aggregator.edges.nats_transport import NatsSubscriber
+from aggregator.edges.push_gateway import PushGatewayPusher
+from aggregator.edges.remote_write import RemoteWriter
 from aggregator.edges.stats_scraper import StatsScraper
 from aggregator.ingest.component_snapshots import SnapshotLimits, snapshot_route
 from aggregator.ingest.pipeline import Ingest
@@ -92,6 +94,11 @@ class Aggregator:
             skip_patterns=self.journal.patterns if self.journal else (),
         )
         self.scraper = self._stats_scraper(config.pull) if config.pull is not None else None
+        # Opt-in: for where nothing scrapes /metrics. Each expires workers first, as a scrape does.
+        self.pusher = (PushGatewayPusher(config.push_gateway, self.registry, before_push=self.expire_now)
+                       if config.push_gateway is not None else None)
+        self.remote_writer = (RemoteWriter(config.remote_write, self.registry, before_collect=self.expire_now)
+                              if config.remote_write is not None else None)
         self.started = time.monotonic()
         self.port: int | None = None
 
@@ -158,6 +165,10 @@ class Aggregator:
             tasks.append(asyncio.create_task(self.scraper.run(stop), name="stats-scrape"))
         if self.journal is not None:
             tasks.append(asyncio.create_task(self.journal.run(self.subscriber, stop), name="hit-rate-journal"))
+        if self.pusher is not None:
+            tasks.append(asyncio.create_task(self.pusher.run(stop), name="push-gateway"))
+        if self.remote_writer is not None:
+            tasks.append(asyncio.create_task(self.remote_writer.run(stop), name="remote-write"))
         try:
             await stop.wait()
         finally:
