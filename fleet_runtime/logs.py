@@ -113,3 +113,29 @@ def configure(environ: dict[str, str] | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,  # a proxy binds once, not on every call (a dropped line stays cheap)
     )
+
+
+class LogLimiter:
+    """At most one log line per key per `interval` seconds, decided by the caller (`allow`).
+
+    The discovery edge's form of `RateLimit`: it logs a summary of what was held back itself.
+    """
+
+    def __init__(self, interval: float = 10.0, max_keys: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._clock = clock
+        self._last: dict[object, tuple[float, int]] = {}
+
+    def allow(self, key: object) -> int | None:
+        """None to stay quiet; else the number of lines suppressed since the last one."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval:
+            self._last[key] = (last[0], last[1] + 1)
+            return None
+        if last is None and len(self._last) >= self.max_keys:
+            self._last.clear()  # hostile key churn must not grow memory
+        self._last[key] = (now, 0)
+        return last[1] if last else 0
