@@ -74,11 +74,12 @@ class Aggregator:
         )
         self.registry.register(DynamoV1Collector(self.fleet, fleet_kv.labels, self.ingest.event_publishers))
         # Opt-in: Dynamo's discovery store, for 1.x workers' liveness and capacity.
-        self.discovery = DiscoveryIngest(self.ingest)
-        self.discovery_watcher = (
-            discovery_watcher(config.discovery, config.namespace, self.discovery, self.registry)
-            if config.discovery is not None else None
-        )
+        self.discovery: DiscoveryIngest | None = None
+        self.discovery_watcher = None
+        if config.discovery is not None:
+            self.discovery = DiscoveryIngest(self.ingest)
+            self.discovery_watcher = discovery_watcher(config.discovery, config.namespace, self.discovery,
+                                                       self.registry)
         # Opt-in: hit-rate events from a JetStream stream, sums restored from a snapshot.
         self.journal = (
             HitRateJournal(config.journal, self.ingest, self.registry) if config.journal is not None else None
