@@ -14,6 +14,7 @@ endpoint, topic) (past `max_streams`, new label sets are not counted). No I/O; n
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Final, NamedTuple
 
 # A jump this large is no loss that happened, but a publisher id reused by another publisher.
@@ -40,8 +41,9 @@ class EventPublishers:
     def __init__(self, max_publishers: int = 100_000, max_streams: int = 30_000) -> None:
         self.max_publishers = max_publishers
         self.max_streams = max_streams
-        # publisher_id -> [last sequence, the counts of its stream]; insertion-ordered for eviction.
-        self._last: dict[int, list] = {}
+        # publisher_id -> [last sequence, the counts of its stream]. An OrderedDict for its O(1) popitem:
+        # a plain dict's oldest entry is found by skipping the holes earlier evictions left.
+        self._last: OrderedDict[int, list] = OrderedDict()
         self.streams: dict[StreamKey, StreamCounts] = {}
         self.evicted = 0  # publishers dropped from the table to stay under max_publishers
 
@@ -60,7 +62,7 @@ class EventPublishers:
         entry = self._last.get(publisher_id)
         if entry is None or entry[1] is not counts:  # new, or an id that moved to another stream
             if entry is None and len(self._last) >= self.max_publishers:
-                del self._last[next(iter(self._last))]
+                self._last.popitem(last=False)
                 self.evicted += 1
             self._last[publisher_id] = [sequence, counts]
             if sequence == 0 and counts is not None:
