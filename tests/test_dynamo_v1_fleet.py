@@ -418,3 +418,30 @@ def test_service_stats_of_a_dp_worker_go_on_its_first_rank():
     assert harness.value("llm_worker_request_errors", "llm_worker_request_errors_total") == {worker_labels(2): 1}
     assert harness.value("llm_worker_processing_seconds", "llm_worker_processing_seconds_total") == {
         worker_labels(2): 2.5}
+
+
+# $SRV.STATS of 1.x ---------------------------------------------------------------------------
+
+
+def test_a_1x_stats_entry_gives_counters_and_an_entry_without_data_of_another_shape_is_still_no_data():
+    import json
+    from pathlib import Path
+
+    from aggregator.ingest.stats_replies import ServicePlan, read_stats_reply
+
+    recorded = json.loads((Path(__file__).parent / "dynamo_wire_1_6_1.json").read_text())["stats_reply"]
+    plan = ServicePlan("dynamo_backend", {"generate": "backend"})
+    reading = read_stats_reply(recorded.encode(), plan, LIMIT)
+    (counters,) = reading.counters
+    assert (counters.component, counters.endpoint, counters.worker_id) == ("backend", "generate", 0x57A3121772825123)
+    assert (counters.stats.num_requests, counters.stats.processing_time) == (0, 0)
+    assert reading.readings == [] and reading.rejects == []
+    entry = json.loads(recorded)["endpoints"][0]
+    others = [
+        {**entry, "name": "generate-57a3121772825123"},  # a 0.x name: its worker has no stats handler
+        {**entry, "name": "dynamo_backend-generate-ff"},  # names another worker than its subject
+        {**entry, "num_requests": -1},  # a 1.x entry, broken
+    ]
+    reply = json.dumps({**json.loads(recorded), "endpoints": others}).encode()
+    assert [reject.reason for reject in read_stats_reply(reply, plan, LIMIT).rejects] == [
+        rejects.NO_DATA, rejects.NO_DATA, "out_of_range"]
