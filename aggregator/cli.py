@@ -174,6 +174,12 @@ FLAGS: tuple[Flag, ...] = (
          "component/endpoint pairs kept at most (their totals outlive their workers); past it the pair "
          "idle longest (no live worker) is evicted for a new one (llm_aggregator_groups_evicted_total), "
          "which is refused (reason=group_limit) only while every pair has a live worker"),
+    Flag("--max-cached-blocks-per-worker", "AGGREGATOR_MAX_CACHED_BLOCKS_PER_WORKER",
+         "limits.max_cached_blocks_per_worker", int,
+         "KV blocks tracked per worker rank to count its cached blocks (Dynamo 1.x kv-events); past it the count "
+         "is marked unreliable"),
+    Flag("--max-cached-blocks", "AGGREGATOR_MAX_CACHED_BLOCKS", "limits.max_cached_blocks", int,
+         "KV blocks tracked in all (~90 bytes each); past it counts are marked unreliable"),
     Flag("--pending-msgs-limit", "AGGREGATOR_PENDING_MSGS_LIMIT", "nats.pending_msgs_limit", int,
          "per-subscription NATS buffer, messages; past it NATS drops (counted)"),
     # --scrape comes here (see build_parser)

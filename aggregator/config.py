@@ -150,6 +150,10 @@ class LimitsConfig:
     max_workers: int = field(default=100_000, metadata=checked(within(1, 10_000_000)))
     # component/endpoint pairs (their totals outlive their workers)
     max_groups: int = field(default=10_000, metadata=checked(within(1, 1_000_000)))
+    # KV block hashes held to count Dynamo 1.x workers' cached blocks from their kv-events (~90 bytes each):
+    # per worker rank, and in all. A block past either is not tracked and the count marked unreliable.
+    max_cached_blocks_per_worker: int = field(default=262_144, metadata=checked(within(0, 100_000_000)))
+    max_cached_blocks: int = field(default=2_097_152, metadata=checked(within(0, 1_000_000_000)))
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -18,6 +18,7 @@ from fleet_protocol.errors import (
     INCONSISTENT,
     MISSING_FIELD,
     NOT_JSON,
+    NOT_MSGPACK,
     OUT_OF_RANGE,
     OVERSIZED,
     WRONG_TYPE,
@@ -45,6 +46,8 @@ NOT_CONNECTED: Final = "not_connected"
 REQUEST_FAILED: Final = "request_failed"
 
 WIRE: Final = (OVERSIZED, NOT_JSON, MISSING_FIELD, WRONG_TYPE, OUT_OF_RANGE, INCONSISTENT)
+# Dynamo 1.x's event plane is MessagePack: the reason its decoders give where the JSON ones say not_json.
+EVENT_WIRE: Final = (NOT_MSGPACK,)
 # What a new worker can run into, whatever the message that brings it.
 WORKER_LIMITS: Final = (WORKER_LIMIT, GROUP_LIMIT, LABEL_LIMIT)
 COMPONENT_METRICS: Final = (NOT_EXPOSITION, SERIES_LIMIT, BAD_NAME, RESERVED_NAME, BAD_FAMILY, TYPE_CONFLICT)
@@ -54,6 +57,7 @@ STATS_REQUEST: Final = (NOT_CONNECTED, REQUEST_FAILED)
 DESCRIPTIONS: Final[Mapping[str, str]] = MappingProxyType({
     OVERSIZED: "larger than the configured maximum size (--max-message-bytes, --component-metrics-max-bytes)",
     NOT_JSON: "not JSON: bad syntax, invalid UTF-8 or nested too deep",
+    NOT_MSGPACK: "not MessagePack (Dynamo 1.x event plane): bad bytes, invalid UTF-8 or nested too deep",
     MISSING_FIELD: "a required field is absent",
     WRONG_TYPE: "a field, an entry or the subject has the wrong type or shape",
     OUT_OF_RANGE: "a number or a text outside its allowed range (negative, too large, too long)",
@@ -74,8 +78,8 @@ DESCRIPTIONS: Final[Mapping[str, str]] = MappingProxyType({
 })
 
 __all__ = [
-    "BAD_FAMILY", "BAD_NAME", "COMPONENT_METRICS", "DESCRIPTIONS", "GROUP_LIMIT", "INCONSISTENT", "LABEL_LIMIT",
-    "MISSING_FIELD", "NOT_CONNECTED", "NOT_EXPOSITION", "NOT_JSON", "NO_DATA", "NO_WORKER_ID", "OUT_OF_RANGE",
-    "OVERSIZED", "REQUEST_FAILED", "RESERVED_NAME", "SERIES_LIMIT", "STATS_ENDPOINT", "STATS_REQUEST",
-    "TYPE_CONFLICT", "WIRE", "WORKER_LIMIT", "WORKER_LIMITS", "WRONG_TYPE",
+    "BAD_FAMILY", "BAD_NAME", "COMPONENT_METRICS", "DESCRIPTIONS", "EVENT_WIRE", "GROUP_LIMIT", "INCONSISTENT",
+    "LABEL_LIMIT", "MISSING_FIELD", "NOT_CONNECTED", "NOT_EXPOSITION", "NOT_JSON", "NOT_MSGPACK", "NO_DATA",
+    "NO_WORKER_ID", "OUT_OF_RANGE", "OVERSIZED", "REQUEST_FAILED", "RESERVED_NAME", "SERIES_LIMIT", "STATS_ENDPOINT",
+    "STATS_REQUEST", "TYPE_CONFLICT", "WIRE", "WORKER_LIMIT", "WORKER_LIMITS", "WRONG_TYPE",
 ]

@@ -1,4 +1,5 @@
-"""The aggregator process: fleet state, NATS subscriber, expiry timer and HTTP server, wired together."""
+"""The aggregator process: fleet state, NATS subscriber, expiry timer and HTTP server, wired together;
+pull mode, the hit-rate journal and Dynamo's discovery store when configured."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 import fleet_protocol as protocol
 from aggregator import rejects
 from aggregator.collectors.component_metrics import ComponentMetricsCollector
+from aggregator.collectors.dynamo_v1 import DynamoV1Collector
 from aggregator.collectors.fleet_kv import FleetCollector
 from aggregator.collectors.gpus import GpuCollector
 from aggregator.collectors.group_table import GroupTableCollector
@@ -19,6 +21,7 @@ from aggregator.collectors.http_telemetry import HttpTelemetry
 from aggregator.collectors.telemetry import StatsScrapeTelemetry, Telemetry
 from aggregator.config import AggregatorConfig, PullConfig
 from aggregator.edges import nats_auth, web_config
+from aggregator.edges.discovery_store import discovery_watcher
 from aggregator.edges.hit_rate_journal import HitRateJournal
 from aggregator.edges.http_listener import ConnectionLimits
 from aggregator.edges.http_server import ScrapeLimits, build_app, start_server
@@ -27,10 +30,12 @@ from aggregator.edges.push_gateway import PushGatewayPusher
 from aggregator.edges.remote_write import RemoteWriter
 from aggregator.edges.stats_scraper import StatsScraper
 from aggregator.ingest.component_snapshots import SnapshotLimits, snapshot_route
+from aggregator.ingest.discovery_entries import DiscoveryIngest
 from aggregator.ingest.pipeline import Ingest
 from aggregator.ingest.stats_replies import plan_services
 from aggregator.state.fleet import Fleet
 from aggregator.state.ingest_counts import IngestCounts
+from aggregator.state.kv_cache import KvBlockBudget
 
 log = structlog.get_logger("aggregator")
 
@@ -57,7 +62,8 @@ class Aggregator:
         self.http_telemetry = HttpTelemetry(self.registry)
         self.fleet = Fleet(limits.stale_after, max_workers=limits.max_workers, max_groups=limits.max_groups,
                            default_endpoint=config.endpoint,
-                           max_component_series=component_metrics.max_series)
+                           max_component_series=component_metrics.max_series,
+                           kv_blocks=KvBlockBudget(limits.max_cached_blocks_per_worker, limits.max_cached_blocks))
         fleet_kv = FleetCollector(self.fleet)
         gpus = GpuCollector(self.fleet, hostname_label=config.gpu_hostname_label)
         for collector in (fleet_kv, gpus, ComponentMetricsCollector(self.fleet), GroupTableCollector(self.fleet)):
@@ -72,6 +78,14 @@ class Aggregator:
             default_component=config.component,
             max_message_bytes=limits.max_message_bytes,
         )
+        self.registry.register(DynamoV1Collector(self.fleet, fleet_kv.labels, self.ingest.event_publishers))
+        # Opt-in: Dynamo's discovery store, for 1.x workers' liveness and capacity.
+        self.discovery: DiscoveryIngest | None = None
+        self.discovery_watcher = None
+        if config.discovery is not None:
+            self.discovery = DiscoveryIngest(self.ingest)
+            self.discovery_watcher = discovery_watcher(config.discovery, config.namespace, self.discovery,
+                                                       self.registry)
         # Opt-in: hit-rate events from a JetStream stream, sums restored from a snapshot.
         self.journal = (
             HitRateJournal(config.journal, self.ingest, self.registry) if config.journal is not None else None
@@ -125,7 +139,7 @@ class Aggregator:
 
     def health(self) -> dict:
         nc = self.subscriber.nc
-        return {
+        health = {
             "status": "ready" if self.subscriber.healthy else "notready",
             "nats": {
                 "connected": bool(nc is not None and nc.is_connected),
@@ -135,6 +149,10 @@ class Aggregator:
             "workers": len(self.fleet),
             "uptime_seconds": round(time.monotonic() - self.started, 3),
         }
+        if self.discovery_watcher is not None:
+            # Reported, not part of `status`: while the store cannot be read its last view stands.
+            health["discovery"] = self.discovery_watcher.state().health()
+        return health
 
     async def _expire_periodically(self, stop: asyncio.Event) -> None:
         period = max(self.fleet.stale_after / _EXPIRY_TICKS_PER_WINDOW, 0.05)
@@ -169,6 +187,8 @@ class Aggregator:
             tasks.append(asyncio.create_task(self.pusher.run(stop), name="push-gateway"))
         if self.remote_writer is not None:
             tasks.append(asyncio.create_task(self.remote_writer.run(stop), name="remote-write"))
+        if self.discovery_watcher is not None:
+            tasks.append(asyncio.create_task(self.discovery_watcher.run(stop), name="discovery"))
         try:
             await stop.wait()
         finally:

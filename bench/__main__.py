@@ -27,6 +27,7 @@ from pathlib import Path
 import nats
 from prometheus_client.parser import text_string_to_metric_families
 
+import fleet_protocol as protocol
 from fleet_demo.nats_server import NatsServer, free_port, nats_server_binary, terminate, wait_for_port
 from fleet_protocol import __version__
 
@@ -52,11 +53,19 @@ class Sizes:
     push_seconds: float
     push_max: int
     poll: float  # seconds between polls of the accepted-messages counter
+    # Dynamo 1.x
+    v1_workers: int = 1000  # kv_metrics envelopes, beside the bare ceiling
+    kv_batches: int = 20_000  # kv-events messages of `kv_batch_blocks` stored + as many removed
+    kv_batch_blocks: int = 64
+    tracked_workers: int = 10_000  # 1.x workers with a load, a forward pass and one cached block
+    block_workers: int = 100  # ... then this many with `blocks_per_worker` cached blocks
+    blocks_per_worker: int = 10_000
 
 
 FULL = Sizes((100, 1000, 10_000), 200_000, 3, 10_000, 1000, 8.0, (100, 1000, 10_000), 5, 100_000, 10_000,
              1000, 20.0, 20_000, 0.05)
-QUICK = Sizes((10, 50), 2000, 2, 500, 20, 1.5, (10, 50), 2, 2000, 500, 50, 1.0, 200, 0.005)
+QUICK = Sizes((10, 50), 2000, 2, 500, 20, 1.5, (10, 50), 2, 2000, 500, 50, 1.0, 200, 0.005,
+              v1_workers=50, kv_batches=1000, tracked_workers=200, block_workers=5, blocks_per_worker=2000)
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -178,9 +187,9 @@ class AggregatorUnderTest:
 
 
 def publish_all(nats_url: str, workers: int, messages: int, rate: float = 0.0,
-                subject: str = payloads.SUBJECT) -> tuple[Child, float]:
+                subject: str = payloads.SUBJECT, kind: str = "load") -> tuple[Child, float]:
     publisher = Child("bench.publisher", nats_url, "--workers", str(workers), "--messages", str(messages),
-                      "--rate", str(rate), "--subject", subject)
+                      "--rate", str(rate), "--subject", subject, "--kind", kind)
     publisher.expect("ready")
     return publisher, publisher.go()
 
@@ -213,11 +222,12 @@ def percentile(values: list[float], q: float) -> float:
 CPU: dict[str, list[float]] = {"bare": [], "aggregator": []}  # CPU seconds per message, per ingest run
 
 
-def bare_ceiling(nats_url: str, workers: int, messages: int) -> float:
-    subscriber = Child("bench.counting_subscriber", nats_url, str(messages))
+def bare_ceiling(nats_url: str, workers: int, messages: int, kind: str = "load") -> float:
+    subject = payloads.BARE_EVENT_SUBJECT if kind == "active-load" else payloads.BARE_SUBJECT
+    subscriber = Child("bench.counting_subscriber", nats_url, str(messages), subject)
     try:
         subscriber.expect("ready")
-        publisher, started = publish_all(nats_url, workers, messages, subject=payloads.BARE_SUBJECT)
+        publisher, started = publish_all(nats_url, workers, messages, subject=subject, kind=kind)
         publisher.result()
         result = subscriber.result()
     finally:
@@ -232,10 +242,11 @@ LOST: list[float] = []  # messages the aggregator never received (NATS slow-cons
 
 
 def aggregator_ingest(nats_url: str, aggregator: AggregatorUnderTest, workers: int, messages: int,
-                      poll: float = 0.05) -> float:
+                      poll: float = 0.05, kind: str = "load") -> float:
     before = aggregator.accepted()
     cpu_before = aggregator.cpu_seconds()
-    publisher, started = publish_all(nats_url, workers, messages)
+    subject = payloads.EVENT_SUBJECT if kind == "active-load" else payloads.SUBJECT
+    publisher, started = publish_all(nats_url, workers, messages, subject=subject, kind=kind)
     finished, accepted = aggregator.wait_accepted(before + messages, poll=poll, stall=10.0)
     CPU["aggregator"].append((aggregator.cpu_seconds() - cpu_before) / max(1.0, accepted - before))
     publisher.result()
@@ -295,6 +306,113 @@ def populate(nats_url: str, aggregator: AggregatorUnderTest, workers: int, full:
     cpu = aggregator.cpu_seconds() - cpu_before
     publisher.result()
     return finished - started, cpu
+
+
+def publish_kind(nats_url: str, aggregator: AggregatorUnderTest, expected: int, *args: str) -> tuple[float, float]:
+    """Publish with `bench.publisher` `args`, wait for `expected` more accepted messages;
+    (seconds from go to the last accepted, aggregator CPU seconds meanwhile)."""
+    before = aggregator.accepted()
+    cpu_before = aggregator.cpu_seconds()
+    publisher = Child("bench.publisher", nats_url, *args)
+    publisher.expect("ready")
+    started = publisher.go()
+    finished, _ = aggregator.wait_accepted(before + expected, poll=0.01)
+    cpu = aggregator.cpu_seconds() - cpu_before
+    publisher.result()
+    return finished - started, cpu
+
+
+def dynamo_v1(url: str, sizes: Sizes) -> list[tuple[str, str, str]]:
+    """Dynamo 1.x rows: kv_metrics envelopes against the bare ceiling, kv-events block changes on the
+    aggregator's one core, and the memory a tracked worker and a tracked block take."""
+    rows = []
+    workers = sizes.v1_workers
+    aggregator = AggregatorUnderTest(url)
+    try:
+        bare, ours = [], []
+        for lst in CPU.values():
+            lst.clear()
+        for _ in range(sizes.repeats):
+            bare.append(bare_ceiling(url, workers, sizes.ingest_messages, kind="active-load"))
+            ours.append(aggregator_ingest(url, aggregator, workers, sizes.ingest_messages, sizes.poll,
+                                          kind="active-load"))
+        check_markers(aggregator, workers)
+    finally:
+        aggregator.stop()
+    ratio = Figure([o / b for o, b in zip(ours, bare, strict=True)])
+    bare_cpu, our_cpu = Figure(CPU["bare"]), Figure(CPU["aggregator"])
+    rows.append((f"bare nats-py ceiling, Dynamo 1.x kv_metrics envelopes, {workers:,} workers",
+                 Figure(bare).fmt(" msg/s"), f"CPU {bare_cpu.fmt(' µs', 1e6, 2)} per message"))
+    rows.append((f"aggregator ingest, Dynamo 1.x kv_metrics envelopes, {workers:,} workers", Figure(ours).fmt(" msg/s"),
+                 f"{ratio.fmt(' ', 100)}% of bare (target >= 85 %); "
+                 f"CPU {our_cpu.fmt(' µs', 1e6, 2)} per message".replace("  ", " ")))
+
+    # Block changes: each batch stores kv_batch_blocks new blocks and removes as many (a steady cache).
+    aggregator = AggregatorUnderTest(url)
+    try:
+        rates, per_core = [], []
+        changes = 2 * sizes.kv_batch_blocks * sizes.kv_batches
+        for repeat in range(sizes.repeats):
+            seconds, cpu = publish_kind(url, aggregator, sizes.kv_batches, "--kind", "kv-events", "--workers",
+                                        str(workers), "--messages", str(sizes.kv_batches), "--blocks",
+                                        str(sizes.kv_batch_blocks), "--first-id", str(repeat * workers))
+            rates.append(changes / seconds)
+            per_core.append(changes / max(cpu, 1 / os.sysconf("SC_CLK_TCK")))  # at least one tick
+    finally:
+        aggregator.stop()
+    rows.append((f"Dynamo 1.x kv-events block changes per CPU second of the aggregator ({sizes.kv_batch_blocks} "
+                 f"stored + {sizes.kv_batch_blocks} removed a message, {workers:,} workers)",
+                 Figure(per_core).fmt(" changes/s"), f"wall clock {Figure(rates).fmt(' changes/s')}"))
+
+    # Memory: first workers with one cached block each, then a few with many.
+    limit = str(sizes.block_workers * sizes.blocks_per_worker * 2)
+    aggregator = AggregatorUnderTest(url, "--max-cached-blocks", limit, "--max-cached-blocks-per-worker", limit)
+    try:
+        base = aggregator.rss_kib()
+        publish_kind(url, aggregator, 3 * sizes.tracked_workers, "--kind", "tracked", "--workers",
+                     str(sizes.tracked_workers), "--messages", "0", "--blocks", "1")
+        with_workers = aggregator.rss_kib()
+        batches = -(-sizes.blocks_per_worker // 1000)
+        publish_kind(url, aggregator, (2 + batches) * sizes.block_workers, "--kind", "tracked", "--workers",
+                     str(sizes.block_workers), "--messages", "0", "--blocks", str(sizes.blocks_per_worker),
+                     "--first-id", str(sizes.tracked_workers))
+        with_blocks = aggregator.rss_kib()
+    finally:
+        aggregator.stop()
+    per_worker = (with_workers - base) * 1024 / sizes.tracked_workers
+    blocks = sizes.block_workers * sizes.blocks_per_worker
+    per_block = ((with_blocks - with_workers) * 1024 - per_worker * sizes.block_workers) / blocks
+    rows.append((f"RSS per tracked Dynamo 1.x worker ({sizes.tracked_workers:,} live: load, forward passes, "
+                 "one cached block)", f"{per_worker:,.0f} bytes", f"baseline {base / 1024:.1f} MiB"))
+    rows.append((f"RSS per tracked KV block ({sizes.block_workers:,} workers x {sizes.blocks_per_worker:,} blocks)",
+                 f"{per_block:,.0f} bytes", f"in-process (tracemalloc): {block_bytes_in_process():,.0f} bytes"))
+    return rows
+
+
+def block_bytes_in_process(blocks: int = 100_000) -> float:
+    """Bytes one tracked block takes in the aggregator's state (its hash and its set slot), measured with
+    tracemalloc along the real path: kv-events payloads decoded, then applied."""
+    import random
+    import tracemalloc
+
+    from aggregator.state.kv_cache import CachedBlocks, KvBlockBudget
+
+    payloads_ = [protocol.encode_kv_events([protocol.RouterEvent(worker_id=1, event=protocol.KvCacheEvent(
+        1 + i, protocol.KvEventData(stored=protocol.KvStored(None, None, [
+            protocol.StoredBlock(random.getrandbits(64), 0) for _ in range(1000)])), 0))])
+        for i in range(blocks // 1000)]
+    budget = KvBlockBudget(blocks, blocks)
+    cached = CachedBlocks()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for payload in payloads_:
+            for event in protocol.decode_kv_events(payload, 1 << 20):
+                cached.apply(budget, 1, "device", event.event)
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    return (after - before) / blocks
 
 
 def scrape_cost(aggregator: AggregatorUnderTest, repeats: int) -> dict:
@@ -414,6 +532,9 @@ def run(sizes: Sizes, output: Path) -> str:
                          f"CPU {our_cpu.fmt(' µs', 1e6, 2)} per message".replace("  ", " ")))
             if workers == 1000 or workers == sizes.ingest_workers[-1]:
                 ingest_1k = Figure(ours)
+
+        # 2b: Dynamo 1.x
+        rows += dynamo_v1(url, sizes)
 
         # 3: freshness
         aggregator = AggregatorUnderTest(url)

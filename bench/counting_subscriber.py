@@ -1,4 +1,4 @@
-"""The bare nats-py ceiling: a subscriber that only counts (`python -m bench.counting_subscriber URL N`)."""
+"""The bare nats-py ceiling: a subscriber that only counts (`python -m bench.counting_subscriber URL N [SUBJECT]`)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def _cpu_seconds() -> float:
 
 async def main() -> None:
     url, expected = sys.argv[1], int(sys.argv[2])
+    subject = sys.argv[3] if len(sys.argv) > 3 else BARE_SUBJECT
     done = asyncio.Event()
     count = 0
     first = last = 0.0
@@ -36,7 +37,7 @@ async def main() -> None:
             done.set()
 
     nc = await nats.connect(url)
-    await nc.subscribe(BARE_SUBJECT, cb=on_message, pending_msgs_limit=2_000_000, pending_bytes_limit=0)
+    await nc.subscribe(subject, cb=on_message, pending_msgs_limit=2_000_000, pending_bytes_limit=0)
     await settle(nc)  # the server has the subscription before "ready"
     print("ready", flush=True)
     cpu_ready = _cpu_seconds()

@@ -89,3 +89,76 @@ def full_worker_messages(workers: int, first: int = 0) -> list[tuple[str, bytes]
         out.append((subject[protocol.COMPONENT_METRICS], protocol.encode(protocol.MetricsSnapshot(
             worker_id=worker_id, families=families))))
     return out
+
+
+# Dynamo 1.x: envelopes on the event plane ------------------------------------------------------
+
+EVENT_SUBJECT = protocol.endpoint_event_subject("dynamo", "backend", "generate", protocol.KV_METRICS_TOPIC)
+KV_EVENTS_SUBJECT = protocol.endpoint_event_subject("dynamo", "backend", "generate", protocol.KV_EVENTS_TOPIC)
+FPM_SUBJECT = protocol.endpoint_event_subject("dynamo", "backend", "generate", protocol.FORWARD_PASS_METRICS_TOPIC)
+# Same length as EVENT_SUBJECT, on a namespace no aggregator listens to (see BARE_SUBJECT).
+BARE_EVENT_SUBJECT = protocol.endpoint_event_subject("barens", "backend", "generate", protocol.KV_METRICS_TOPIC)
+PUBLISHER_BASE = 1 << 40  # publisher ids: one per worker and topic, below 2**53 as Dynamo's
+
+
+def envelope(topic: str, publisher: int, sequence: int, payload: bytes) -> bytes:
+    return protocol.encode_envelope(protocol.EventEnvelope(publisher, sequence, 1_700_000_000_000, topic, payload))
+
+
+def active_load_round_robin(workers: int, messages: int, marker: int, first: int = 0) -> list[bytes]:
+    """`round_robin` as a 1.6.1 worker sends it: ActiveLoad in an envelope, each worker its own publisher and
+    sequence; each worker's last one has kv_used_blocks = `marker`."""
+    sequences = [0] * workers
+
+    def one(index: int, used: int) -> bytes:
+        worker = first + index
+        sequence = sequences[index]
+        sequences[index] += 1
+        load = protocol.ActiveLoad(WORKER_ID_BASE + worker, 0, used // 2, None, used)
+        return envelope(protocol.KV_METRICS_TOPIC, PUBLISHER_BASE + worker, sequence, protocol.encode_active_load(load))
+
+    out = [one(i % workers, (100, 200, 300)[(i // workers) % 3]) for i in range(messages - workers)]
+    out += [one(index, marker) for index in range(workers)]
+    return out
+
+
+def kv_event_batches(workers: int, batches: int, blocks: int, first: int = 0) -> list[bytes]:
+    """`batches` kv-events messages cycling over `workers`: each stores `blocks` new blocks and, from a
+    worker's second batch on, removes the `blocks` stored before (2 x blocks changes a batch, a steady cache)."""
+    out = []
+    for i in range(batches):
+        index = i % workers
+        round_ = i // workers
+        worker = WORKER_ID_BASE + first + index
+        base = round_ * blocks
+        events = [protocol.RouterEvent(worker_id=worker, event=protocol.KvCacheEvent(
+            2 * round_ + 1, protocol.KvEventData(stored=protocol.KvStored(None, None, [
+                protocol.StoredBlock(base + b, base + b) for b in range(blocks)])), 0))]
+        if round_:
+            events.append(protocol.RouterEvent(worker_id=worker, event=protocol.KvCacheEvent(
+                2 * round_ + 2, protocol.KvEventData(removed=protocol.KvRemoved(
+                    list(range(base - blocks, base)))), 0)))
+        out.append(envelope(protocol.KV_EVENTS_TOPIC, PUBLISHER_BASE + 2**20 + first + index, round_,
+                            protocol.encode_kv_events(events)))
+    return out
+
+
+def tracked_worker_messages(workers: int, blocks: int, first: int = 0) -> list[tuple[str, bytes]]:
+    """What a 1.x worker sends once it ran: its load, a forward pass, and `blocks` cached blocks (in batches)."""
+    out = []
+    per_batch = 1000
+    for w in range(first, first + workers):
+        worker = WORKER_ID_BASE + w
+        out.append((EVENT_SUBJECT, envelope(protocol.KV_METRICS_TOPIC, PUBLISHER_BASE + w, 0, protocol.encode_active_load(
+            protocol.ActiveLoad(worker, 0, 10, None, 20)))))
+        out.append((FPM_SUBJECT, envelope(protocol.FORWARD_PASS_METRICS_TOPIC, PUBLISHER_BASE + 2**21 + w, 0,
+                                          protocol.encode_forward_pass_v1(protocol.ForwardPassMetricsV1(
+                                              version=1, worker_id=str(worker), counter_id=1, wall_time=0.02)))))
+        for batch, start in enumerate(range(0, max(blocks, 1), per_batch)):
+            hashes = range(start, min(start + per_batch, blocks)) if blocks else range(0)
+            events = [protocol.RouterEvent(worker_id=worker, event=protocol.KvCacheEvent(
+                batch + 1, protocol.KvEventData(stored=protocol.KvStored(None, None, [
+                    protocol.StoredBlock(w * 2**32 + h, h) for h in hashes])), 0))]
+            out.append((KV_EVENTS_SUBJECT, envelope(protocol.KV_EVENTS_TOPIC, PUBLISHER_BASE + 2**20 + w, batch,
+                                                    protocol.encode_kv_events(events))))
+    return out

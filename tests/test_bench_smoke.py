@@ -24,7 +24,9 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     for prefix in ("bare nats-py ceiling", "aggregator ingest", "freshness", "/metrics text", "/metrics openmetrics",
                    "ingest during back-to-back scrapes", "ingest of full workers", "RSS per live worker", "RSS after",
                    "Pushgateway pushes/s",
-                   "Pushgateway /metrics"):
+                   "Pushgateway /metrics", "bare nats-py ceiling, Dynamo 1.x kv_metrics envelopes",
+                   "aggregator ingest, Dynamo 1.x kv_metrics envelopes", "Dynamo 1.x kv-events block changes",
+                   "RSS per tracked Dynamo 1.x worker", "RSS per tracked KV block"):
         assert any(m.startswith(prefix) for m in measures), (prefix, measures)
     assert "x the Pushgateway's time" in output.read_text()
     assert " per message" in output.read_text() and "in the aggregator" in output.read_text()

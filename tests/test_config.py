@@ -258,6 +258,8 @@ def given(tmp_path):
         "--max-message-bytes": ("1024", 1024),
         "--max-workers": ("7", 7),
         "--max-groups": ("8", 8),
+        "--max-cached-blocks-per-worker": ("100", 100),
+        "--max-cached-blocks": ("1000", 1000),
         "--pending-msgs-limit": ("9", 9),
         "--poll-interval": ("2.5", 2.5),
         "--scrape-timeout": ("0.25", 0.25),
@@ -383,7 +385,8 @@ def test_the_aggregator_uses_every_section_of_its_config(tmp_path):
         nats=NatsConfig(urls=("nats://127.0.0.1:1", "nats://127.0.0.1:2"), ping_interval=1.5,
                         pending_msgs_limit=11, pending_bytes_limit=2048),
         http=HttpConfig(host="127.0.0.1", port=0),
-        limits=LimitsConfig(stale_after=30.0, max_message_bytes=1024, max_workers=7, max_groups=8),
+        limits=LimitsConfig(stale_after=30.0, max_message_bytes=1024, max_workers=7, max_groups=8,
+                            max_cached_blocks_per_worker=5, max_cached_blocks=9),
         journal=JournalConfig("hits", snapshot_path=str(tmp_path / "hits.json"), snapshot_interval=2.0,
                               stream_max_age=120.0),
         pull=PullConfig((ScrapeTarget("prefill", "generate"),), poll_interval=3.0, scrape_timeout=0.5),
@@ -393,6 +396,7 @@ def test_the_aggregator_uses_every_section_of_its_config(tmp_path):
     assert aggregator.config is config
     assert (aggregator.fleet.stale_after, aggregator.fleet.max_workers, aggregator.fleet.max_groups,
             aggregator.fleet.default_endpoint) == (30.0, 7, 8, "chat")
+    assert (aggregator.fleet.kv_blocks.max_per_worker, aggregator.fleet.kv_blocks.max_total) == (5, 9)
     assert (aggregator.ingest.namespace, aggregator.ingest.default_component,
             aggregator.ingest.max_message_bytes) == ("ns", "decode", 1024)
     subscriber = aggregator.subscriber

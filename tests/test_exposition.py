@@ -98,7 +98,8 @@ def test_worker_and_group_series(stack, openmetrics):
     assert values(fams, "llm_fleet_kv_hit_rate_percent") == {group: pytest.approx(100 * 8 / 12)}
     received = {s.labels["kind"]: s.value for s in fams["llm_aggregator_messages_received"].samples
                 if s.name == "llm_aggregator_messages_received_total"}
-    assert received == {"kv_metrics": 2, "kv_hit_rate": 1, "gpu_metrics": 0, "component_metrics": 0}
+    assert received == {"kv_metrics": 2, "kv_hit_rate": 1, "gpu_metrics": 0, "component_metrics": 0,
+                        "active_load": 0, "forward_pass_metrics": 0, "kv_events": 0}
 
 
 def test_zero_live_workers_export_a_zero_count_and_no_load(stack):

@@ -45,8 +45,8 @@ def exported(registry: CollectorRegistry, name: str) -> dict[tuple, float]:
 
 
 def test_every_reason_is_listed_once_with_a_line_saying_what_it_is():
-    groups = (rejects.WIRE, rejects.WORKER_LIMITS, rejects.COMPONENT_METRICS, rejects.STATS_ENDPOINT,
-              rejects.STATS_REQUEST)
+    groups = (rejects.WIRE, rejects.EVENT_WIRE, rejects.WORKER_LIMITS, rejects.COMPONENT_METRICS,
+              rejects.STATS_ENDPOINT, rejects.STATS_REQUEST)
     listed = [reason for group in groups for reason in group]
     assert len(listed) == len(set(listed)) == len(rejects.DESCRIPTIONS)
     assert set(listed) == set(rejects.DESCRIPTIONS)
@@ -54,6 +54,7 @@ def test_every_reason_is_listed_once_with_a_line_saying_what_it_is():
         assert description.strip() and "\n" not in description, reason
     # The wire reasons are the protocol's own objects, not copies of its strings.
     assert rejects.WIRE == protocol.REJECT_REASONS
+    assert set(rejects.WIRE + rejects.EVENT_WIRE) == set(protocol.REJECT_REASONS + protocol.EVENT_REJECT_REASONS)
     assert rejects.OVERSIZED is errors.OVERSIZED and rejects.INCONSISTENT is errors.INCONSISTENT
     for name in ("NOT_EXPOSITION", "BAD_NAME", "RESERVED_NAME", "BAD_FAMILY", "SERIES_LIMIT"):
         assert getattr(component_snapshots, name) is getattr(rejects, name)
@@ -68,6 +69,8 @@ def test_every_routed_kind_is_exported_at_zero_for_every_reason_it_can_have():
     rejected = exported(registry, "llm_aggregator_messages_rejected_total")
     expected = {kind: pipeline.BASE_REASONS for kind in (pipeline.LOAD, pipeline.HIT_RATE, pipeline.GPU)}
     expected[pipeline.COMPONENT_METRICS] = (*pipeline.BASE_REASONS, *rejects.COMPONENT_METRICS)
+    for kind in (pipeline.ACTIVE_LOAD, pipeline.FORWARD_PASS, pipeline.KV_EVENTS):  # Dynamo 1.x's event plane
+        expected[kind] = (*pipeline.BASE_REASONS, protocol.NOT_MSGPACK)
     assert rejected == {(("kind", kind), ("reason", reason)): 0 for kind, reasons in expected.items()
                         for reason in reasons}
     assert exported(registry, "llm_aggregator_messages_received_total") == {

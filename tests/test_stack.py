@@ -330,7 +330,7 @@ def test_dashboard_structure():
     (datasource,) = load_yaml(DATASOURCES)["datasources"]
     provisioned = {"type": datasource["type"], "uid": datasource["uid"]}
     boards = dashboards()
-    assert set(boards) == {"llm-fleet.json", "gpus.json", "components.json", "aggregator.json"}
+    assert set(boards) == {"llm-fleet.json", "gpus.json", "components.json", "aggregator.json", "dynamo-v1.json"}
     uids = [board["uid"] for board in boards.values()]
     assert len(set(uids)) == len(uids)
     assert len({board["title"] for board in boards.values()}) == len(boards)
@@ -448,6 +448,9 @@ def stack():
         # A second component whose workers stop after 4 s: expiries are real, not absent.
         started.append(mock_worker(nats.url, "--component", "prefill", "--endpoint", "prefill", "--workers", "2",
                                    "--interval", "0.5", "--duration", "4"))
+        # Dynamo 1.x workers on the event plane (the mock workers speak the legacy JSON), for the 1.x panels.
+        started.append(Process([sys.executable, "-m", "tests.dynamo1_publisher", nats.url, "--workers", "2",
+                                "--interval", "0.5"]))
         prometheus_port = free_port()
         config = rewrite(load_yaml(DEPLOY / "prometheus.yml"), {
             "aggregator:9091": f"127.0.0.1:{aggregator.port}",
@@ -559,7 +562,8 @@ def dashboard_failures(api: Prometheus, board: dict) -> list[str]:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("name", ["llm-fleet.json", "aggregator.json", "gpus.json", "components.json"])
+@pytest.mark.parametrize("name", ["llm-fleet.json", "aggregator.json", "gpus.json", "components.json",
+                                  "dynamo-v1.json"])
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(stack, name):
     api, board = stack["api"], dashboards()[name]
     deadline = stack["started"] + DEADLINE_S

@@ -35,13 +35,17 @@ WORKER_LABELS = ["component", "endpoint", "worker_id", "dp_rank"]
 GROUP_LABELS = ["component", "endpoint"]
 
 # (name, help, field of ForwardPassMetrics); None values are omitted, never exported as 0.
+# The first five also come from Dynamo 1.x sources (`_v1_values`) for workers that send no legacy load.
 _LOAD_GAUGES: list[tuple[str, str, str]] = [
-    ("llm_kv_blocks_active", "Active KV cache blocks", "kv_stats.kv_active_blocks"),
-    ("llm_kv_blocks_total", "Total KV cache blocks", "kv_stats.kv_total_blocks"),
-    ("llm_requests_active_slots", "Active request slots", "worker_stats.request_active_slots"),
-    ("llm_requests_total_slots", "Total request slots", "worker_stats.request_total_slots"),
-    ("llm_requests_waiting", "Requests waiting for a slot, as the worker reports",
-     "worker_stats.num_requests_waiting"),
+    ("llm_kv_blocks_active", "Active KV cache blocks (Dynamo 1.x: kv_used_blocks)", "kv_stats.kv_active_blocks"),
+    ("llm_kv_blocks_total", "Total KV cache blocks (Dynamo 1.x: the model card's total_kv_blocks)",
+     "kv_stats.kv_total_blocks"),
+    ("llm_requests_active_slots", "Active request slots (Dynamo 1.x: requests running in the last forward pass)",
+     "worker_stats.request_active_slots"),
+    ("llm_requests_total_slots", "Total request slots (Dynamo 1.x: the model card's max_num_seqs)",
+     "worker_stats.request_total_slots"),
+    ("llm_requests_waiting", "Requests waiting for a slot, as the worker reports (Dynamo 1.x: queued and preempted "
+     "requests of the last forward pass)", "worker_stats.num_requests_waiting"),
     ("llm_gpu_cache_usage_ratio", "KV cache usage (0..1), as the worker reports (gpu_cache_usage_perc)",
      "kv_stats.gpu_cache_usage_perc"),
     ("llm_gpu_prefix_cache_hit_ratio", ("Prefix cache hit rate (0..1), as the worker reports "
@@ -109,9 +113,10 @@ class FleetCollector(Collector):
         # One row of values per worker, transposed into one column per family.
         columns = zip(*(_load_values(metrics) for _, metrics in loaded)) if loaded else ((),) * len(_LOAD_GAUGES)
         worker_labels = [labels for labels, _ in loaded]
+        v1 = _v1_values([(labels, state) for labels, state in rows if state.load is None])
         for (name, doc, _), column in zip(_LOAD_GAUGES, columns):
             values = [(labels, value) for labels, value in zip(worker_labels, column) if value is not None]
-            yield _chunked(name, doc, "gauge", name, values)
+            yield _chunked(name, doc, "gauge", name, values + v1.get(name, []))
         counted = [(labels, state.isl_blocks, state.overlap_blocks) for labels, state in rows
                    if state.isl_blocks or state.overlap_blocks]
         rates = [(labels, rate) for labels, isl, overlap in counted
@@ -129,13 +134,15 @@ class FleetCollector(Collector):
                        [(labels, state.last_seen + offset) for labels, state in rows])
 
     def _group_families(self) -> Iterator[Metric]:
-        live = GaugeMetricFamily("llm_workers", "Live workers (seen within --stale-after)", labels=GROUP_LABELS)
+        live = GaugeMetricFamily("llm_workers", "Live workers (seen within --stale-after, or registered in discovery)",
+                                 labels=GROUP_LABELS)
         avg = GaugeMetricFamily(
-            "llm_load_avg", "Average load (kv_active_blocks) across live workers", labels=GROUP_LABELS
+            "llm_load_avg", "Average load (kv_active_blocks; Dynamo 1.x: kv_used_blocks) across live workers",
+            labels=GROUP_LABELS
         )
         std = GaugeMetricFamily(
             "llm_load_std",
-            "Population standard deviation of load (kv_active_blocks) across live workers",
+            "Population standard deviation of load (kv_active_blocks; Dynamo 1.x: kv_used_blocks) across live workers",
             labels=GROUP_LABELS,
         )
         fleet_rate = GaugeMetricFamily(
@@ -152,6 +159,10 @@ class FleetCollector(Collector):
         expired = CounterMetricFamily(
             "llm_workers_expired", "Workers dropped after --stale-after seconds of silence", labels=GROUP_LABELS
         )
+        deregistered = CounterMetricFamily(
+            "llm_workers_deregistered", "Workers dropped at once because their discovery instance entry went away",
+            labels=GROUP_LABELS,
+        )
         for stats in self.fleet.group_stats():
             labels = [stats.key.component, stats.key.endpoint]
             live.add_metric(labels, stats.live_workers)
@@ -163,7 +174,8 @@ class FleetCollector(Collector):
             fleet_isl.add_metric(labels, stats.totals.isl_blocks)
             fleet_overlap.add_metric(labels, stats.totals.overlap_blocks)
             expired.add_metric(labels, stats.totals.expired)
-        yield from (live, avg, std, fleet_rate, fleet_isl, fleet_overlap, expired)
+            deregistered.add_metric(labels, stats.totals.deregistered)
+        yield from (live, avg, std, fleet_rate, fleet_isl, fleet_overlap, expired, deregistered)
 
     def describe(self) -> Iterator[Metric]:
         return iter(_described())
@@ -173,6 +185,25 @@ class FleetCollector(Collector):
 def _described() -> tuple[Metric, ...]:
     # The families of an empty fleet: every name this collector yields, without samples.
     return tuple(FleetCollector(Fleet(stale_after=1.0)).collect())
+
+
+def _v1_values(rows: list[tuple[RenderedLabels, WorkerState]]) -> dict[str, list[tuple[RenderedLabels, float]]]:
+    """The shared gauges' values of workers without legacy load, from their Dynamo 1.x sources."""
+    out: dict[str, list[tuple[RenderedLabels, float]]] = {}
+    if not rows:
+        return out
+    out["llm_kv_blocks_active"] = [(labels, load.kv_used_blocks) for labels, state in rows
+                                   if (load := state.active_load) is not None and load.kv_used_blocks is not None]
+    passes = [(labels, state.forward_passes) for labels, state in rows
+              if state.forward_passes is not None and state.forward_passes.latest is not None]
+    out["llm_requests_active_slots"] = [(labels, fp.running) for labels, fp in passes]
+    out["llm_requests_waiting"] = [(labels, fp.waiting) for labels, fp in passes]
+    capacities = [(labels, state.capacity) for labels, state in rows if state.capacity is not None]
+    out["llm_kv_blocks_total"] = [(labels, c.total_kv_blocks) for labels, c in capacities
+                                  if c.total_kv_blocks is not None]
+    out["llm_requests_total_slots"] = [(labels, c.max_num_seqs) for labels, c in capacities
+                                       if c.max_num_seqs is not None]
+    return out
 
 
 def _chunked(name: str, doc: str, typ: str, sample_name: str, rows: list[tuple[RenderedLabels, float]]) -> Metric:

@@ -6,7 +6,9 @@ every instance of the service answers once, and replies are read as they arrive 
 reply becomes a `LoadEvent` handed to ingest (source "pull") and applied through
 `Fleet.observe_load`, exactly as a pushed `kv_metrics` message is, so expiry and every
 `llm_*` series treat pushed and pulled workers alike; a bad entry is rejected there too,
-and counted per service. A worker that stops answering simply stops being refreshed and
+and counted per service. A Dynamo 1.x entry (no data, the framework's counters) goes to
+`Fleet.observe_service_stats` (`llm_worker_requests_total` and its siblings) and keeps its
+worker alive as well. A worker that stops answering simply stops being refreshed and
 expires after `--stale-after`.
 
 Nothing here raises out of the polling loop: a failed request, a silent service or a
@@ -25,8 +27,8 @@ from nats.aio.client import Client
 
 from aggregator import rejects
 from aggregator.collectors.telemetry import StatsScrapeTelemetry
-from aggregator.ingest.pipeline import LOAD, PULL, Feed, Ingest
-from aggregator.ingest.stats_replies import ServicePlan, read_stats_reply
+from aggregator.ingest.pipeline import LOAD, PULL, SERVICE_STATS, Feed, Ingest
+from aggregator.ingest.stats_replies import EndpointCounters, ServicePlan, read_stats_reply
 from aggregator.state.fleet import Fleet
 from fleet_protocol import LoadEvent, MessageRejected
 
@@ -145,3 +147,9 @@ class StatsScraper:
         for item in reading.readings:
             event = LoadEvent(worker_id=item.worker_id, data=item.metrics, endpoint=item.endpoint)
             feed.take(LOAD, item.subject, Fleet.observe_load, item.component, event)
+        for counters in reading.counters:
+            feed.take(SERVICE_STATS, counters.subject, _observe_counters, counters.component, counters)
+
+
+def _observe_counters(fleet: Fleet, component: str, counters: EndpointCounters, now: float) -> None:
+    fleet.observe_service_stats(component, counters.endpoint, counters.worker_id, counters.stats, now)

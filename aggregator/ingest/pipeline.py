@@ -1,7 +1,7 @@
 """The one way into the fleet state: every source hands over what it decoded, or why it could not.
 
-Sources are edges (core NATS, pull mode, the JetStream journal; the Dynamo event plane and
-discovery next); each owns its transport and nothing else. What follows is the same for all
+Sources are edges (core NATS, pull mode, the JetStream journal, Dynamo's discovery store);
+each owns its transport and nothing else. What follows is the same for all
 and happens here: apply to the fleet with a fleet method, count (per source and kind:
 received, accepted, rejected by reason; state/ingest_counts.py), and log a reject with its
 subject, rate-limited (the `rate_limit` key, see fleet_runtime.logs.RateLimit). Bad input
@@ -17,6 +17,13 @@ A new source is a decoder, a fleet method and a feed: for example
 `ingest.add_decoder(EVENT, "kind", protocol.decode_x, Fleet.observe_x)` then
 `ingest.subject_feed("zmq").handle_subject(topic, payload)`.
 
+Dynamo 1.x's event plane has routes of its own (`add_event_topic`), on
+`namespace.{ns}.component.*.endpoint.*.{topic}`: the subject's tokens, percent-decoded, are
+the component and endpoint labels; the payload is an `EventEnvelope` (MessagePack) whose
+`publisher_id` and `sequence` are tracked for lost events and publisher starts
+(state/event_publishers.py) before the topic's own payload inside it is decoded and applied
+with `observe(fleet, component, endpoint, publisher_id, item, now)`.
+
 No I/O here: the whole path from bytes to state is tested and benchmarked without a server.
 """
 
@@ -26,12 +33,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
 import fleet_protocol as protocol
 from aggregator import rejects
+from aggregator.state.event_publishers import EventPublishers, StreamCounts, StreamKey
 from aggregator.state.fleet import Fleet, LimitExceeded
 from aggregator.state.ingest_counts import IngestCounts, KindCounts, Outcomes, Tally
 
@@ -47,15 +55,23 @@ LOAD = "kv_metrics"
 HIT_RATE = "kv_hit_rate"
 GPU = "gpu_metrics"
 COMPONENT_METRICS = "component_metrics"
+# Dynamo 1.x's event plane (`kv_metrics` is the legacy JSON kind, so its 1.x topic is named for its payload).
+ACTIVE_LOAD = "active_load"
+FORWARD_PASS = "forward_pass_metrics"
+KV_EVENTS = "kv_events"
+SERVICE_STATS = "service_stats"  # a 1.x `$SRV.STATS` entry: request counters, no load
 
 # What every kind can be rejected for: a bad payload, or a new worker past a limit.
 BASE_REASONS = (*rejects.WIRE, *rejects.WORKER_LIMITS)
+EVENT_REASONS = (*BASE_REASONS, *rejects.EVENT_WIRE)
 
 Decode = Callable[[bytes, int], Any]  # (payload, max_bytes) -> item; raises MessageRejected
 # (fleet, component, item, now): a Fleet method; raises MessageRejected or LimitExceeded.
 Observe = Callable[[Fleet, str, Any, float], Any]
 # (fleet, component, payload, now): decodes and applies; returns the (reason, detail) of parts it dropped.
 Apply = Callable[[Fleet, str, bytes, float], "list[tuple[str, str]] | None"]
+# (fleet, component, endpoint, publisher_id, item, now): a Fleet method for an event-plane payload.
+EventObserve = Callable[[Fleet, str, str, int, Any, float], Any]
 
 _LIMIT_DETAIL = "cardinality limit reached; new worker refused"
 
@@ -68,10 +84,11 @@ def _payload(payload: bytes, max_bytes: int) -> bytes:
 class _RouteSpec:
     kind: str
     decode: Decode
-    observe: Observe
+    observe: Observe | EventObserve
     component: str | None  # fixed component for namespace-level subjects, else from the subject
     partial: bool  # observe returns the (reason, detail) of parts it dropped while using the rest
     reasons: tuple[str, ...]
+    topic: str | None = None  # an event-plane topic: the payload is an envelope, observe an EventObserve
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +97,22 @@ class Route:
 
     kind: str
     decode: Decode
-    observe: Observe
+    observe: Callable[..., Any]  # an Observe, or an EventObserve where `topic` is set
     component: str | None
     partial: bool
     max_bytes: int
     counts: KindCounts
     received: Tally  # counts.received and counts.accepted, one lookup closer for the hot path
     accepted: Tally
+    topic: str | None = None
+
+
+class _EventScope(NamedTuple):
+    """What an event-plane subject says: its decoded component and endpoint, its stream's counts."""
+
+    component: str
+    endpoint: str
+    counts: StreamCounts | None
 
 
 class Feed:
@@ -145,16 +171,21 @@ class SubjectFeed(Feed):
         self._namespace = ingest.namespace
         self._components: dict[str, str | None] = {}
         self._patterns: dict[str, str | None] = {}
+        self._scopes: dict[str, _EventScope] = {}
+        self._publishers = ingest.event_publishers
 
     def _add(self, pattern: str, spec: _RouteSpec) -> None:
         counts = self.ingest.counts.of(self.source, spec.kind, spec.reasons)
         self._outcomes[spec.kind] = counts
         self.routes[pattern] = Route(spec.kind, spec.decode, spec.observe, spec.component, spec.partial,
-                                     self.ingest.max_message_bytes, counts, counts.received, counts.accepted)
+                                     self.ingest.max_message_bytes, counts, counts.received, counts.accepted,
+                                     spec.topic)
 
     def handle(self, pattern: str, subject: str, payload: bytes) -> bool:
         """Apply one message received on a subscription to `pattern`; True if it was used."""
         route = self.routes[pattern]
+        if route.topic is not None:
+            return self._handle_event(route, subject, payload)
         route.received.value += 1
         component = route.component or self._component_of(subject)
         try:
@@ -172,6 +203,44 @@ class SubjectFeed(Feed):
             for reason, detail in result or ():
                 self._rejected(route.counts, route.kind, reason, subject, detail)
         return True
+
+    def _handle_event(self, route: Route, subject: str, payload: bytes) -> bool:
+        """`handle` for an event-plane route: the envelope, its publisher's sequence, then the payload."""
+        route.received.value += 1
+        try:
+            scope = self._scopes.get(subject)
+            if scope is None:
+                scope = self._event_scope(subject, route.topic)
+            envelope = protocol.decode_envelope(payload, route.max_bytes)
+            if envelope.topic != route.topic:
+                raise protocol.MessageRejected(protocol.INCONSISTENT, f"envelope of topic {envelope.topic[:64]!r} "
+                                                                      f"on a {route.topic} subject")
+            self._publishers.observe(scope.counts, envelope.publisher_id, envelope.sequence)
+            result = route.observe(self._fleet, scope.component, scope.endpoint, envelope.publisher_id,
+                                   route.decode(envelope.payload, route.max_bytes), self._clock())
+        except protocol.MessageRejected as error:
+            self._rejected(route.counts, route.kind, error.reason, subject, error.detail)
+            return False
+        except LimitExceeded as error:
+            self._rejected(route.counts, route.kind, error.reason, subject, _LIMIT_DETAIL)
+            return False
+        route.accepted.value += 1
+        if route.partial:
+            for reason, detail in result or ():
+                self._rejected(route.counts, route.kind, reason, subject, detail)
+        return True
+
+    def _event_scope(self, subject: str, topic: str | None) -> _EventScope:
+        names = protocol.parse_event_subject(subject)  # raises MessageRejected for a token not percent-encoded
+        if names.endpoint is None or names.topic != topic or names.namespace != self.ingest.namespace:
+            raise protocol.MessageRejected(protocol.WRONG_TYPE, f"subject {subject[:256]!r} is not an endpoint's "
+                                                                f"{topic} in namespace {self.ingest.namespace!r}")
+        scope = _EventScope(names.component, names.endpoint,
+                            self._publishers.counts(StreamKey(names.component, names.endpoint, names.topic)))
+        # A fleet has few subjects: remember each one's names instead of decoding every time.
+        if len(self._scopes) < 100_000:
+            self._scopes[subject] = scope
+        return scope
 
     def handle_subject(self, subject: str, payload: bytes) -> bool:
         """`handle` for a source that knows the subject only (no subscription pattern)."""
@@ -193,10 +262,14 @@ class SubjectFeed(Feed):
         else:
             parts = subject.split(".")
             pattern = None
+            candidate = None
             if len(parts) == 5 and parts[:3] == ["namespace", self._namespace, "component"]:
                 candidate = protocol.component_subject(self._namespace, "*", parts[4])
-                if candidate in self.routes:
-                    pattern = candidate
+            elif (len(parts) == 7 and parts[0] == "namespace" and parts[2] == "component" and parts[4] == "endpoint"
+                  and parts[1] == protocol.encode_event_segment(self._namespace)):
+                candidate = f"namespace.{parts[1]}.component.*.endpoint.*.{parts[6]}"
+            if candidate is not None and candidate in self.routes:
+                pattern = candidate
         if len(self._patterns) < 100_000:
             self._patterns[subject] = pattern
         return pattern
@@ -230,6 +303,8 @@ class Ingest:
         self.default_component = default_component
         self.max_message_bytes = max_message_bytes
         self.clock = clock
+        # One per aggregator, whatever feed an envelope comes through (NATS now, ZMQ later).
+        self.event_publishers = EventPublishers(max_streams=3 * fleet.max_groups)
         self._specs: dict[str, _RouteSpec] = {}
         self._feeds: list[SubjectFeed] = []
         self.push = self.subject_feed(NATS)
@@ -240,6 +315,12 @@ class Ingest:
             (protocol.GPU_METRICS, GPU, protocol.decode_gpu_metrics, Fleet.observe_gpu),
         ):
             self.add_decoder(event, kind, decode, observe)
+        self.add_event_topic(protocol.KV_METRICS_TOPIC, ACTIVE_LOAD, protocol.decode_active_load,
+                             Fleet.observe_active_load)
+        self.add_event_topic(protocol.FORWARD_PASS_METRICS_TOPIC, FORWARD_PASS, protocol.decode_forward_pass_v1,
+                             Fleet.observe_forward_pass)
+        self.add_event_topic(protocol.KV_EVENTS_TOPIC, KV_EVENTS, protocol.decode_kv_events, Fleet.observe_kv_events,
+                             partial=True)
 
     @property
     def routes(self) -> dict[str, Route]:
@@ -260,14 +341,28 @@ class Ingest:
         in one, and returns the (reason, detail) of parts it dropped while using the rest."""
         self._add(event, _RouteSpec(kind, _payload, apply, None, True, (*BASE_REASONS, *reasons)))
 
+    def add_event_topic(self, topic: str, kind: str, decode: Decode, observe: EventObserve, *, partial: bool = False,
+                        reasons: Iterable[str] = ()) -> None:
+        """Route Dynamo 1.x's `namespace.{ns}.component.*.endpoint.*.{topic}` to
+        `observe(fleet, component, endpoint, publisher_id, decode(envelope.payload, max_message_bytes), now)`.
+
+        `partial`: observe returns the (reason, detail) of parts it dropped while using the rest.
+        `reasons`: rejects beyond EVENT_REASONS, counted from 0.
+        """
+        pattern = protocol.event_subject_pattern(self.namespace, topic)
+        self._register(pattern, _RouteSpec(kind, decode, observe, None, partial, (*EVENT_REASONS, *reasons), topic))
+
     def _add(self, event: str, spec: _RouteSpec) -> None:
         ns = self.namespace
         for pattern, component in ((protocol.namespace_subject(ns, event), self.default_component),
                                    (protocol.component_subject(ns, "*", event), None)):
-            self._specs[pattern] = route = _RouteSpec(spec.kind, spec.decode, spec.observe, component,
-                                                      spec.partial, spec.reasons)
-            for feed in self._feeds:
-                feed._add(pattern, route)
+            self._register(pattern, _RouteSpec(spec.kind, spec.decode, spec.observe, component, spec.partial,
+                                               spec.reasons))
+
+    def _register(self, pattern: str, spec: _RouteSpec) -> None:
+        self._specs[pattern] = spec
+        for feed in self._feeds:
+            feed._add(pattern, spec)
 
     def subject_feed(self, source: str) -> SubjectFeed:
         """A way in for raw messages on subjects, counted as `source`'s."""

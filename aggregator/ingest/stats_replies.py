@@ -6,6 +6,11 @@ named like the service, so its subject is `{service}.{endpoint}-{hex}`. A
 `$SRV.STATS.{service}` request is answered by every instance; each endpoint entry of a
 reply carries the worker's ForwardPassMetrics in `data`.
 
+Dynamo 1.x (request plane `nats`) answers too, but as a plain NATS micro service: no `data`,
+the entry named `{service}-{endpoint}-{hex}`, with the framework's counters (requests,
+errors, processing time in nanoseconds). Such an entry becomes an `EndpointCounters`; an
+entry without data that is not of that shape is still rejected as `no_data`.
+
 Where Dynamo's aggregator was wrong, this module is stricter:
 - the subject must be exactly `{service}.{endpoint}-{hex}` (Dynamo matched the prefix
   `{service}.{endpoint}`, so `generate2-…` was read as `generate`, with a garbage id);
@@ -20,11 +25,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import msgspec
+
 import fleet_protocol as protocol
 from aggregator.config import ScrapeTarget
 from aggregator.rejects import NO_DATA, NO_WORKER_ID
-from fleet_protocol import ForwardPassMetrics, MessageRejected
-from fleet_protocol.service_stats import parse_worker_id, service_name, stats_subject
+from fleet_protocol import EndpointStatsV1, ForwardPassMetrics, MessageRejected
+from fleet_protocol.service_stats import (
+    StatsEndpoint,
+    decode_endpoint_stats_v1,
+    parse_instance_endpoint_name,
+    parse_worker_id,
+    service_name,
+    stats_subject,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +104,17 @@ class EndpointReading:
 
 
 @dataclass(frozen=True, slots=True)
+class EndpointCounters:
+    """A Dynamo 1.x entry: the worker process's request counters."""
+
+    component: str
+    endpoint: str
+    worker_id: int
+    stats: EndpointStatsV1
+    subject: str
+
+
+@dataclass(frozen=True, slots=True)
 class EndpointReject:
     reason: str
     subject: str  # the endpoint's subject, or `endpoints[i]` when the entry has none
@@ -101,6 +126,7 @@ class ReplyReading:
     """What one instance's stats reply yields: a reading or a reject per wanted endpoint."""
 
     readings: list[EndpointReading] = field(default_factory=list)
+    counters: list[EndpointCounters] = field(default_factory=list)
     rejects: list[EndpointReject] = field(default_factory=list)
     ignored: int = 0  # endpoints of the service that no target asked for
 
@@ -117,7 +143,10 @@ def read_stats_reply(payload: bytes, plan: ServicePlan, max_bytes: int) -> Reply
             endpoint, worker_id = match_subject(entry.subject, plan)
             data = bytes(entry.data)
             if data == b"null":
-                raise MessageRejected(NO_DATA, "endpoint has no stats data")
+                stats = read_counters(raw, entry, plan, endpoint, worker_id)
+                component = plan.endpoints[endpoint]
+                reading.counters.append(EndpointCounters(component, endpoint, worker_id, stats, subject))
+                continue
             metrics = protocol.decode_forward_pass_metrics(data, max_bytes)
         except NotWanted:
             reading.ignored += 1
@@ -128,3 +157,12 @@ def read_stats_reply(payload: bytes, plan: ServicePlan, max_bytes: int) -> Reply
         component = plan.endpoints[endpoint]
         reading.readings.append(EndpointReading(component, endpoint, worker_id, metrics, subject))
     return reading
+
+
+def read_counters(raw: msgspec.Raw, entry: StatsEndpoint, plan: ServicePlan, endpoint: str, worker_id: int
+                  ) -> EndpointStatsV1:
+    """The counters of an entry without data, if it is a Dynamo 1.x one (named for the same endpoint and
+    worker as its subject); else MessageRejected(no_data), as for a 0.x worker without a stats handler."""
+    if parse_instance_endpoint_name(entry.name or "", plan.service) != (endpoint, worker_id):
+        raise MessageRejected(NO_DATA, "endpoint has no stats data")
+    return decode_endpoint_stats_v1(raw)

@@ -8,6 +8,12 @@ them go together, so a live worker's counters never reset and a dead one leaves 
 What readers derive from a worker and keep while it lives (the exposition's rendered series)
 is theirs: they register a `FleetListener` and are told when a reading arrives and when
 workers go, so the state carries data only.
+
+Dynamo 1.x sources fill fields of their own, never the legacy ones: `active_load`
+(kv_metrics), `forward_passes` (forward-pass-metrics), `kv_cache` (kv-events), `capacity`
+(the model card in discovery) and `service_stats` (`$SRV.STATS` without data). Discovery also
+decides liveness: a worker whose instance entry exists is not expired however long it is
+silent, and when the entry goes its ranks are dropped at once (`delete_instance`).
 """
 
 from __future__ import annotations
@@ -16,17 +22,29 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from aggregator.rejects import GROUP_LIMIT, LABEL_LIMIT, WORKER_LIMIT
+from aggregator.rejects import GROUP_LIMIT, LABEL_LIMIT, OUT_OF_RANGE, WORKER_LIMIT
 from aggregator.state.component_index import ComponentIndex, Problem, WorkerMetrics
+from aggregator.state.discovery_index import Capacity, DiscoveryIndex, Instance, ModelCardRanks
 from aggregator.state.fleet_stats import hit_rate_percent, load_mean_std
+from aggregator.state.forward_passes import ForwardPasses
+from aggregator.state.kv_cache import CachedBlocks, KvBlockBudget
 from fleet_protocol import (
     MAX_LABEL_LENGTH,
+    ActiveLoad,
+    EndpointStatsV1,
     ForwardPassMetrics,
+    ForwardPassMetricsV1,
     GpuMetricsEvent,
+    InstanceEntry,
     KvHitRateEvent,
     LoadEvent,
+    MessageRejected,
     MetricsSnapshot,
+    ModelEntry,
+    RouterEvent,
 )
+
+MAX_RANK = 65535
 
 
 class WorkerKey(NamedTuple):
@@ -51,6 +69,12 @@ class WorkerState:
     component_metrics: WorkerMetrics | None = None  # the worker's latest MetricsRegistry snapshot
     gpu: GpuMetricsEvent | None = None  # the latest GPU readings, replaced whole
     gpu_seen: float = 0.0  # when they came; readings older than stale_after are not exported
+    # Dynamo 1.x
+    active_load: ActiveLoad | None = None  # the latest kv_metrics, replaced whole
+    forward_passes: ForwardPasses | None = None
+    kv_cache: CachedBlocks | None = None
+    capacity: Capacity | None = None  # from the model card of its instance, if it names this rank
+    service_stats: EndpointStatsV1 | None = None  # the latest `$SRV.STATS` counters (request plane nats)
 
 
 class FleetListener(Protocol):
@@ -71,6 +95,7 @@ class GroupTotals:
     isl_blocks: int = 0
     overlap_blocks: int = 0
     expired: int = 0
+    deregistered: int = 0  # dropped because their discovery instance entry went
 
 
 @dataclass(slots=True)
@@ -100,6 +125,7 @@ class Fleet:
         max_groups: int = 10_000,
         default_endpoint: str = "generate",
         max_component_series: int = 100_000,
+        kv_blocks: KvBlockBudget | None = None,
     ) -> None:
         self.stale_after = stale_after
         self.max_workers = max_workers
@@ -119,6 +145,11 @@ class Fleet:
         self._listeners: tuple[FleetListener, ...] = ()
         # Hit-rate events name no endpoint: they go to the endpoint the worker reports load on.
         self._endpoint_of: dict[tuple[str, int, int], str] = {}
+        self.kv_blocks = kv_blocks or KvBlockBudget()
+        self.discovery = DiscoveryIndex()
+        # Each instance's worker keys (its ranks), kept only once discovery is in use: a deleted
+        # instance entry drops them all at once.
+        self._ranks_of: dict[Instance, list[WorkerKey]] | None = None
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -149,6 +180,12 @@ class Fleet:
         if not live:
             self._idle_groups.pop(group, None)
         self._live_in_group[group] = live + 1
+        if self._ranks_of is not None:
+            instance = Instance(key.component, key.endpoint, key.worker_id)
+            self._ranks_of.setdefault(instance, []).append(key)
+            card = self.discovery.card_of(instance)
+            if card is not None:
+                state.capacity = card.capacity_of(key.dp_rank)
         return state
 
     def _evict_idle_group(self) -> None:
@@ -157,6 +194,16 @@ class Fleet:
         group, _ = self._idle_groups.popitem(last=False)
         del self.groups[group]
         self.groups_evicted += 1
+
+    def _check_new_workers(self, component: str, endpoint: str, count: int) -> None:
+        """Raises LimitExceeded if `count` new workers of `component`/`endpoint` would pass a limit."""
+        if len(self.workers) + count > self.max_workers:
+            raise LimitExceeded(WORKER_LIMIT)
+        if len(component) > MAX_LABEL_LENGTH:
+            raise LimitExceeded(LABEL_LIMIT)
+        if (GroupKey(component, endpoint) not in self.groups and len(self.groups) >= self.max_groups
+                and not self._idle_groups):  # an idle group would be evicted to make room
+            raise LimitExceeded(GROUP_LIMIT)
 
     def observe_load(self, component: str, event: LoadEvent, now: float) -> WorkerState:
         rank = event.data.worker_stats.data_parallel_rank or 0
@@ -219,33 +266,187 @@ class Fleet:
             listener.gpu_reading(state)
         return state
 
+    # Dynamo 1.x: the event plane (component and endpoint from the subject) -----------------
+
+    def observe_active_load(self, component: str, endpoint: str, publisher_id: int, load: ActiveLoad,
+                            now: float) -> WorkerState:
+        """A kv_metrics message: the rank's load, replaced whole (Dynamo sends every field each time)."""
+        state = self._touch((component, endpoint, load.worker_id, load.dp_rank), now)
+        state.active_load = load
+        return state
+
+    def observe_forward_pass(self, component: str, endpoint: str, publisher_id: int, metrics: ForwardPassMetricsV1,
+                             now: float) -> WorkerState:
+        """A forward-pass-metrics message (an iteration, or the idle heartbeat: liveness either way)."""
+        state = self._touch((component, endpoint, metrics.worker, metrics.dp_rank), now)
+        passes = state.forward_passes
+        if passes is None:
+            passes = state.forward_passes = ForwardPasses()
+        passes.observe(publisher_id, metrics)
+        return state
+
+    def observe_kv_events(self, component: str, endpoint: str, publisher_id: int, batch: list[RouterEvent],
+                          now: float) -> list[tuple[str, str]]:
+        """A kv-events batch, applied event by event; the (reason, detail) of events it dropped.
+
+        An event is dropped whole, before it changes anything, when its worker is refused (a
+        limit) or names one storage tier too many; the rest of the batch is applied.
+        """
+        dropped: list[tuple[str, str]] = []
+        for event in batch:
+            key = (component, endpoint, event.worker_id, event.event.dp_rank)
+            try:
+                known = self.workers.get(key)  # type: ignore[call-overload]  # equal to its WorkerKey
+                if known is not None and known.kv_cache is not None:
+                    known.kv_cache.check_tier(event.storage_tier)
+                state = self._touch(key, now)
+            except LimitExceeded as error:
+                dropped.append((error.reason, f"event {event.event.event_id} of worker {event.worker_id}"))
+                continue
+            except MessageRejected as error:
+                dropped.append((error.reason, error.detail))
+                continue
+            blocks = state.kv_cache
+            if blocks is None:
+                blocks = state.kv_cache = CachedBlocks()
+            blocks.apply(self.kv_blocks, publisher_id, event.storage_tier, event.event)
+        return dropped
+
+    # Dynamo 1.x: `$SRV.STATS` without data (request plane nats) ------------------------------
+
+    def observe_service_stats(self, component: str, endpoint: str, worker_id: int, stats: EndpointStatsV1,
+                              now: float) -> WorkerState:
+        """A worker process's request counters; on its first rank (the model card's start rank, else 0)."""
+        card = self.discovery.card_of(Instance(component, endpoint, worker_id))
+        rank = card.ranks.start if card is not None and card.ranks else 0
+        state = self._touch((component, endpoint, worker_id, rank), now)
+        state.service_stats = stats
+        return state
+
+    # Dynamo 1.x: the discovery store ------------------------------------------------------
+
+    def _index_ranks(self) -> dict[Instance, list[WorkerKey]]:
+        if self._ranks_of is None:
+            self._ranks_of = {}
+            for key in self.workers:
+                self._ranks_of.setdefault(Instance(key.component, key.endpoint, key.worker_id), []).append(key)
+        return self._ranks_of
+
+    def put_instance(self, key: str, entry: InstanceEntry, now: float) -> None:
+        """An instance entry at `key`: its worker lives while the entry does (no expiry)."""
+        instance = Instance(entry.component, entry.endpoint, entry.instance_id)
+        if key not in self.discovery.instances:
+            if len(self.discovery.instances) >= self.max_workers:
+                raise LimitExceeded(WORKER_LIMIT)
+            if len(instance.component) > MAX_LABEL_LENGTH:
+                raise LimitExceeded(LABEL_LIMIT)
+        self._index_ranks()
+        previous = self.discovery.put_instance(key, instance)
+        if previous is not None and previous not in self.discovery.live:
+            self._drop_instance(previous)
+
+    def delete_instance(self, key: str, now: float) -> list[WorkerKey]:
+        """The instance entry at `key` is gone: its worker's ranks are dropped now (unless another key names it)."""
+        instance = self.discovery.delete_instance(key)
+        return self._drop_instance(instance) if instance is not None else []
+
+    def _drop_instance(self, instance: Instance) -> list[WorkerKey]:
+        keys = self._index_ranks().pop(instance, [])
+        dropped = [key for key in keys if key in self.workers]
+        for key in dropped:
+            self._drop(key, self.workers[key])
+            self.groups[GroupKey(key.component, key.endpoint)].deregistered += 1
+        if dropped:
+            for listener in self._listeners:
+                listener.workers_expired(dropped)
+        return dropped
+
+    def put_model_card(self, key: str, entry: ModelEntry, now: float) -> None:
+        """A model card at `key`: its capacity for each of its ranks, each rank a worker series from now on."""
+        card = ModelCardRanks.of(entry.card_json.runtime_config)
+        if card.ranks.stop - 1 > MAX_RANK:
+            raise MessageRejected(OUT_OF_RANGE, f"data-parallel ranks {card.ranks.start}..{card.ranks.stop - 1} "
+                                                f"past {MAX_RANK}")
+        instance = Instance(entry.component, entry.endpoint, entry.instance_id)
+        missing = [rank for rank in card.ranks
+                   if (instance.component, instance.endpoint, instance.worker_id, rank) not in self.workers]
+        if missing:
+            self._check_new_workers(instance.component, instance.endpoint, len(missing))
+        self._index_ranks()  # before the ranks are made, so that _touch records them
+        previous = self.discovery.put_card(key, instance, card)
+        if previous is not None:
+            self._apply_capacity(previous)
+        for rank in card.ranks:
+            self._touch((instance.component, instance.endpoint, instance.worker_id, rank), now)
+        self._apply_capacity(instance)
+
+    def delete_model_card(self, key: str, now: float) -> None:
+        """The model card at `key` is gone: its ranks keep living (the instance says), without its capacity."""
+        instance = self.discovery.delete_card(key)
+        if instance is not None:
+            self._apply_capacity(instance)
+
+    def _apply_capacity(self, instance: Instance) -> None:
+        card = self.discovery.card_of(instance)
+        for key in self._index_ranks().get(instance, ()):
+            state = self.workers.get(key)
+            if state is not None:
+                state.capacity = card.capacity_of(key.dp_rank) if card is not None else None
+
+    # Expiry ---------------------------------------------------------------------------------
+
+    def _drop(self, key: WorkerKey, state: WorkerState) -> None:
+        del self.workers[key]
+        if state.component_metrics is not None:
+            self.component_metrics.remove(state.component_metrics)
+        if state.kv_cache is not None:
+            state.kv_cache.release(self.kv_blocks)
+        index = (key.component, key.worker_id, key.dp_rank)
+        if self._endpoint_of.get(index) == key.endpoint:
+            del self._endpoint_of[index]
+        group = GroupKey(key.component, key.endpoint)
+        live = self._live_in_group[group] - 1
+        if live:
+            self._live_in_group[group] = live
+        else:
+            del self._live_in_group[group]
+            self._idle_groups[group] = None  # its totals stay until the table needs the room
+
     def expire(self, now: float) -> list[WorkerKey]:
-        """Drop every worker last seen more than `stale_after` seconds before `now`."""
+        """Drop every worker last seen more than `stale_after` seconds before `now`, except those whose
+        discovery instance entry exists."""
         expired: list[WorkerKey] = []
         deadline = now - self.stale_after
-        while self.workers:
+        live = self.discovery.live
+        kept = 0
+        # A kept worker goes to the back, out of last-seen order; the others stay in order among
+        # themselves, so the first fresh one still ends the stale ones. Each is looked at once.
+        while self.workers and kept < len(self.workers):
             key, state = next(iter(self.workers.items()))
             if state.last_seen > deadline:
                 break
-            del self.workers[key]
-            if state.component_metrics is not None:
-                self.component_metrics.remove(state.component_metrics)
+            if live and (key.component, key.endpoint, key.worker_id) in live:
+                self.workers.move_to_end(key)
+                kept += 1
+                continue
+            self._drop(key, state)
             expired.append(key)
-            group = GroupKey(key.component, key.endpoint)
-            self.groups[group].expired += 1
-            live = self._live_in_group[group] - 1
-            if live:
-                self._live_in_group[group] = live
-            else:
-                del self._live_in_group[group]
-                self._idle_groups[group] = None
-            index = (key.component, key.worker_id, key.dp_rank)
-            if self._endpoint_of.get(index) == key.endpoint:
-                del self._endpoint_of[index]
+            self.groups[GroupKey(key.component, key.endpoint)].expired += 1
+            if self._ranks_of is not None:
+                self._forget_rank(key)
         if expired:
             for listener in self._listeners:
                 listener.workers_expired(expired)
         return expired
+
+    def _forget_rank(self, key: WorkerKey) -> None:
+        assert self._ranks_of is not None
+        instance = Instance(key.component, key.endpoint, key.worker_id)
+        keys = self._ranks_of.get(instance)
+        if keys is not None:
+            keys.remove(key)
+            if not keys:
+                del self._ranks_of[instance]
 
     def group_stats(self) -> list[GroupStats]:
         """Load mean/std over the live workers that reported load, per component endpoint."""
@@ -260,6 +461,8 @@ class Fleet:
             live[group] += 1
             if state.load is not None:
                 loads[group].append(float(state.load.kv_stats.kv_active_blocks))
+            elif state.active_load is not None and state.active_load.kv_used_blocks is not None:
+                loads[group].append(float(state.active_load.kv_used_blocks))
         stats = []
         for group, totals in groups:
             mean_std = load_mean_std(loads[group])

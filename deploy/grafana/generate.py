@@ -218,6 +218,83 @@ def llm_fleet() -> board.Dashboard:
                      p)
 
 
+# Series only Dynamo 1.x workers have: this dashboard's variables list 1.x workers alone.
+V1_SERIES = '__name__=~"llm_kv_active_decode_blocks|llm_kv_cached_blocks_reliable|llm_prefill_tokens_computed_total"'
+
+
+def dynamo_v1() -> board.Dashboard:
+    variables = [
+        variable("namespace", "Namespace", "label_values(llm_workers, namespace)", multi=False),
+        variable("component", "Component", f'label_values({{{V1_SERIES}, namespace="$namespace"}}, component)'),
+        variable("endpoint", "Endpoint", f'label_values({{{V1_SERIES}, namespace="$namespace", '
+                 f'component=~"$component"}}, endpoint)'),
+        variable("worker", "Worker", f"label_values({{{V1_SERIES}, {FLEET}}}, worker_id)"),
+    ]
+    computed, cached = "llm_prefill_tokens_computed_total", "llm_prefill_tokens_from_cache_total"
+
+    def hit_rate(by: str = "") -> str:
+        group = f" by ({by})" if by else ""
+        return (f"100 * sum{group} (rate({cached}{{{WORKER}}}[$__rate_interval])) / (sum{group} (rate({cached}"
+                f"{{{WORKER}}}[$__rate_interval])) + sum{group} (rate({computed}{{{WORKER}}}[$__rate_interval])))")
+
+    p = Panels()
+    p.single("stat", "Engine prefix-cache hit rate",
+             "Prompt tokens read from the KV cache / all prompt tokens of the forward passes, over the rate interval "
+             "(earlier chunks of a chunked prefill count as read).", hit_rate(), "percent", max_value=100, w=5)
+    p.single("stat", "Forward pass p99", "Wall time of the engines' iterations (idle heartbeats left out).",
+             "histogram_quantile(0.99, sum by (le) (rate(llm_forward_pass_duration_seconds_bucket"
+             f"{{{WORKER}}}[$__rate_interval])))", "s", w=5)
+    p.single("stat", "Cached KV blocks", "Blocks the selected workers hold, every storage tier, from their "
+             "kv-events.", f"sum(llm_kv_cached_blocks{{{WORKER}}})", w=5)
+    p.single("stat", "Inexact block counts", "Worker ranks whose cached-block count may be wrong (events missed "
+             "since they started, or a memory limit hit) until their next `cleared`.",
+             f"sum(1 - llm_kv_cached_blocks_reliable{{{WORKER}}})", thresholds=(1, 5), w=4)
+    p.single("stat", "Events lost (time range)", "Event-plane messages never received: gaps in their publishers' "
+             "sequence numbers (NATS dropped them).",
+             f"sum(increase(llm_aggregator_event_plane_lost_events_total{{{FLEET}}}[$__range]))", thresholds=(1, 100),
+             w=5)
+    p.timeseries("Engine prefix-cache hit rate by worker", "From the engines' own forward passes: the real prefix "
+                 "reuse, where the router's dynamo_component_router_kv_hit_rate is its prediction.", [
+                     target(hit_rate("component, endpoint, worker_id, dp_rank"), WORKER_LEGEND)],
+                 "percent", min_value=0, max_value=100)
+    p.timeseries("Prefill tokens", "Prompt tokens per second, computed and read from the KV cache.", [
+        target(f"sum by (component, endpoint) (rate({computed}{{{WORKER}}}[$__rate_interval]))",
+               "computed " + GROUP_LEGEND),
+        target(f"sum by (component, endpoint) (rate({cached}{{{WORKER}}}[$__rate_interval]))",
+               "from cache " + GROUP_LEGEND),
+    ], min_value=0)
+    p.timeseries("Forward pass duration", "Percentiles of the engines' iteration wall time.", [
+        target(f"histogram_quantile({q}, sum by (le, component, endpoint) (rate("
+               f"llm_forward_pass_duration_seconds_bucket{{{WORKER}}}[$__rate_interval])))",
+               f"p{round(q * 100)} " + GROUP_LEGEND) for q in (0.5, 0.99)
+    ], "s", min_value=0)
+    p.timeseries("Running and waiting requests", "Of each worker's last forward pass: scheduled prefill + decode, "
+                 "and queued + preempted (0 once it idles).", [
+                     target(f"llm_requests_active_slots{{{WORKER}}}", "running " + WORKER_LEGEND),
+                     target(f"llm_requests_waiting{{{WORKER}}}", "waiting " + WORKER_LEGEND),
+                 ], min_value=0)
+    p.timeseries("KV blocks in use and in decode", "kv_metrics: blocks in use (kv_used_blocks) and those of "
+                 "requests in decode.", [
+                     target(f"llm_kv_blocks_active{{{WORKER}}} and on (component, endpoint, worker_id, dp_rank) "
+                            f"llm_kv_active_decode_blocks{{{WORKER}}}", "used " + WORKER_LEGEND),
+                     target(f"llm_kv_active_decode_blocks{{{WORKER}}}", "decode " + WORKER_LEGEND),
+                 ], min_value=0)
+    p.timeseries("Cached KV blocks by tier", "Blocks each worker rank holds per storage tier, from its kv-events "
+                 "(exact while llm_kv_cached_blocks_reliable is 1).", [
+                     target(f"llm_kv_cached_blocks{{{WORKER}}}", WORKER_LEGEND + " {{storage_tier}}"),
+                 ], min_value=0)
+    p.timeseries("Event plane", "Lost events and publisher (re)starts per topic, over the rate interval.", [
+        target(f"sum by (topic) (increase(llm_aggregator_event_plane_lost_events_total{{{FLEET}}}"
+               "[$__rate_interval]))", "lost {{topic}}"),
+        target(f"sum by (topic) (increase(llm_aggregator_event_plane_publisher_starts_total{{{FLEET}}}"
+               "[$__rate_interval]))", "starts {{topic}}"),
+    ], w=24, min_value=0)
+    return dashboard("llm-fleet-dynamo1", "LLM fleet: Dynamo 1.x", "What only Dynamo 1.x workers publish: the engines' "
+                     "forward passes (prefix-cache hit rate, iteration time), KV blocks in decode, cached blocks from "
+                     "kv-events, and the event plane's health. Capacity and the shared KV/request series are on the "
+                     "LLM fleet dashboard.", variables, p)
+
+
 def gpus() -> board.Dashboard:
     gpu = WORKER
     legend = "{{worker_id}} GPU {{gpu}} ({{modelName}})"
@@ -364,6 +441,12 @@ def aggregator() -> board.Dashboard:
         target(f"sum(increase(llm_aggregator_nats_reconnects_total{{{SELF}}}[$__rate_interval]))", "reconnects"),
         target(f"sum(increase(llm_aggregator_nats_errors_total{{{SELF}}}[$__rate_interval]))", "errors"),
     ], min_value=0)
+    p.timeseries("Dynamo 1.x: tracked KV blocks", "Block hashes held to count workers' cached blocks (~80-90 bytes "
+                 "each) and blocks left untracked under --max-cached-blocks(-per-worker).", [
+                     target(f"max(llm_aggregator_kv_blocks_tracked{{{SELF}}})", "tracked"),
+                     target(f"sum by (limit) (increase(llm_aggregator_kv_blocks_untracked_total{{{SELF}}}"
+                            "[$__rate_interval]))", "untracked, {{limit}} limit"),
+                 ], min_value=0)
     p.timeseries("CPU", "CPU cores the aggregator process uses.", [
         target(f"rate(process_cpu_seconds_total{{{SELF}}}[$__rate_interval])", "CPU cores {{instance}}"),
     ], min_value=0)
@@ -374,7 +457,7 @@ def aggregator() -> board.Dashboard:
 
 
 DASHBOARDS = {"llm-fleet.json": llm_fleet, "gpus.json": gpus, "components.json": components,
-              "aggregator.json": aggregator}
+              "aggregator.json": aggregator, "dynamo-v1.json": dynamo_v1}
 
 
 def render() -> dict[str, str]:
