@@ -14,6 +14,7 @@ from aggregator import rejects
 from aggregator.collectors.component_metrics import ComponentMetricsCollector
 from aggregator.collectors.fleet_kv import FleetCollector
 from aggregator.collectors.gpus import GpuCollector
+from aggregator.collectors.status_view import StatusView
 from aggregator.collectors.telemetry import StatsScrapeTelemetry, Telemetry
 from aggregator.config import AggregatorConfig, PullConfig
 from aggregator.edges import nats_auth, web_config
@@ -21,6 +22,7 @@ from aggregator.edges.hit_rate_journal import HitRateJournal
 from aggregator.edges.http_server import bound_port, build_app, start_server
 from aggregator.edges.nats_transport import NatsSubscriber
 from aggregator.edges.stats_scraper import StatsScraper
+from aggregator.edges.status_page import StatusPage, nats_connection
 from aggregator.ingest.component_snapshots import SnapshotLimits, snapshot_route
 from aggregator.ingest.pipeline import Ingest
 from aggregator.ingest.stats_replies import plan_services
@@ -90,6 +92,8 @@ class Aggregator:
         self.scraper = self._stats_scraper(config.pull) if config.pull is not None else None
         self.started = time.monotonic()
         self.port: int | None = None
+        self.status = StatusView(self.fleet, self.counts, self.ingest.subjects,
+                                 nats=nats_connection(self.subscriber), started=self.started)
 
     def _stats_scraper(self, pull: PullConfig) -> StatsScraper | None:
         """Pull mode, on the subscriber's connection (it polls only while that one is connected)."""
@@ -135,8 +139,9 @@ class Aggregator:
     async def run(self, stop: asyncio.Event) -> None:
         web, http = self.web, self.config.http
         middlewares = (web_config.basic_auth_middleware(web.users),) if web.users else ()
+        status_page = StatusPage(self.status, before_read=self.expire_now)
         app = build_app(self.registry, self.telemetry, health=self.health, before_scrape=self.expire_now,
-                        middlewares=middlewares)
+                        middlewares=middlewares, routes=status_page.routes())
         runner = await start_server(app, http.host, http.port, ssl_context=web.ssl_context)
         self.port = bound_port(runner)
         log.info("serving metrics", url=f"{web.scheme}://{http.host}:{self.port}/metrics",

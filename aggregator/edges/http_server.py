@@ -6,7 +6,7 @@ import asyncio
 import gc
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import chain
 
 from aiohttp import web
@@ -57,6 +57,7 @@ def build_app(
     health: Callable[[], dict],
     before_scrape: Callable[[], None] = lambda: None,
     middlewares: tuple = (),
+    routes: Iterable[web.RouteDef] = (),
 ) -> web.Application:
     # One render at a time: concurrent scrapes queue rather than multiply the CPU spent.
     rendering = asyncio.Lock()
@@ -92,6 +93,7 @@ def build_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/health", health_route)
     app.router.add_get("/live", live)
+    app.add_routes(routes)  # more pages (the status page), behind the same middlewares
     return app
 
 
