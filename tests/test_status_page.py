@@ -3,13 +3,24 @@ workers over a real nats-server; and the JSON API checked against the same fleet
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
 import bcrypt
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 
 import fleet_protocol as protocol
+from aggregator.collectors.status_view import StatusView
+from aggregator.collectors.telemetry import Telemetry
+from aggregator.edges.http_server import build_app
+from aggregator.edges.status_page import StatusPage
+from aggregator.exposition import status_api as api_types
+from aggregator.ingest.pipeline import Ingest
+from aggregator.state.fleet import Fleet
+from aggregator.state.ingest_counts import IngestCounts
 from fleet_protocol import ForwardPassMetrics, KvStats, LoadEvent, WorkerStats
 
 from .browser import Chromium, Element
@@ -211,3 +222,40 @@ def test_the_page_and_the_api_need_the_same_credentials_as_metrics(nats_server, 
     assert [http_get(f"{aggregator.url}{path}", good)[0] for path in paths] == [200, 200, 200, 200, 200, 404, 404, 200]
     status, headers, _ = http_get(f"{aggregator.url}/", good)
     assert "script-src 'sha256-" in headers["Content-Security-Policy"] and headers["Cache-Control"] == "no-store"
+
+
+class CountingView(StatusView):
+    """The real view, counting the summaries it builds."""
+
+    builds = 0
+
+    def summary(self):
+        type(self).builds += 1
+        return super().summary()
+
+
+async def test_requests_queued_behind_a_build_share_it_and_get_state_no_older_than_they_are():
+    fleet = Fleet(600, max_workers=100_000)
+    counts = IngestCounts()
+    ingest = Ingest(fleet, counts, namespace="dynamo", default_component="backend", max_message_bytes=65536)
+    for worker_id in range(1, 5001):
+        ingest.handle(protocol.component_subject("dynamo", "*", protocol.KV_METRICS), BACKEND,
+                      load_event(worker_id, worker_id % 700))
+    view = CountingView(fleet, counts, ingest.subjects, nats=lambda: api_types.NatsConnection(
+        connected=False, subscribed=False, servers=[], server=None, reconnects=0, messages_in=0, bytes_in=0))
+    registry = CollectorRegistry()
+    app = build_app(registry, Telemetry(registry), health=lambda: {"status": "ready"},
+                    routes=StatusPage(view).routes())
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        async def summary() -> dict:
+            response = await client.get("/api/v1/summary")
+            assert response.status == 200
+            return await response.json()
+
+        answers = await asyncio.gather(*(summary() for _ in range(20)))
+        assert all(answer["workers"] == 5000 for answer in answers)
+        assert CountingView.builds < 5  # one build per wave of requests, not one per request
+        # A request that comes after a build gets a build of its own: never an answer older than it.
+        ingest.handle(protocol.component_subject("dynamo", "*", protocol.KV_METRICS), BACKEND, load_event(5001, 1))
+        before = CountingView.builds
+        assert (await summary())["workers"] == 5001 and CountingView.builds == before + 1

@@ -5,6 +5,13 @@ same middlewares (basic auth) and server limits apply. Documents are built and e
 worker thread, one at a time, like /metrics' renders, so the event loop keeps taking messages
 while a large fleet is read; the cyclic GC is off meanwhile (nothing built forms a cycle, and a
 full collection over a large fleet's heap would otherwise run several times per page).
+
+A page is for people and the API for occasional programs: neither may slow ingest down. Builds
+take at most BUILD_SHARE of the time (after a build of t seconds the next one waits
+t * (1/BUILD_SHARE - 1)), and requests that queued behind a build of the same document share
+it when it started after they arrived (so no answer is older than its request). A client
+asking back to back, or many browsers refreshing at once, then costs ingest a bounded share
+(docs/status-page.md has the measurements).
 """
 
 from __future__ import annotations
@@ -12,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import Callable
-from typing import TypeVar
 
 import msgspec
 from aiohttp import web
@@ -29,12 +35,12 @@ from aggregator.exposition import status_api as api
 from aggregator.exposition import status_html
 from aggregator.state.fleet import WorkerKey
 
-T = TypeVar("T")
-
 _JSON = "application/json"
 _COMMON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 _HTML_HEADERS = {**_COMMON_HEADERS, "Content-Security-Policy": status_html.CONTENT_SECURITY_POLICY}
 _MAX_ID = 2**64 - 1
+BUILD_SHARE = 0.2
+_SHARED_DOCUMENTS = 64  # the most recent build of this many distinct documents (path and query) is kept
 
 
 def nats_connection(subscriber: NatsSubscriber) -> Callable[[], api.NatsConnection]:
@@ -54,7 +60,7 @@ def nats_connection(subscriber: NatsSubscriber) -> Callable[[], api.NatsConnecti
     return read
 
 
-def _built(build: Callable[[], T]) -> T:
+def _built(build: Callable[[], bytes]) -> bytes:
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -71,6 +77,8 @@ class StatusPage:
         self.view = view
         self._before_read = before_read  # expiry, so a page never shows a worker past stale_after
         self._building = asyncio.Lock()
+        self._next_build = 0.0  # on the event loop's clock
+        self._latest: dict[str, tuple[float, bytes]] = {}  # document -> (when its build started, body)
         self._encoder = msgspec.json.Encoder()
 
     def routes(self) -> list[web.RouteDef]:
@@ -83,10 +91,27 @@ class StatusPage:
             web.get("/api/v1/{rest:.*}", self.unknown),
         ]
 
-    async def _off_loop(self, build: Callable[[], T]) -> T:
+    async def _built_off_loop(self, document: str, build: Callable[[], bytes]) -> bytes:
+        """The body of `document` (its path and query), built on a thread from the state as it is
+        now or later, within the time share of builds."""
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
         self._before_read()
         async with self._building:
-            return await asyncio.to_thread(_built, build)
+            latest = self._latest.get(document)
+            if latest is not None and latest[0] >= arrived:
+                return latest[1]  # built for a request that queued with this one, from state read since
+            wait = self._next_build - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            started = loop.time()
+            body = await asyncio.to_thread(_built, build)
+            finished = loop.time()
+            self._next_build = finished + (finished - started) * (1 / BUILD_SHARE - 1)
+            if len(self._latest) >= _SHARED_DOCUMENTS:
+                self._latest.clear()
+            self._latest[document] = (started, body)
+            return body
 
     def _json(self, document: msgspec.Struct, status: int = 200) -> web.Response:
         return web.Response(body=self._encoder.encode(document), status=status, content_type=_JSON,
@@ -102,7 +127,7 @@ class StatusPage:
             parse_no_query(request.query.items())
         except BadQuery as error:
             return self._error(400, "bad_request", str(error))
-        body = await self._off_loop(lambda: self._encoder.encode(self.view.summary()))
+        body = await self._built_off_loop(request.path_qs, lambda: self._encoder.encode(self.view.summary()))
         return web.Response(body=body, content_type=_JSON, headers=_COMMON_HEADERS)
 
     async def workers(self, request: web.Request) -> web.Response:
@@ -110,7 +135,7 @@ class StatusPage:
             query = parse_workers_query(request.query.items())
         except BadQuery as error:
             return self._error(400, "bad_request", str(error))
-        body = await self._off_loop(lambda: self._encoder.encode(self.view.workers(query)))
+        body = await self._built_off_loop(request.path_qs, lambda: self._encoder.encode(self.view.workers(query)))
         return web.Response(body=body, content_type=_JSON, headers=_COMMON_HEADERS)
 
     async def worker(self, request: web.Request) -> web.Response:
@@ -133,7 +158,7 @@ class StatusPage:
             parse_no_query(request.query.items())
         except BadQuery as error:
             return self._error(400, "bad_request", str(error))
-        body = await self._off_loop(lambda: self._encoder.encode(self.view.sources()))
+        body = await self._built_off_loop(request.path_qs, lambda: self._encoder.encode(self.view.sources()))
         return web.Response(body=body, content_type=_JSON, headers=_COMMON_HEADERS)
 
     async def unknown(self, request: web.Request) -> web.Response:
@@ -148,7 +173,7 @@ class StatusPage:
         except BadQuery as error:
             return web.Response(body=status_html.render_error(400, str(error)), status=400,
                                 content_type="text/html", charset="utf-8", headers=_HTML_HEADERS)
-        body = await self._off_loop(lambda: self._page(query))
+        body = await self._built_off_loop(request.path_qs, lambda: self._page(query))
         return web.Response(body=body, content_type="text/html", charset="utf-8", headers=_HTML_HEADERS)
 
     def _page(self, query: WorkersQuery) -> bytes:
