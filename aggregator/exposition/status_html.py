@@ -245,7 +245,7 @@ def _summary(summary: api.Summary) -> str:
 
 def _kv(active: int | None, total: int | None, usage: float | None, *, percent: bool = False) -> str:
     """A bar and the blocks used of the total; the percentage shown, or on hover only."""
-    if active is None or total is None:
+    if active is None or total is None or not (active or total):
         return '<span class="muted">–</span>'
     meter = (f'<meter min="0" max="{total}" value="{active}" title="{_e(_percent(usage))}"></meter> '
              if total else "")
