@@ -23,7 +23,7 @@ from aggregator.state.fleet import Fleet
 from aggregator.state.ingest_counts import IngestCounts
 from fleet_protocol import ForwardPassMetrics, KvStats, LoadEvent, WorkerStats
 
-from .browser import Chromium, Element
+from .browser import Chromium, Element, parse
 from .support import AggregatorProcess, http_get, mock_worker, publish, wait_until
 
 BACKEND = protocol.component_subject("dynamo", "backend", protocol.KV_METRICS)
@@ -259,3 +259,26 @@ async def test_requests_queued_behind_a_build_share_it_and_get_state_no_older_th
         ingest.handle(protocol.component_subject("dynamo", "*", protocol.KV_METRICS), BACKEND, load_event(5001, 1))
         before = CountingView.builds
         assert (await summary())["workers"] == 5001 and CountingView.builds == before + 1
+
+
+async def test_each_worker_s_link_on_the_page_leads_to_its_document_whatever_its_names():
+    fleet = Fleet(600)
+    counts = IngestCounts()
+    ingest = Ingest(fleet, counts, namespace="dynamo", default_component="backend", max_message_bytes=65536)
+    odd = "team/a b<&>%2F"  # a NATS token may hold any of these
+    ingest.handle(protocol.component_subject("dynamo", "*", protocol.KV_METRICS),
+                  protocol.component_subject("dynamo", odd, protocol.KV_METRICS), load_event(2**64 - 1, 5))
+    view = StatusView(fleet, counts, ingest.subjects, nats=lambda: api_types.NatsConnection(
+        connected=False, subscribed=False, servers=[], server=None, reconnects=0, messages_in=0, bytes_in=0))
+    registry = CollectorRegistry()
+    app = build_app(registry, Telemetry(registry), health=lambda: {"status": "ready"},
+                    routes=StatusPage(view).routes())
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        response = await client.get("/")
+        assert response.status == 200
+        (row,) = listed(parse(await response.text())).values()
+        link = row.find("a").attrs["href"]
+        response = await client.get("/" + link)
+        assert response.status == 200
+        worker = (await response.json())["worker"]
+        assert (worker["component"], worker["endpoint"], worker["worker_id"]) == (odd, "generate", 2**64 - 1)
