@@ -20,11 +20,14 @@ from aggregator.config import (
     AggregatorConfig,
     ComponentMetricsConfig,
     ConfigError,
+    DiscoveryConfig,
     HttpConfig,
     JournalConfig,
     LimitsConfig,
     NatsConfig,
     PullConfig,
+    PushGatewayConfig,
+    RemoteWriteConfig,
     ScrapeTarget,
 )
 from aggregator.edges import nats_auth, web_config
@@ -35,6 +38,7 @@ from fleet_runtime.flags import (
     comma_list,
     config_error,
     field_flags,
+    nats_url_list,
 )
 
 # Where each flag's value lands: AggregatorConfig's field, or the field of one of its sections.
@@ -46,10 +50,20 @@ SECTIONS: Mapping[str, type] = {
     "component_metrics": ComponentMetricsConfig,
     "journal": JournalConfig,
     "pull": PullConfig,
+    "discovery": DiscoveryConfig,
+    "push_gateway": PushGatewayConfig,
+    "remote_write": RemoteWriteConfig,
+}
+# Sections that are off (None) unless their first field's flag is given: {section: that field}.
+OPTIONAL_SECTIONS: Mapping[str, str] = {
+    "journal": "stream", "discovery": "backend", "push_gateway": "url", "remote_write": "url",
 }
 
 NATS_AUTH = "NATS authentication and TLS"
+HTTP_LIMITS = "HTTP limits"
 JOURNAL = "hit-rate history across restarts (JetStream)"
+DISCOVERY = "Dynamo's discovery store (worker instances, model cards, event channels)"
+PUSH = "push where nothing can scrape (Pushgateway, remote write)"
 
 
 def default_of(flag: Flag) -> Any:
@@ -66,11 +80,15 @@ def default_of(flag: Flag) -> Any:
 def _secret(value: str) -> str:
     """A password or token, or `@FILE` holding it (a mounted secret)."""
     if value.startswith("@"):
-        path = Path(value[1:])
+        # Neither the path nor the content is quoted: a password may itself begin with '@'.
         try:
-            return path.read_text().strip()
+            value = Path(value[1:]).read_text().strip()
         except OSError as error:
-            raise ValueError(f"cannot read {path}: {error.strerror}") from None
+            raise ValueError(f"cannot read the @FILE given: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError("the @FILE given is not UTF-8 text") from None
+    if not value:
+        raise ValueError("must not be empty")
     return value
 
 
@@ -85,6 +103,37 @@ def _readable_file(value: str) -> str:
 
 def _optional_path(value: str) -> str | None:
     return value or None  # an empty variable means none
+
+
+def _discovery_backend(value: str) -> str | None:
+    return value.strip().lower() or None  # unset or empty: discovery off
+
+
+def _etcd_endpoints(value: str) -> tuple[str, ...]:
+    # Dynamo's etcd client takes `host:port` as http://host:port.
+    return tuple(url if "://" in url else f"http://{url}" for url in comma_list(value))
+
+
+def dynamo_file_kv(environ: Mapping[str, str] = os.environ) -> str:
+    """Where Dynamo's file backend lives without DYN_FILE_KV: its temporary directory's dynamo_store_kv."""
+    return os.path.join(environ.get("TMPDIR") or "/tmp", "dynamo_store_kv")
+
+
+def _file_kv(value: str) -> str:
+    return value or dynamo_file_kv()  # an empty variable means Dynamo's default
+def _optional_url(value: str) -> str | None:
+    return value or None  # an empty variable means off
+
+
+def label_pairs(value: str) -> tuple[tuple[str, str], ...]:
+    """`a=1, b=2` -> (("a", "1"), ("b", "2")): labels written in one flag or variable."""
+    pairs = []
+    for item in comma_list(value):
+        name, equals, label = item.partition("=")
+        if not equals:
+            raise ValueError(f"{item!r} is not NAME=VALUE")
+        pairs.append((name.strip(), label.strip()))
+    return tuple(pairs)
 
 
 def scrape_target(value: str) -> ScrapeTarget:
@@ -107,7 +156,7 @@ def _scrape_flag(value: str) -> ScrapeTarget:
 _SCRAPE_ENV = "AGGREGATOR_SCRAPE"
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("--nats-url", "NATS_SERVER", "nats.urls", comma_list, "NATS server URL(s), comma-separated"),
+    Flag("--nats-url", "NATS_SERVER", "nats.urls", nats_url_list, "NATS server URL(s), comma-separated"),
     Flag("--namespace", "DYN_NAMESPACE", "namespace", str, "Dynamo namespace"),
     Flag("--component", "AGGREGATOR_COMPONENT", "component", str,
          "component label for namespace-level subjects (namespace.{ns}.kv_metrics, .kv-hit-rate)"),
@@ -122,8 +171,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--max-workers", "AGGREGATOR_MAX_WORKERS", "limits.max_workers", int,
          "live workers kept at most; new ones past it are refused (reason=worker_limit)"),
     Flag("--max-groups", "AGGREGATOR_MAX_GROUPS", "limits.max_groups", int,
-         "component/endpoint pairs kept at most (their totals outlive their workers); "
-         "new ones past it are refused (reason=group_limit)"),
+         "component/endpoint pairs kept at most (their totals outlive their workers); past it the pair "
+         "idle longest (no live worker) is evicted for a new one (llm_aggregator_groups_evicted_total), "
+         "which is refused (reason=group_limit) only while every pair has a live worker"),
     Flag("--pending-msgs-limit", "AGGREGATOR_PENDING_MSGS_LIMIT", "nats.pending_msgs_limit", int,
          "per-subscription NATS buffer, messages; past it NATS drops (counted)"),
     # --scrape comes here (see build_parser)
@@ -137,6 +187,20 @@ FLAGS: tuple[Flag, ...] = (
          "seconds between pings; 2 unanswered pings mark a frozen server as disconnected"),
     Flag("--web-config-file", "AGGREGATOR_WEB_CONFIG_FILE", "http.web_config_file", _optional_path,
          "exporter-toolkit web config (YAML): TLS and basic auth for the HTTP endpoint"),
+    Flag("--http-max-connections", "AGGREGATOR_HTTP_MAX_CONNECTIONS", "http.max_connections", int,
+         "open HTTP connections at most; past it no new one is accepted until one closes "
+         "(keep it below the open-files limit, ulimit -n)", HTTP_LIMITS),
+    Flag("--http-header-timeout", "AGGREGATOR_HTTP_HEADER_TIMEOUT", "http.header_timeout", float,
+         "seconds a new connection has to send a complete request header (and to finish a TLS "
+         "handshake); then it is closed", HTTP_LIMITS),
+    Flag("--http-idle-timeout", "AGGREGATOR_HTTP_IDLE_TIMEOUT", "http.idle_timeout", float,
+         "seconds a keep-alive connection may wait for its next request after a response; then it is "
+         "closed (above Prometheus's scrape interval, so it keeps its connection)", HTTP_LIMITS),
+    Flag("--http-write-timeout", "AGGREGATOR_HTTP_WRITE_TIMEOUT", "http.write_timeout", float,
+         "seconds a /metrics scrape may take, render and transfer; past it the connection is closed "
+         "(a client that stops reading holds neither a slot nor memory longer)", HTTP_LIMITS),
+    Flag("--http-max-scrapes", "AGGREGATOR_HTTP_MAX_SCRAPES", "http.max_scrapes", int,
+         "/metrics scrapes in flight at most; past it 503 with Retry-After at once", HTTP_LIMITS),
     Flag("--nats-user", "NATS_USER", "nats.user", str, "NATS user name", NATS_AUTH),
     Flag("--nats-password", "NATS_PASSWORD", "nats.password", _secret,
          "NATS password (or @FILE); prefer the env variable to the flag", NATS_AUTH),
@@ -160,6 +224,33 @@ FLAGS: tuple[Flag, ...] = (
          "seconds between snapshots (and one at shutdown)", JOURNAL),
     Flag("--hit-rate-stream-max-age", "AGGREGATOR_HIT_RATE_STREAM_MAX_AGE", "journal.stream_max_age", float,
          "retention of a stream the aggregator creates, seconds", JOURNAL),
+    Flag("--hit-rate-stream-replicas", "AGGREGATOR_HIT_RATE_STREAM_REPLICAS", "journal.stream_replicas", int,
+         "copies of a stream the aggregator creates, on that many nodes of a NATS cluster (3 survives the loss "
+         "of one node); an existing stream is used as it is", JOURNAL),
+    Flag("--push-gateway", "AGGREGATOR_PUSH_GATEWAY", "push_gateway.url", _optional_url,
+         "push the exposition to this Prometheus Pushgateway every interval (PUT: the group is replaced); "
+         "user:password@ in the URL becomes basic auth, prefer the env variable to the flag", PUSH),
+    Flag("--push-gateway-job", "AGGREGATOR_PUSH_GATEWAY_JOB", "push_gateway.job", str,
+         "the job label of the pushed group", PUSH),
+    Flag("--push-gateway-grouping", "AGGREGATOR_PUSH_GATEWAY_GROUPING", "push_gateway.grouping", label_pairs,
+         "more labels of the group's key, NAME=VALUE,...; give each aggregator its own (e.g. instance=a)", PUSH),
+    Flag("--push-gateway-interval", "AGGREGATOR_PUSH_GATEWAY_INTERVAL", "push_gateway.interval", float,
+         "seconds between pushes", PUSH),
+    Flag("--push-gateway-timeout", "AGGREGATOR_PUSH_GATEWAY_TIMEOUT", "push_gateway.timeout", float,
+         "seconds one push may take", PUSH),
+    Flag("--remote-write", "AGGREGATOR_REMOTE_WRITE", "remote_write.url", _optional_url,
+         "send the aggregator's series to this Prometheus remote-write receiver (1.0: protobuf + snappy) every "
+         "interval; user:password@ in the URL becomes basic auth, prefer the env variable to the flag", PUSH),
+    Flag("--remote-write-interval", "AGGREGATOR_REMOTE_WRITE_INTERVAL", "remote_write.interval", float,
+         "seconds between samples of every series", PUSH),
+    Flag("--remote-write-timeout", "AGGREGATOR_REMOTE_WRITE_TIMEOUT", "remote_write.timeout", float,
+         "seconds one request may take", PUSH),
+    Flag("--remote-write-labels", "AGGREGATOR_REMOTE_WRITE_LABELS", "remote_write.labels", label_pairs,
+         "labels added to every series that lacks them, NAME=VALUE,... (as Prometheus's external_labels)", PUSH),
+    Flag("--remote-write-max-samples-per-send", "AGGREGATOR_REMOTE_WRITE_MAX_SAMPLES_PER_SEND",
+         "remote_write.max_samples_per_send", int, "samples in one request at most", PUSH),
+    Flag("--remote-write-queue-samples", "AGGREGATOR_REMOTE_WRITE_QUEUE_SAMPLES", "remote_write.queue_samples", int,
+         "samples waiting to be sent at most; past it the oldest are dropped (counted)", PUSH),
     Flag("--component-metrics-prefixes", "AGGREGATOR_COMPONENT_METRICS_PREFIXES", "component_metrics.prefixes",
          comma_list,
          "comma-separated name prefixes a worker's metrics may use; others are rejected (reason=bad_name)"),
@@ -170,6 +261,22 @@ FLAGS: tuple[Flag, ...] = (
          "a snapshot with more series is rejected (reason=series_limit)"),
     Flag("--component-metrics-max-series", "AGGREGATOR_COMPONENT_METRICS_MAX_SERIES", "component_metrics.max_series",
          int, "series of all workers' snapshots together; a snapshot past it is rejected (reason=series_limit)"),
+    Flag("--discovery-backend", "DYN_DISCOVERY_BACKEND", "discovery.backend", _discovery_backend,
+         "read Dynamo's discovery store: file or etcd, as Dynamo's workers are configured; unset means off",
+         DISCOVERY),
+    Flag("--discovery-file-kv", "DYN_FILE_KV", "discovery.file_kv", _file_kv,
+         "directory of Dynamo's file discovery backend (default: $TMPDIR/dynamo_store_kv, as Dynamo's)", DISCOVERY),
+    Flag("--etcd-endpoints", "ETCD_ENDPOINTS", "discovery.etcd_endpoints", _etcd_endpoints,
+         "etcd client URLs, comma-separated (http://host:2379), read through etcd's JSON gateway", DISCOVERY),
+    Flag("--discovery-file-ttl", "AGGREGATOR_DISCOVERY_FILE_TTL", "discovery.file_ttl", float,
+         "seconds after its last keep-alive (the file's mtime) that a file entry counts as gone", DISCOVERY),
+    Flag("--discovery-file-scan-interval", "AGGREGATOR_DISCOVERY_FILE_SCAN_INTERVAL", "discovery.file_scan_interval",
+         float, "seconds between scans of the file backend's directory", DISCOVERY),
+    Flag("--discovery-max-entry-bytes", "AGGREGATOR_DISCOVERY_MAX_ENTRY_BYTES", "discovery.max_entry_bytes", int,
+         "larger discovery entries are dropped (reason=oversized)", DISCOVERY),
+    Flag("--discovery-max-entries", "AGGREGATOR_DISCOVERY_MAX_ENTRIES", "discovery.max_entries", int,
+         "discovery entries of the namespace kept at most; new ones past it are dropped (reason=entry_limit)",
+         DISCOVERY),
     Flag("--gpu-hostname-label", "AGGREGATOR_GPU_HOSTNAME_LABEL", "gpu_hostname_label", str,
          "name of the node label on DCGM_FI_* series: dcgm-exporter's released 'Hostname', "
          "or 'hostname' as on its main branch since PR #655 (joins with Slurm's label)"),
@@ -195,7 +302,8 @@ def build_parser() -> OneLineParser:
             )
         if flag.group not in groups:
             groups[flag.group] = parser.add_argument_group(flag.group)
-        flag.add_to(groups[flag.group], default_of(flag))
+        default = dynamo_file_kv() if flag.field == "discovery.file_kv" else default_of(flag)
+        flag.add_to(groups[flag.group], default)
     return parser
 
 
@@ -241,24 +349,29 @@ def config_from_values(args: Mapping[str, Any], targets: tuple[ScrapeTarget, ...
         except ConfigError as error:
             raise error.within(section) from None
 
-    pull = build("pull")  # checked even when off: a bad flag is an error either way
-    if values["journal"]["stream"] is not None:
-        journal = build("journal")
-    else:
-        journal = None
-        for name, value in values["journal"].items():
-            if name == "stream":
+    def build_optional(section: str) -> Any:
+        """The section, or None when its first field is not given; its other fields are checked either way."""
+        if values[section][OPTIONAL_SECTIONS[section]] is not None:
+            return build(section)
+        for name, value in values[section].items():
+            if name == OPTIONAL_SECTIONS[section]:
                 continue
             try:
-                check_field(field_named(JournalConfig, name), value)
+                check_field(field_named(SECTIONS[section], name), value)
             except ConfigError as error:
-                raise error.within("journal") from None
+                raise error.within(section) from None
+        return None
+
+    pull = build("pull")  # checked even when off: a bad flag is an error either way
     return AggregatorConfig(
         nats=build("nats"),
         http=build("http"),
         limits=build("limits"),
         component_metrics=build("component_metrics"),
-        journal=journal,
+        journal=build_optional("journal"),
         pull=pull if pull.targets else None,
+        discovery=build_optional("discovery"),
+        push_gateway=build_optional("push_gateway"),
+        remote_write=build_optional("remote_write"),
         **values[""],
     )

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Final
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import fleet_protocol as protocol
-from fleet_protocol.names import METRIC_NAME
+from fleet_protocol.names import LABEL_NAME, METRIC_NAME
 from fleet_protocol.service_stats import service_name
 from fleet_runtime.config_checks import (
     Check,
@@ -43,14 +44,19 @@ __all__ = [
     "AggregatorConfig",
     "ComponentMetricsConfig",
     "ConfigError",
+    "DiscoveryConfig",
     "HttpConfig",
     "JournalConfig",
     "LimitsConfig",
     "NatsConfig",
     "PullConfig",
+    "PushGatewayConfig",
+    "RemoteWriteConfig",
     "ScrapeTarget",
     "check_prefix",
     "check_stream_name",
+    "etcd_url",
+    "without_credentials",
 ]
 
 # Names of the node label on DCGM_FI_* series: dcgm-exporter's released one, and its main branch's since PR #655.
@@ -172,6 +178,12 @@ class HttpConfig:
     port: int = field(default=9091, metadata=checked(port_number))  # 0 picks a free one
     # exporter-toolkit web config (YAML): TLS and basic auth
     web_config_file: str | None = field(default=None, metadata=checked(optional(text)))
+    # Limits as Prometheus's exporters have them (Go's net/http timeouts, --web.max-connections).
+    max_connections: int = field(default=512, metadata=checked(within(1, 1_000_000)))
+    header_timeout: float = field(default=5.0, metadata=checked(within(0.1, 3600.0)))
+    idle_timeout: float = field(default=90.0, metadata=checked(within(0.1, 86400.0)))
+    write_timeout: float = field(default=30.0, metadata=checked(within(0.1, 3600.0)))
+    max_scrapes: int = field(default=40, metadata=checked(within(1, 100_000)))
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -187,6 +199,9 @@ class JournalConfig:
     snapshot_interval: float = field(default=5.0, metadata=checked(within(0.1, 3600.0)))
     # Retention of a stream the aggregator creates.
     stream_max_age: float = field(default=7 * 86400.0, metadata=checked(within(60.0, 10 * 365 * 86400.0)))
+    # Copies of a stream the aggregator creates, on that many nodes of a NATS cluster (JetStream's limit is 5);
+    # a stream that exists is used as it is.
+    stream_replicas: int = field(default=1, metadata=checked(within(1, 5)))
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -235,6 +250,154 @@ class PullConfig:
         return self.scrape_timeout
 
 
+DISCOVERY_BACKENDS: Final = ("file", "etcd")
+# Dynamo's own default for DYN_FILE_KV is `$TMPDIR/dynamo_store_kv` (cli.py resolves $TMPDIR).
+DEFAULT_FILE_KV: Final = "/tmp/dynamo_store_kv"
+DEFAULT_ETCD_ENDPOINTS: Final = ("http://localhost:2379",)
+
+
+def etcd_url(url: str) -> str:
+    """An etcd client URL as ETCD_ENDPOINTS lists them: http(s)://host:port, nothing after."""
+    if not isinstance(url, str):
+        raise TypeError(f"{url!r} is not an etcd URL like http://host:2379")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"{redact_url(url)!r} is not an etcd URL like http://host:2379")
+    if "@" in parts.netloc:
+        # The JSON gateway takes no credentials in the URL; refused rather than sent in the clear.
+        raise ValueError(f"{redact_url(url)!r} holds credentials; etcd authentication is not supported")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError(f"{url!r} has an invalid port") from None
+    return url
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """Dynamo's discovery store, read for worker instances, model cards and event channels.
+
+    `backend` is Dynamo's `DYN_DISCOVERY_BACKEND`; the file backend reads `file_kv`
+    (`DYN_FILE_KV`), etcd reads `etcd_endpoints` (`ETCD_ENDPOINTS`).
+    """
+
+    backend: str = field(metadata=checked(one_of(DISCOVERY_BACKENDS)))
+    file_kv: str = field(default=DEFAULT_FILE_KV, metadata=checked(text))
+    etcd_endpoints: tuple[str, ...] = field(default=DEFAULT_ETCD_ENDPOINTS,
+                                            metadata=checked(each(etcd_url, what="etcd URL")))
+    # A file whose keep-alive stopped this long ago is a dead worker's (Dynamo's own FileStore TTL).
+    file_ttl: float = field(default=float(protocol.FILE_ENTRY_TTL_S), metadata=checked(within(1.0, 3600.0)))
+    # Seconds between two scans of the file backend's directory.
+    file_scan_interval: float = field(default=1.0, metadata=checked(within(0.05, 60.0)))
+    # Larger entries are dropped (reason=oversized).
+    max_entry_bytes: int = field(default=256 * 1024, metadata=checked(within(1024, 64 * 1024 * 1024)))
+    # Entries of the aggregator's namespace kept at most; past it new ones are dropped (reason=entry_limit).
+    max_entries: int = field(default=100_000, metadata=checked(within(1, 10_000_000)))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.file_scan_interval >= self.file_ttl:
+            raise ConfigError("file_scan_interval", f"{shown(self.file_scan_interval)} must be below {{0}} "
+                              f"{shown(self.file_ttl)}, or live entries would expire between scans", ("file_ttl",))
+        if self.file_ttl <= protocol.FILE_KEEP_ALIVE_S:
+            raise ConfigError("file_ttl", f"{shown(self.file_ttl)} must be above Dynamo's keep-alive period "
+                              f"({protocol.FILE_KEEP_ALIVE_S:.1f}s), or live workers would expire")
+def http_url(url: str) -> str:
+    """An http(s) URL with a host; credentials (user:password@) allowed, never shown in an error."""
+    if not isinstance(url, str):
+        raise TypeError("is not an http(s) URL")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{redact_url(url)!r} is not an http(s) URL like http://host:9091")
+    try:
+        _ = parts.port  # raises for a port outside 0-65535 or not a number
+    except ValueError:
+        raise ValueError(f"{redact_url(url)!r} has an invalid port") from None
+    if parts.query or parts.fragment:
+        raise ValueError(f"{redact_url(url)!r} must have no query or fragment")
+    return url
+
+
+def without_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """(the URL without user:password@, user, password); user and password are None when absent."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None, None
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    password = unquote(parts.password) if parts.password is not None else ""
+    return urlunsplit(parts._replace(netloc=netloc)), unquote(parts.username), password
+
+
+def label_pairs(*, reserved: tuple[str, ...] = ()) -> Check:
+    """A tuple of (label name, value) pairs, names unique, none of `reserved` nor Prometheus's own `__*`."""
+
+    def check(pairs: object) -> None:
+        if not isinstance(pairs, tuple) or not all(isinstance(p, tuple) and len(p) == 2 for p in pairs):
+            raise TypeError(f"{pairs!r} is not a tuple of (name, value) pairs")
+        seen: set[str] = set()
+        for name, value in pairs:
+            if not isinstance(name, str) or not LABEL_NAME.fullmatch(name) or name.startswith("__"):
+                raise ValueError(f"{name!r} is not a label name")
+            if name in reserved:
+                raise ValueError(f"{name!r} is reserved")
+            if name in seen:
+                raise ValueError(f"{name!r} given twice")
+            seen.add(name)
+            label_value(value)
+
+    return check
+
+
+def _redacted_repr(config: object) -> str:
+    """The dataclass's repr with the credentials of its `url` field hidden."""
+    shown = []
+    for item in fields(config):  # type: ignore[arg-type]
+        value = getattr(config, item.name)
+        shown.append(f"{item.name}={redact_url(value) if item.name == 'url' else value!r}")
+    return f"{type(config).__name__}({', '.join(shown)})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class PushGatewayConfig:
+    """`--push-gateway`: the exposition PUT to a Prometheus Pushgateway every interval, for where nothing scrapes."""
+
+    url: str = field(metadata=checked(http_url))  # user:password@ becomes basic auth
+    job: str = field(default="llm-aggregator", metadata=checked(label_value))
+    # Further labels of the group's key (e.g. instance=...): one group per aggregator.
+    grouping: tuple[tuple[str, str], ...] = field(default=(), metadata=checked(label_pairs(reserved=("job",))))
+    interval: float = field(default=5.0, metadata=checked(within(0.1, 3600.0)))
+    timeout: float = field(default=10.0, metadata=checked(within(0.1, 600.0)))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def __repr__(self) -> str:
+        return _redacted_repr(self)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class RemoteWriteConfig:
+    """`--remote-write`: the aggregator's series sent by Prometheus remote write 1.0 every interval."""
+
+    url: str = field(metadata=checked(http_url))  # user:password@ becomes basic auth
+    interval: float = field(default=5.0, metadata=checked(within(0.1, 3600.0)))
+    timeout: float = field(default=10.0, metadata=checked(within(0.1, 600.0)))
+    # Added to every series that lacks them, as Prometheus's external_labels (e.g. replica=a for HA dedup).
+    labels: tuple[tuple[str, str], ...] = field(default=(), metadata=checked(label_pairs()))
+    max_samples_per_send: int = field(default=2000, metadata=checked(within(1, 1_000_000)))
+    # Samples waiting to be sent at most; past it the oldest are dropped (counted).
+    queue_samples: int = field(default=500_000, metadata=checked(within(1, 100_000_000)))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.queue_samples < self.max_samples_per_send:
+            raise ConfigError("queue_samples", f"{self.queue_samples} must be at least {{0}} "
+                              f"{self.max_samples_per_send}", ("max_samples_per_send",))
+
+    def __repr__(self) -> str:
+        return _redacted_repr(self)
+
+
 def _instance(kind: type) -> Check:
     def check(value: object) -> None:
         if not isinstance(value, kind):
@@ -245,7 +408,8 @@ def _instance(kind: type) -> Check:
 
 @dataclass(frozen=True, slots=True)
 class AggregatorConfig:
-    """Everything `python -m aggregator` is told. `journal` and `pull` are None when off."""
+    """Everything `python -m aggregator` is told. `journal`, `pull`, `discovery`, `push_gateway` and
+    `remote_write` are None when off."""
 
     nats: NatsConfig = field(default_factory=NatsConfig, metadata=checked(_instance(NatsConfig)))
     http: HttpConfig = field(default_factory=HttpConfig, metadata=checked(_instance(HttpConfig)))
@@ -254,6 +418,11 @@ class AggregatorConfig:
                                                       metadata=checked(_instance(ComponentMetricsConfig)))
     journal: JournalConfig | None = field(default=None, metadata=checked(optional(_instance(JournalConfig))))
     pull: PullConfig | None = field(default=None, metadata=checked(optional(_instance(PullConfig))))
+    discovery: DiscoveryConfig | None = field(default=None, metadata=checked(optional(_instance(DiscoveryConfig))))
+    push_gateway: PushGatewayConfig | None = field(default=None,
+                                                   metadata=checked(optional(_instance(PushGatewayConfig))))
+    remote_write: RemoteWriteConfig | None = field(default=None,
+                                                   metadata=checked(optional(_instance(RemoteWriteConfig))))
     namespace: str = field(default=protocol.DEFAULT_NAMESPACE, metadata=checked(nats_token))  # Dynamo namespace
     # Component label for namespace-level subjects (namespace.{ns}.kv_metrics, .kv-hit-rate).
     component: str = field(default=protocol.DEFAULT_COMPONENT, metadata=checked(nats_token))

@@ -14,13 +14,18 @@ from aggregator import rejects
 from aggregator.collectors.component_metrics import ComponentMetricsCollector
 from aggregator.collectors.fleet_kv import FleetCollector
 from aggregator.collectors.gpus import GpuCollector
+from aggregator.collectors.group_table import GroupTableCollector
+from aggregator.collectors.http_telemetry import HttpTelemetry
 from aggregator.collectors.status_view import StatusView
 from aggregator.collectors.telemetry import StatsScrapeTelemetry, Telemetry
 from aggregator.config import AggregatorConfig, PullConfig
 from aggregator.edges import nats_auth, web_config
 from aggregator.edges.hit_rate_journal import HitRateJournal
-from aggregator.edges.http_server import bound_port, build_app, start_server
+from aggregator.edges.http_listener import ConnectionLimits
+from aggregator.edges.http_server import ScrapeLimits, build_app, start_server
 from aggregator.edges.nats_transport import NatsSubscriber
+from aggregator.edges.push_gateway import PushGatewayPusher
+from aggregator.edges.remote_write import RemoteWriter
 from aggregator.edges.stats_scraper import StatsScraper
 from aggregator.edges.status_page import StatusPage, nats_connection
 from aggregator.ingest.component_snapshots import SnapshotLimits, snapshot_route
@@ -51,12 +56,13 @@ class Aggregator:
         PlatformCollector(registry=self.registry)
         self.counts = IngestCounts()
         self.telemetry = Telemetry(self.registry, self.counts)
+        self.http_telemetry = HttpTelemetry(self.registry)
         self.fleet = Fleet(limits.stale_after, max_workers=limits.max_workers, max_groups=limits.max_groups,
                            default_endpoint=config.endpoint,
                            max_component_series=component_metrics.max_series)
         fleet_kv = FleetCollector(self.fleet)
         gpus = GpuCollector(self.fleet, hostname_label=config.gpu_hostname_label)
-        for collector in (fleet_kv, gpus, ComponentMetricsCollector(self.fleet)):
+        for collector in (fleet_kv, gpus, ComponentMetricsCollector(self.fleet), GroupTableCollector(self.fleet)):
             self.registry.register(collector)
         # The collectors' render caches follow the workers (a GPU reading is rendered as it arrives).
         self.fleet.add_listener(fleet_kv.labels)
@@ -90,6 +96,11 @@ class Aggregator:
             skip_patterns=self.journal.patterns if self.journal else (),
         )
         self.scraper = self._stats_scraper(config.pull) if config.pull is not None else None
+        # Opt-in: for where nothing scrapes /metrics. Each expires workers first, as a scrape does.
+        self.pusher = (PushGatewayPusher(config.push_gateway, self.registry, before_push=self.expire_now)
+                       if config.push_gateway is not None else None)
+        self.remote_writer = (RemoteWriter(config.remote_write, self.registry, before_collect=self.expire_now)
+                              if config.remote_write is not None else None)
         self.started = time.monotonic()
         self.port: int | None = None
         self.status = StatusView(self.fleet, self.counts, self.ingest.subjects,
@@ -138,12 +149,16 @@ class Aggregator:
 
     async def run(self, stop: asyncio.Event) -> None:
         web, http = self.web, self.config.http
-        middlewares = (web_config.basic_auth_middleware(web.users),) if web.users else ()
+        middlewares = (web_config.basic_auth_middleware(web.users, self.http_telemetry),) if web.users else ()
         status_page = StatusPage(self.status, before_read=self.expire_now)
         app = build_app(self.registry, self.telemetry, health=self.health, before_scrape=self.expire_now,
-                        middlewares=middlewares, routes=status_page.routes())
-        runner = await start_server(app, http.host, http.port, ssl_context=web.ssl_context)
-        self.port = bound_port(runner)
+                        middlewares=middlewares, http_telemetry=self.http_telemetry,
+                        limits=ScrapeLimits(http.max_scrapes, http.write_timeout), routes=status_page.routes())
+        server = await start_server(app, http.host, http.port, ssl_context=web.ssl_context,
+                                    limits=ConnectionLimits(http.max_connections, http.header_timeout,
+                                                            http.idle_timeout),
+                                    telemetry=self.http_telemetry)
+        self.port = server.port
         log.info("serving metrics", url=f"{web.scheme}://{http.host}:{self.port}/metrics",
                  basic_auth=bool(web.users), namespace=self.config.namespace,
                  stale_after=self.config.limits.stale_after, nats_auth=nats_auth.describe(self.config.nats))
@@ -155,6 +170,10 @@ class Aggregator:
             tasks.append(asyncio.create_task(self.scraper.run(stop), name="stats-scrape"))
         if self.journal is not None:
             tasks.append(asyncio.create_task(self.journal.run(self.subscriber, stop), name="hit-rate-journal"))
+        if self.pusher is not None:
+            tasks.append(asyncio.create_task(self.pusher.run(stop), name="push-gateway"))
+        if self.remote_writer is not None:
+            tasks.append(asyncio.create_task(self.remote_writer.run(stop), name="remote-write"))
         try:
             await stop.wait()
         finally:
@@ -165,5 +184,5 @@ class Aggregator:
             if self.journal is not None:
                 await self.journal.close()  # final snapshot before the connection goes
             await self.subscriber.close()
-            await runner.cleanup()
+            await server.close()
             log.info("stopped")

@@ -58,7 +58,7 @@ def _help(action: argparse.Action, parser: argparse.ArgumentParser) -> str:
 
 def _default(action: argparse.Action) -> str:
     value = action.default
-    if value is None or isinstance(value, bool) or value == argparse.SUPPRESS:
+    if value is None or value == "" or isinstance(value, bool) or value == argparse.SUPPRESS:
         return ""
     if isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)

@@ -15,14 +15,15 @@ import re
 from collections.abc import Callable, Collection
 from dataclasses import Field, fields
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from fleet_protocol import MAX_LABEL_LENGTH
+from fleet_runtime.redaction import redact_url
 
 Check = Callable[[Any], object]  # raises ValueError when the value cannot work; its result is ignored
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_NATS_SCHEMES = {"nats", "tls", "ws", "wss"}
+NATS_SCHEMES = {"nats", "tls", "ws", "wss"}
 
 
 class ConfigError(ValueError):
@@ -145,20 +146,12 @@ def label_value(value: str) -> str:
     return value
 
 
-def redact_url(url: str) -> str:
-    """`nats://user:secret@host:4222` -> `nats://***@host:4222`."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
-
-
 def nats_url(url: str) -> str:
     if not isinstance(url, str):
         raise TypeError(f"{url!r} is not a NATS URL like nats://host:4222")
     parts = urlsplit(url)
     # Named without its credentials: the error is printed.
-    if parts.scheme not in _NATS_SCHEMES or not parts.hostname:
+    if parts.scheme not in NATS_SCHEMES or not parts.hostname:
         raise ValueError(f"{redact_url(url)!r} is not a NATS URL like nats://host:4222")
     try:
         _ = parts.port  # raises for a port outside 0-65535 or not a number

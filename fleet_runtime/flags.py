@@ -15,16 +15,28 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
-from fleet_runtime.config_checks import ConfigError
+from fleet_runtime.config_checks import NATS_SCHEMES, ConfigError
+from fleet_runtime.redaction import redact_message, redact_url
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag or variable in one line instead of usage + error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {redact_message(message)}\n")
         sys.exit(2)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # A mistyped secret flag's value would follow it: name the unknown flags, never the values.
+            flags = [extra.split("=", 1)[0] for extra in extras if extra.startswith("-")]
+            hidden = len(extras) - len(flags)
+            self.error("unrecognized arguments: " + " ".join(flags)
+                       + (f" (and {hidden} value{'s' if hidden > 1 else ''}, not shown)" if hidden else ""))
+        return parsed
 
 
 def env_flag(parser: argparse.ArgumentParser, flag: str, env: str | None, default, type, help: str, **kw):
@@ -108,3 +120,18 @@ def choice(options):
     parse.__name__ = "choice"
     return parse
 
+
+def nats_url_list(value: str) -> tuple[str, ...]:
+    """The comma-separated URLs, each checked here rather than by NatsConfig: a password holding a
+    ',' is split across two "URLs", so an error quotes the whole value, credentials masked."""
+    urls = comma_list(value)
+    for number, url in enumerate(urls, 1):
+        where = repr(redact_url(value.strip())) + (f", URL {number} of {len(urls)}," if len(urls) > 1 else "")
+        parts = urlsplit(url)
+        if parts.scheme not in NATS_SCHEMES or not parts.hostname:
+            raise ValueError(f"{where} is not a NATS URL like nats://host:4222")
+        try:
+            _ = parts.port  # raises for a port outside 0-65535 or not a number
+        except ValueError:
+            raise ValueError(f"{where} has an invalid port") from None
+    return urls

@@ -48,7 +48,9 @@ async def run(config: MockWorkerConfig, status: StatusServerConfig | None = None
                       endpoint=config.endpoint, seed=config.seed, dp_ranks=config.dp_ranks, shape=config.shape,
                       hit_rate_on_namespace=config.hit_rate_on_namespace, freeze_after=config.freeze_after,
                       component_metrics=config.component_metrics, gpu=config.gpu,
-                      gpus_per_worker=config.gpus_per_worker, gpu_interval=config.gpu_interval)
+                      gpus_per_worker=config.gpus_per_worker, gpu_interval=config.gpu_interval,
+                      protocol=config.protocol, event_plane=config.event_plane,
+                      event_plane_host=config.event_plane_host, discovery_file_kv=config.discovery_file_kv)
     server = None
     if status is not None:
         server = StatusServer(fleet.workers[0].runtime, status)
@@ -57,10 +59,12 @@ async def run(config: MockWorkerConfig, status: StatusServerConfig | None = None
         server.health.set_ready()
         log.info("status server", url=f"http://{status.host}:{port}/metrics", worker_id=fleet.workers[0].worker_id)
     try:
+        await fleet.start()
         if config.mode == "pull":
             await fleet.serve_stats()
         await fleet.run(config.interval, stop, config.metrics_interval)
     finally:
+        fleet.close()
         if server is not None:
             await server.stop()
         await nc.drain()

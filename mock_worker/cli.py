@@ -9,16 +9,22 @@ from fleet_runtime.config_checks import ConfigError, field_named
 from fleet_runtime.flags import (
     Flag,
     OneLineParser,
-    comma_list,
     config_error,
     field_flags,
+    nats_url_list,
 )
 
 from .config import MockWorkerConfig
 from .fleet import SHAPES
 
+
+def optional_path(value: str) -> str | None:
+    """A directory; empty means none (an exported but empty variable)."""
+    return value or None
+
+
 FLAGS: tuple[Flag, ...] = (
-    Flag("--nats-url", "NATS_SERVER", "nats_urls", comma_list, "NATS server URL(s)"),
+    Flag("--nats-url", "NATS_SERVER", "nats_urls", nats_url_list, "NATS server URL(s)"),
     Flag("--namespace", "DYN_NAMESPACE", "namespace", str, "Dynamo namespace"),
     Flag("--component", "MOCK_WORKER_COMPONENT", "component", str, "component name"),
     Flag("--endpoint", "MOCK_WORKER_ENDPOINT", "endpoint", str, "endpoint name"),
@@ -44,6 +50,18 @@ FLAGS: tuple[Flag, ...] = (
          "stop after this many seconds (0 = run until interrupted)"),
     Flag("--metrics-interval", "MOCK_WORKER_METRICS_INTERVAL", "metrics_interval", float,
          "seconds between MetricsRegistry snapshots (namespace.{ns}.component.{c}.metrics)"),
+    Flag("--protocol", "MOCK_WORKER_PROTOCOL", "protocol", str,
+         "what the workers speak: dynamo-1 (Dynamo 1.x: ActiveLoad on kv_metrics, ForwardPassMetrics v1, "
+         "kv-events, in MessagePack envelopes on the event plane) or legacy (Dynamo 0.1-0.5: JSON LoadEvent "
+         "and kv-hit-rate events); GPU readings and metric snapshots are the same in both"),
+    Flag("--event-plane", "DYN_EVENT_PLANE", "event_plane", str,
+         "dynamo-1's event plane: nats (namespace.{ns}.component.{c}.endpoint.{e}.{topic}) or zmq "
+         "(a PUB socket per publisher, advertised in --discovery-file-kv)"),
+    Flag("--event-plane-host", "DYN_EVENT_PLANE_HOST", "event_plane_host", str,
+         "IP address the ZMQ publishers bind and advertise"),
+    Flag("--discovery-file-kv", "DYN_FILE_KV", "discovery_file_kv", optional_path,
+         "dynamo-1: Dynamo's file discovery directory, to register each worker, its model card "
+         "(runtime_config) and its publishers in (removed on a clean stop)"),
 )
 
 FIELD_FLAGS = {

@@ -34,6 +34,8 @@ class EngineConfig:
     cached_prefixes: int = 6  # prefix-cache capacity, in prefixes (LRU)
     max_waiting: int = 512  # beyond, new requests are refused
     error_probability: float = 0.01  # a request fails mid-generation
+    # Advertised only (Dynamo 1.x's runtime_config): the simulation does not chunk prefills.
+    max_num_batched_tokens: int = 8192
 
 
 @dataclass
@@ -44,6 +46,12 @@ class Request:
     prefix_blocks: int
     generated: float = 0.0
     fails_at: float | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache on arrival
+    serial: int = 0  # the engine's request number: names the request's KV blocks
+
+    @property
+    def context_tokens(self) -> int:
+        return self.prompt_tokens + int(self.generated)
 
     def blocks(self, block_size: int) -> int:
         """Blocks this request holds beyond its (shared) prefix."""
@@ -55,6 +63,46 @@ class Request:
 class HitRateSample:
     isl_blocks: int
     overlap_blocks: int
+
+
+@dataclass(frozen=True)
+class IterationStats:
+    """One simulated step as one forward pass, in the terms of Dynamo 1.x's ForwardPassMetrics.
+
+    Request counts describe the batch at the end of the step (prefill = admitted during it,
+    decode = the other running requests), so they add up to the running requests. Prefill
+    tokens are the work done during the step: every request admitted in it, including one
+    that also finished in it.
+    """
+
+    prefill_requests: int
+    prefill_tokens: int  # computed
+    prefill_cached_tokens: int  # read from the prefix cache
+    prefill_length_variance: float
+    decode_requests: int
+    decode_kv_tokens: int
+    decode_kv_variance: float
+    queued_requests: int
+    queued_prefill_tokens: int
+    queued_length_variance: float
+    wall_time: float  # seconds; a model of the pass's cost, not measured
+
+    @property
+    def idle(self) -> bool:
+        return self.prefill_requests == 0 and self.decode_requests == 0 and self.prefill_tokens == 0
+
+
+def population_variance(values: list[int]) -> float:
+    if not values:
+        return 0.0
+    mean = sum(values) / len(values)
+    return sum((value - mean) ** 2 for value in values) / len(values)
+
+
+# The cost model of a forward pass: a fixed overhead, per prefilled token, per decoding request.
+PASS_OVERHEAD_S = 0.004
+PREFILL_TOKEN_S = 2.5e-5
+DECODE_REQUEST_S = 1.5e-4
 
 
 @dataclass(frozen=True)
@@ -79,6 +127,11 @@ class SimulatedEngine:
     _prefix_lengths: list = field(default_factory=list)
     _hit_ema: float = 0.0
     _started: dict = field(default_factory=dict)
+    # Counters of the prefill work done (Dynamo 1.x reports them per pass); they draw no random numbers.
+    prefill_tokens_computed: int = 0
+    prefill_tokens_cached: int = 0
+    _requests_seen: int = 0
+    _admitted: list = field(default_factory=list)  # requests admitted during the current step
 
     def __post_init__(self) -> None:
         low, high = self.config.prefix_tokens
@@ -94,7 +147,7 @@ class SimulatedEngine:
 
     def active_blocks(self) -> int:
         in_use_prefixes = {r.prefix for r in self.running if r.prefix is not None}
-        prefix_blocks = sum(self._prefix_blocks(p) for p in in_use_prefixes)
+        prefix_blocks = sum(self.prefix_blocks(p) for p in in_use_prefixes)
         return prefix_blocks + sum(r.blocks(self.config.block_size) for r in self.running)
 
     def metrics(self, dp_rank: int | None = None) -> ForwardPassMetrics:
@@ -117,8 +170,35 @@ class SimulatedEngine:
 
     # -- simulation --------------------------------------------------------------------
 
-    def _prefix_blocks(self, prefix: int) -> int:
+    def prefix_blocks(self, prefix: int) -> int:
+        """KV blocks of shared prefix `prefix` (its whole blocks: a partial one is the request's own)."""
         return self._prefix_lengths[prefix] // self.config.block_size
+
+    def iteration(self) -> IterationStats:
+        """The last step as a forward pass (computed when asked: the legacy protocol never asks)."""
+        admitted = self._admitted
+        still_running = {id(request) for request in self.running}
+        prefilling = sum(1 for request in admitted if id(request) in still_running)
+        fresh = {id(request) for request in admitted}
+        decoding = [request.context_tokens for request in self.running if id(request) not in fresh]
+        computed = sum(request.prompt_tokens - request.cached_tokens for request in admitted)
+        queued = [request.prompt_tokens for request in self.waiting]
+        wall_time = 0.0
+        if admitted or decoding:
+            wall_time = PASS_OVERHEAD_S + PREFILL_TOKEN_S * computed + DECODE_REQUEST_S * len(decoding)
+        return IterationStats(
+            prefill_requests=prefilling,
+            prefill_tokens=computed,
+            prefill_cached_tokens=sum(request.cached_tokens for request in admitted),
+            prefill_length_variance=population_variance([request.prompt_tokens for request in admitted]),
+            decode_requests=len(decoding),
+            decode_kv_tokens=sum(decoding),
+            decode_kv_variance=population_variance(decoding),
+            queued_requests=len(queued),
+            queued_prefill_tokens=sum(queued),
+            queued_length_variance=population_variance(queued),
+            wall_time=round(wall_time, 6),
+        )
 
     def _arrive(self) -> HitRateSample | None:
         c = self.config
@@ -127,7 +207,7 @@ class SimulatedEngine:
             return None
         prefix = self.rng.randrange(c.prefixes) if self.rng.random() < c.prefix_share_probability else None
         unique = max(1, int(self.rng.expovariate(1 / c.mean_unique_prompt_tokens)))
-        prefix_blocks = self._prefix_blocks(prefix) if prefix is not None else 0
+        prefix_blocks = self.prefix_blocks(prefix) if prefix is not None else 0
         prompt = unique + prefix_blocks * c.block_size
         isl_blocks = math.ceil(prompt / c.block_size)
         overlap = 0
@@ -140,7 +220,9 @@ class SimulatedEngine:
                 if len(self._prefix_cache) > c.cached_prefixes:
                     self._prefix_cache.popitem(last=False)
         output = max(1, int(self.rng.expovariate(1 / c.mean_output_tokens)))
-        request = Request(prompt, output, prefix, prefix_blocks)
+        request = Request(prompt, output, prefix, prefix_blocks, cached_tokens=overlap * c.block_size,
+                          serial=self._requests_seen)
+        self._requests_seen += 1
         if self.rng.random() < c.error_probability:
             request.fails_at = self.rng.uniform(0, output)
         self._started[id(request)] = self.clock
@@ -156,11 +238,16 @@ class SimulatedEngine:
             candidate = self.waiting[0]
             if self.active_blocks() + candidate.blocks(c.block_size) + candidate.prefix_blocks > c.total_blocks:
                 break
-            self.running.append(self.waiting.popleft())
+            admitted = self.waiting.popleft()
+            self.running.append(admitted)
+            self._admitted.append(admitted)
+            self.prefill_tokens_computed += admitted.prompt_tokens - admitted.cached_tokens
+            self.prefill_tokens_cached += admitted.cached_tokens
 
     def step(self, dt: float) -> tuple[list[HitRateSample], list[Completion]]:
         """Advance `dt` seconds; the hit-rate samples of arrivals and the requests that ended."""
         samples: list[HitRateSample] = []
+        self._admitted = []
         self._arrival_credit += self.arrival_rate() * dt
         # Poisson arrivals: draw exponential gaps until the interval's budget is spent.
         while True:

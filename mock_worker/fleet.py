@@ -1,9 +1,14 @@
 """Many simulated workers in one process, each publishing through the publisher library.
 
-In push mode every worker publishes its ForwardPassMetrics on `kv_metrics`. In pull mode
-(`serve_stats`) every worker instead runs a NATS micro service, as a Dynamo worker does,
+Two protocols. `legacy` (Dynamo 0.1-0.5): in push mode every worker publishes its
+ForwardPassMetrics on `kv_metrics` as JSON, and hit-rate events; in pull mode
+(`serve_stats`) every worker instead runs a NATS micro service, as a Dynamo worker did,
 whose stats handler returns its current metrics; hit-rate events are still pushed, since
-in Dynamo the KV router publishes them, not the worker.
+in Dynamo the KV router published them, not the worker. `dynamo-1` (Dynamo 1.x): every
+worker publishes on the event plane (NATS or ZMQ) what its engines' steps changed (see
+`dynamo_events`), and registers itself, its model card and its publishers in a
+file-backend discovery directory when given one (`start`; `close` removes them). GPU
+readings and metric snapshots, this project's own topics, are the same in both.
 """
 
 from __future__ import annotations
@@ -13,14 +18,19 @@ import random
 from dataclasses import dataclass, field
 
 import structlog
+import zmq
 from nats.aio.client import Client
 
 import fleet_protocol as protocol
+from fleet_worker.discovery_entries import WorkerEndpoint
 from fleet_worker.endpoint_metrics import EndpointMetrics, HandlerError, current_call
+from fleet_worker.event_plane_worker import EventPlane, EventPlaneWorker, NatsEventPlane, ZmqEventPlane
+from fleet_worker.file_kv_store import FileKvStore
 from fleet_worker.nvml_sampler import NvmlGpuSource, node_hostname, read_gpus
 from fleet_worker.publisher import WorkerPublisher, run_periodically
 from fleet_worker.registry import MetricsRegistry
 
+from .dynamo_events import EngineEvents, model_card
 from .engine import Completion, EngineConfig, SimulatedEngine
 from .gpus import SimulatedGpus
 
@@ -29,6 +39,10 @@ log = structlog.get_logger("mock_worker")
 SHAPES = ("nested", "flat", "wrapped")
 MODES = ("push", "pull")
 GPU_SOURCES = ("simulated", "nvml", "none")
+PROTOCOLS = ("dynamo-1", "legacy")
+EVENT_PLANES = ("nats", "zmq")
+# How often idle ranks are checked for a due forward-pass heartbeat (due one second after the last message).
+HEARTBEAT_CHECK_S = 0.1
 
 
 @dataclass
@@ -42,6 +56,7 @@ class SimulatedWorker:
     endpoint_metrics: EndpointMetrics | None = None  # its automatic metrics
     gpus: list[SimulatedGpus] | None = None  # one set per data-parallel rank, with --gpu simulated
     hostname: str = ""
+    events: EngineEvents | None = None  # its Dynamo 1.x publishers, with the dynamo-1 protocol
 
 
 def serve_generate(endpoint: MetricsRegistry):
@@ -112,11 +127,19 @@ class MockFleet:
         gpus_per_worker: int = 1,
         gpu_interval: float = 5.0,
         gpu_source: NvmlGpuSource | None = None,
+        protocol: str = "legacy",
+        event_plane: str = "nats",
+        event_plane_host: str = "127.0.0.1",
+        discovery_file_kv: str | None = None,
     ) -> None:
         if shape not in SHAPES:
             raise ValueError(f"shape must be one of {SHAPES}")
         if gpu not in GPU_SOURCES:
             raise ValueError(f"gpu must be one of {GPU_SOURCES}")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}")
+        if event_plane not in EVENT_PLANES:
+            raise ValueError(f"event_plane must be one of {EVENT_PLANES}")
         # GPUs draw from their own stream, so a seed gives the same KV stats with or without GPUs.
         self.rng = random.Random(None if seed is None else f"{seed}/gpus")
         self.nc = nc
@@ -154,6 +177,49 @@ class MockFleet:
         elif gpu == "nvml":
             for worker in self.workers:
                 worker.hostname = node_hostname()
+        self.protocol = protocol
+        self.event_plane_name = event_plane
+        self.zmq_context: zmq.Context | None = None
+        self.store: FileKvStore | None = None
+        if protocol == "dynamo-1":
+            self._build_event_plane(event_plane, event_plane_host, discovery_file_kv, config or EngineConfig())
+
+    def _build_event_plane(self, name: str, host: str, file_kv: str | None, config: EngineConfig) -> None:
+        plane: EventPlane
+        if name == "zmq":
+            self.zmq_context = zmq.Context()
+            plane = ZmqEventPlane(self.zmq_context, host)
+        else:
+            plane = NatsEventPlane(self.nc)
+        self.store = FileKvStore(file_kv) if file_kv is not None else None
+        card = model_card(config, self.dp_ranks)
+        for worker in self.workers:
+            endpoint = WorkerEndpoint(self.namespace, self.component, self.endpoint, worker.worker_id)
+            publisher = EventPlaneWorker(endpoint, plane, dp_ranks=range(self.dp_ranks), store=self.store,
+                                         model=card)
+            worker.events = EngineEvents(publisher, worker.engines)
+
+    async def start(self) -> None:
+        """dynamo-1: register every worker in discovery and start its KV events; nothing for legacy."""
+        for worker in self.workers:
+            if worker.events is not None:
+                await worker.events.start()
+
+    def close(self) -> None:
+        """dynamo-1: a clean stop, as Dynamo's: discovery entries deleted, publishers closed."""
+        for worker in self.workers:
+            if worker.events is not None:
+                worker.events.close()
+        if self.store is not None:
+            self.store.close()
+        if self.zmq_context is not None:
+            self.zmq_context.term()
+            self.zmq_context = None
+
+    async def send_heartbeats(self) -> None:
+        for worker in self.workers:
+            if worker.events is not None:
+                await worker.events.publisher.forward_passes.send_due_heartbeats()
 
     def _payload(self, worker: SimulatedWorker, metrics: protocol.ForwardPassMetrics) -> bytes:
         if self.shape == "flat":
@@ -177,8 +243,16 @@ class MockFleet:
                     if worker.generate is not None:
                         for completion in completions:
                             answer(worker, completion)
-                    for sample in samples:
-                        await worker.publisher.publish_hit_rate(sample.isl_blocks, sample.overlap_blocks, dp_rank)
+                    if worker.events is None:  # Dynamo 1.x has no hit-rate events
+                        for sample in samples:
+                            await worker.publisher.publish_hit_rate(sample.isl_blocks, sample.overlap_blocks,
+                                                                    dp_rank)
+                if worker.events is not None:
+                    if frozen:
+                        worker.events.held_still(rank)
+                    else:
+                        await worker.events.stepped(rank)
+                    continue
                 if self.pull:
                     continue  # the stats handler reports the load when asked
                 metrics = engine.metrics(dp_rank)
@@ -194,6 +268,8 @@ class MockFleet:
         """Pull mode: run each worker as a NATS micro service with Dynamo's naming (see `stats_service`)."""
         from .stats_service import start_worker_service
 
+        if self.protocol != "legacy":
+            raise ValueError("pull mode serves Dynamo 0.x's stats data: it needs the legacy protocol")
         if self.dp_ranks != 1:
             raise ValueError("pull mode reports one ForwardPassMetrics per worker endpoint: use one dp rank")
         for worker in self.workers:
@@ -226,7 +302,17 @@ class MockFleet:
 
     async def run(self, interval: float, stop: asyncio.Event, metrics_interval: float = 5.0) -> None:
         component_metrics = bool(self.workers) and self.workers[0].runtime is not None
-        if self.pull:
+        if self.protocol == "dynamo-1":
+            first = self.workers[0].events if self.workers else None
+            log.info("publishing", protocol=self.protocol, event_plane=self.event_plane_name,
+                     workers=len(self.workers), dp_ranks=self.dp_ranks, interval=interval,
+                     freeze_after=self.freeze_after,
+                     subject_prefix=first.publisher.worker.subject_prefix
+                     if first and self.event_plane_name == "nats" else None,
+                     discovery_file_kv=str(self.store.root) if self.store is not None else None,
+                     component_metrics=component_metrics, metrics_interval=metrics_interval,
+                     gpu=self.gpu, gpu_interval=self.gpu_interval if self.gpu != "none" else None)
+        elif self.pull:
             from fleet_protocol.service_stats import service_name, stats_subject
 
             log.info("serving stats", workers=len(self.workers), interval=interval, freeze_after=self.freeze_after,
@@ -242,6 +328,10 @@ class MockFleet:
             loops.append(run_periodically(metrics_interval, self.publish_component_metrics, stop))
         if self.gpu != "none":
             loops.append(run_periodically(self.gpu_interval, lambda: self.gpu_tick(self.gpu_interval), stop))
+        if self.protocol == "dynamo-1":
+            loops.append(run_periodically(HEARTBEAT_CHECK_S, self.send_heartbeats, stop))
+            if self.store is not None:
+                loops.append(self.store.run_keep_alive(stop))
         try:
             await asyncio.gather(*loops)
         finally:

