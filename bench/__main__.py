@@ -68,28 +68,30 @@ class Child:
     def __init__(self, *args: str) -> None:
         self.popen = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert self.popen.stdin is not None and self.popen.stdout is not None
+        self.stdin, self.stdout = self.popen.stdin, self.popen.stdout
 
     def expect(self, word: str) -> None:
-        line = self.popen.stdout.readline().strip()
+        line = self.stdout.readline().strip()
         if line != word:
-            raise RuntimeError(f"{self.popen.args}: expected {word!r}, got {line!r}")
+            raise RuntimeError(f"{self.popen.args!r}: expected {word!r}, got {line!r}")
 
     def go(self) -> float:
         started = time.time()
-        self.popen.stdin.write("go\n")
-        self.popen.stdin.flush()
+        self.stdin.write("go\n")
+        self.stdin.flush()
         return started
 
     def result(self, timeout: float = 180) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            line = self.popen.stdout.readline()
+            line = self.stdout.readline()
             if not line:
                 break
             if line.startswith("{"):
                 self.popen.wait(30)
                 return json.loads(line)
-        raise RuntimeError(f"{self.popen.args}: no result")
+        raise RuntimeError(f"{self.popen.args!r}: no result")
 
     def stop(self) -> None:
         terminate(self.popen)

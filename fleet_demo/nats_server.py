@@ -84,11 +84,11 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "NatsServer":
+    def start(self, timeout: float = 10.0) -> NatsServer:
         args = [nats_server_binary(), "-a", self.host, "-p", str(self.port)]
         if self.config:
             args += ["-c", self.config]
-        if self.jetstream:
+        if self.store_dir is not None:  # with JetStream
             args += ["-js", "-sd", self.store_dir]
         args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -111,7 +111,7 @@ class NatsServer:
             self.process.wait(5)
         self.process = None
 
-    def __enter__(self) -> "NatsServer":
+    def __enter__(self) -> NatsServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

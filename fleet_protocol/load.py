@@ -101,6 +101,9 @@ def _normalise(data: _AnyForwardPassMetrics) -> ForwardPassMetrics:
         for name in _FLAT_REQUIRED:
             if getattr(data, name) is None:
                 raise MessageRejected(MISSING_FIELD, f"ForwardPassMetrics missing field `{name}`")
+        # Each checked above: none is None here.
+        assert data.request_active_slots is not None and data.request_total_slots is not None
+        assert data.kv_active_blocks is not None and data.kv_total_blocks is not None
         metrics = ForwardPassMetrics(
             WorkerStats(
                 request_active_slots=data.request_active_slots,

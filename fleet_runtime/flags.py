@@ -28,7 +28,7 @@ class OneLineParser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {redact_message(message)}\n")
         sys.exit(2)
 
-    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             # A mistyped secret flag's value would follow it: name the unknown flags, never the values.

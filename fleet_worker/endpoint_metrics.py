@@ -37,10 +37,10 @@ from fleet_worker.registry import DEFAULT_BUCKETS, MetricsError, MetricsRegistry
 GENERATE_ERROR = "generate"
 CANCELLED_ERROR = "cancelled"
 
-_current: contextvars.ContextVar["RequestCall | None"] = contextvars.ContextVar("dynamo_request_call", default=None)
+_current: contextvars.ContextVar[RequestCall | None] = contextvars.ContextVar("dynamo_request_call", default=None)
 
 
-def current_call() -> "RequestCall | None":
+def current_call() -> RequestCall | None:
     """The call being tracked by the innermost wrapped handler, or None outside one."""
     return _current.get()
 
@@ -64,7 +64,7 @@ class RequestCall:
 
     __slots__ = ("_metrics", "request_bytes", "response_bytes", "duration", "error_type", "_started")
 
-    def __init__(self, metrics: "EndpointMetrics", request_bytes: int = 0) -> None:
+    def __init__(self, metrics: EndpointMetrics, request_bytes: int = 0) -> None:
         self._metrics = metrics
         self.request_bytes = request_bytes
         self.response_bytes = 0
@@ -76,7 +76,7 @@ class RequestCall:
         """Count this call as failed with `error_type` without raising (keep the set of types small)."""
         self.error_type = error_type
 
-    def __enter__(self) -> "RequestCall":
+    def __enter__(self) -> RequestCall:
         m = self._metrics
         m.requests.inc()
         m.inflight.inc()
@@ -100,7 +100,7 @@ class RequestCall:
         if self.error_type is not None:
             m.errors(str(self.error_type)).inc()
 
-    async def __aenter__(self) -> "RequestCall":
+    async def __aenter__(self) -> RequestCall:
         return self.__enter__()
 
     async def __aexit__(self, exc_type, exc, tb) -> None:

@@ -21,6 +21,7 @@ import importlib
 import os
 import socket
 from dataclasses import dataclass, field
+from types import EllipsisType
 from typing import Any, get_args
 
 import structlog
@@ -176,9 +177,10 @@ class NvmlGpuSource:
 
     blocking = True
 
-    def __init__(self, nvml: Any = None, *, visible_devices: str | None | object = ..., logger=None) -> None:
+    def __init__(self, nvml: Any = None, *, visible_devices: str | None | EllipsisType = ..., logger=None) -> None:
         self._nvml = nvml
-        self._visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible_devices is ... else visible_devices
+        self._visible = (os.environ.get("CUDA_VISIBLE_DEVICES") if isinstance(visible_devices, EllipsisType)
+                         else visible_devices)
         self._log = logger or log
         self._opened = False
         self._devices: list[_Device] = []

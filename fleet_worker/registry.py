@@ -174,7 +174,7 @@ class MetricsRegistry:
         self.uptime = self.create_gauge("uptime_seconds", "Time since the worker's metrics registry started")
         self.uptime.set_function(lambda: clock() - started)
 
-    def _child(self, label: str, name: str) -> "MetricsRegistry":
+    def _child(self, label: str, name: str) -> MetricsRegistry:
         child = object.__new__(MetricsRegistry)
         child.registry = self.registry
         child._families = self._families
@@ -185,15 +185,15 @@ class MetricsRegistry:
 
     # -- hierarchy ---------------------------------------------------------------------
 
-    def namespace(self, name: str) -> "MetricsRegistry":
+    def namespace(self, name: str) -> MetricsRegistry:
         self._expect_level(0, "namespace")
         return self._child(NAMESPACE_LABEL, name)
 
-    def component(self, name: str) -> "MetricsRegistry":
+    def component(self, name: str) -> MetricsRegistry:
         self._expect_level(1, "component")
         return self._child(COMPONENT_LABEL, name)
 
-    def endpoint(self, name: str) -> "MetricsRegistry":
+    def endpoint(self, name: str) -> MetricsRegistry:
         self._expect_level(2, "endpoint")
         return self._child(ENDPOINT_LABEL, name)
 

@@ -53,7 +53,9 @@ async def run(config: MockWorkerConfig, status: StatusServerConfig | None = None
                       event_plane_host=config.event_plane_host, discovery_file_kv=config.discovery_file_kv)
     server = None
     if status is not None:
-        server = StatusServer(fleet.workers[0].runtime, status)
+        runtime = fleet.workers[0].runtime
+        assert runtime is not None  # status_config() allows a status server only with component metrics
+        server = StatusServer(runtime, status)
         port = await server.start()
         server.health.set_endpoint(config.endpoint)
         server.health.set_ready()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -52,7 +53,8 @@ class SimulatedWorker:
     publisher: WorkerPublisher
     services: list = field(default_factory=list)  # nats.micro services, in pull mode
     runtime: MetricsRegistry | None = None  # the worker process's MetricsRegistry
-    generate: object = None  # the `generate` endpoint's handler, wrapped by EndpointMetrics
+    # the `generate` endpoint's handler, wrapped by EndpointMetrics
+    generate: Callable[[bytes, Completion], bytes] | None = None
     endpoint_metrics: EndpointMetrics | None = None  # its automatic metrics
     gpus: list[SimulatedGpus] | None = None  # one set per data-parallel rank, with --gpu simulated
     hostname: str = ""
@@ -72,7 +74,9 @@ def serve_generate(endpoint: MetricsRegistry):
 
     @metrics.handler
     def generate(request: bytes, completion: Completion) -> bytes:
-        current_call().duration = completion.latency
+        call = current_call()
+        assert call is not None  # always inside the wrapped handler
+        call.duration = completion.latency
         if completion.error is not None:
             raise HandlerError(completion.error, "simulated engine failure")
         return bytes(4 * completion.output_tokens)
@@ -82,6 +86,7 @@ def serve_generate(endpoint: MetricsRegistry):
 
 def answer(worker: SimulatedWorker, completion: Completion) -> None:
     try:
+        assert worker.generate is not None  # answer() is only called for workers that serve
         worker.generate(bytes(4 * completion.prompt_tokens), completion)
     except HandlerError:
         pass  # counted by the endpoint metrics; the simulated client just sees the error
@@ -222,6 +227,7 @@ class MockFleet:
                 await worker.events.publisher.forward_passes.send_due_heartbeats()
 
     def _payload(self, worker: SimulatedWorker, metrics: protocol.ForwardPassMetrics) -> bytes:
+        data: object
         if self.shape == "flat":
             data = protocol.flat_forward_pass_metrics(metrics)
         elif self.shape == "wrapped":
@@ -335,5 +341,5 @@ class MockFleet:
         try:
             await asyncio.gather(*loops)
         finally:
-            if self.gpu == "nvml":
+            if self.gpu == "nvml" and self.gpu_source is not None:
                 await asyncio.to_thread(self.gpu_source.close)

@@ -33,7 +33,7 @@ class Identity:
     public: str
 
     @classmethod
-    def new(cls, prefix: int) -> "Identity":
+    def new(cls, prefix: int) -> Identity:
         seed = nkeys.encode_seed(os.urandom(32), prefix)
         return cls(seed, nkeys.from_seed(bytearray(seed)).public_key.decode())
 

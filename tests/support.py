@@ -126,7 +126,7 @@ class AggregatorProcess(Process):
             env,
         )
 
-    def wait_live(self) -> "AggregatorProcess":
+    def wait_live(self) -> AggregatorProcess:
         try:
             wait_until(lambda: http_get(f"{self.url}/live")[0] == 200, 15, what="aggregator /live")
         except AssertionError:

@@ -108,7 +108,7 @@ def test_nkey_seed(processes, tmp_path):
 
 
 def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool, usage):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
                .issuer_name(issuer_name or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))

@@ -15,6 +15,7 @@ from aggregator.collectors.component_metrics import (
 )
 from aggregator.collectors.fleet_kv import FleetCollector
 from aggregator.collectors.telemetry import Telemetry
+from aggregator.config import check_prefix
 from aggregator.exposition.encoder import encode
 from aggregator.ingest.component_snapshots import (
     DEFAULT_HELP,
@@ -24,7 +25,6 @@ from aggregator.ingest.component_snapshots import (
     render_lines,
     snapshot_route,
 )
-from aggregator.config import check_prefix
 from aggregator.ingest.pipeline import Ingest
 from aggregator.state.fleet import Fleet
 from fleet_worker.endpoint_metrics import EndpointMetrics

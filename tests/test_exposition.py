@@ -13,8 +13,8 @@ import fleet_protocol as protocol
 from aggregator import rejects
 from aggregator.collectors.fleet_kv import FleetCollector
 from aggregator.collectors.telemetry import Telemetry
-from aggregator.ingest.component_snapshots import SnapshotLimits, snapshot_route
 from aggregator.exposition.encoder import encode
+from aggregator.ingest.component_snapshots import SnapshotLimits, snapshot_route
 from aggregator.ingest.pipeline import Ingest
 from aggregator.state.fleet import Fleet
 

@@ -76,7 +76,7 @@ def populated():
             aggregator.registry.unregister(collector)
         if isinstance(collector, FleetCollector):
             now, wall = collector._monotonic(), collector._wall()
-            collector._monotonic, collector._wall = (lambda: now), (lambda: wall)
+            collector._monotonic, collector._wall = (lambda now=now: now), (lambda wall=wall: wall)
     # Families prometheus_client renders specially: _created samples, big and special floats, no labels.
     extra = aggregator.registry
     Counter("zz_plain_counter", "A counter with _created", ["a"], registry=extra).labels("x").inc(3)

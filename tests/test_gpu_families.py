@@ -125,7 +125,7 @@ def test_energy_is_exact_as_a_sample_value_in_text_format():
     ingest, registry, _ = make_stack()
     send_gpu(ingest, 1, [{**H100, "total_energy_mj": 9_007_199_254_740_993}])  # above 2**53: float rounds
     body, _ = encode(registry, "")
-    (line,) = [l for l in body.decode().splitlines() if l.startswith("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{")]
+    (line,) = [text for text in body.decode().splitlines() if text.startswith("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{")]
     assert float(line.rsplit(" ", 1)[1]) == pytest.approx(9_007_199_254_740_993, rel=1e-15)
 
 

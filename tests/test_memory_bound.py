@@ -112,7 +112,7 @@ def test_hostile_cardinality_is_refused_counted_and_memory_stays_bounded(nats_se
                                        aggregator.url]))
         assert flood.popen.wait(60) == 0, flood.output()
         # Everything published has been received and handled (accepted or rejected).
-        wait_until(lambda: aggregator.health() == 200 and (lambda f: sum(samples(
+        wait_until(lambda r=r: aggregator.health() == 200 and (lambda f: sum(samples(
             f, "llm_aggregator_messages_received", "llm_aggregator_messages_received_total").values()) == (r + 1) * 41_020)(
             scrape(aggregator.url)), 30, what=f"round {r} handled")
         peaks.append(rss(pid)[1])

@@ -77,12 +77,13 @@ def test_the_aggregator_connects_with_a_creds_file_and_receives_a_workers_messag
     by_flag = processes.aggregator(server.url, "--nats-creds", str(creds))
     by_env = processes.aggregator(server.url, env={"NATS_CREDS": str(creds)})
     for aggregator in (by_flag, by_env):
-        wait_until(lambda: aggregator.health() == 200, 15, what="connected with the creds file")
+        wait_until(lambda aggregator=aggregator: aggregator.health() == 200, 15, what="connected with the creds file")
     worker_creds, _ = files["worker"]
     publish_with_creds(server.url, str(worker_creds),
                        [(SUBJECT, json.dumps({"worker_id": 7, "data": NESTED}).encode())])
     for aggregator in (by_flag, by_env):
-        wait_until(lambda: {dict(k)["worker_id"] for k in samples(scrape(aggregator.url), "llm_kv_blocks_active")}
+        wait_until(lambda aggregator=aggregator: {dict(k)["worker_id"] for k in samples(scrape(aggregator.url),
+                                                                                 "llm_kv_blocks_active")}
                    == {"7"}, 10, what="the worker's message, across the JWT-authenticated account")
         output = aggregator.output()
         assert "nats_auth=['creds']" in output  # the method is named...

@@ -139,7 +139,7 @@ class _RareRequestErrors(logging.Filter):
             record.exc_info, record.exc_text = None, None
         elif held_back:
             record.msg = f"{record.msg} (%d more held back in the last minute)"
-            record.args = (*(record.args or ()), held_back)  # type: ignore[misc]
+            record.args = (*(record.args or ()), held_back)
         return True
 
 

@@ -142,7 +142,8 @@ class NatsSubscriber:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=1,
                     connect_timeout=2,
-                    ping_interval=self.ping_interval,
+                    # nats-py annotates an int but sleeps on it: a float works.
+                    ping_interval=self.ping_interval,  # type: ignore[arg-type]
                     max_outstanding_pings=2,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
@@ -157,7 +158,7 @@ class NatsSubscriber:
                                 error=str(error) or type(error).__name__, attempt=attempt)
                 try:
                     await asyncio.wait_for(stop.wait(), delay)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 delay = min(delay * 2, 5.0)
         if self.nc is None:

@@ -15,7 +15,6 @@ from typing import Any
 from aggregator.rejects import SERIES_LIMIT, TYPE_CONFLICT
 from fleet_protocol import MessageRejected
 
-
 Problem = tuple[str, str]  # (reason, detail) of one dropped family
 
 
