@@ -18,6 +18,7 @@ from aggregator.collectors.fleet_kv import FleetCollector
 from aggregator.collectors.gpus import GpuCollector
 from aggregator.collectors.group_table import GroupTableCollector
 from aggregator.collectors.http_telemetry import HttpTelemetry
+from aggregator.collectors.status_view import StatusView
 from aggregator.collectors.telemetry import StatsScrapeTelemetry, Telemetry
 from aggregator.config import AggregatorConfig, PullConfig
 from aggregator.edges import nats_auth, web_config
@@ -29,6 +30,7 @@ from aggregator.edges.nats_transport import NatsSubscriber
 from aggregator.edges.push_gateway import PushGatewayPusher
 from aggregator.edges.remote_write import RemoteWriter
 from aggregator.edges.stats_scraper import StatsScraper
+from aggregator.edges.status_page import StatusPage, nats_connection
 from aggregator.ingest.component_snapshots import SnapshotLimits, snapshot_route
 from aggregator.ingest.discovery_entries import DiscoveryIngest
 from aggregator.ingest.pipeline import Ingest
@@ -115,6 +117,8 @@ class Aggregator:
                               if config.remote_write is not None else None)
         self.started = time.monotonic()
         self.port: int | None = None
+        self.status = StatusView(self.fleet, self.counts, self.ingest.subjects,
+                                 nats=nats_connection(self.subscriber), started=self.started)
 
     def _stats_scraper(self, pull: PullConfig) -> StatsScraper | None:
         """Pull mode, on the subscriber's connection (it polls only while that one is connected)."""
@@ -164,9 +168,10 @@ class Aggregator:
     async def run(self, stop: asyncio.Event) -> None:
         web, http = self.web, self.config.http
         middlewares = (web_config.basic_auth_middleware(web.users, self.http_telemetry),) if web.users else ()
+        status_page = StatusPage(self.status, before_read=self.expire_now)
         app = build_app(self.registry, self.telemetry, health=self.health, before_scrape=self.expire_now,
                         middlewares=middlewares, http_telemetry=self.http_telemetry,
-                        limits=ScrapeLimits(http.max_scrapes, http.write_timeout))
+                        limits=ScrapeLimits(http.max_scrapes, http.write_timeout), routes=status_page.routes())
         server = await start_server(app, http.host, http.port, ssl_context=web.ssl_context,
                                     limits=ConnectionLimits(http.max_connections, http.header_timeout,
                                                             http.idle_timeout),

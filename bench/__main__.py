@@ -129,12 +129,12 @@ class AggregatorUnderTest:
         except Exception:  # noqa: BLE001 - not up yet
             return 0
 
-    def get(self, query: str = "", accept: str = "", gzip: bool = False) -> tuple[float, bytes]:
+    def get(self, query: str = "", accept: str = "", gzip: bool = False, path: str = "/metrics") -> tuple[float, bytes]:
         headers = {"Accept": accept} if accept else {}
         if gzip:
             headers["Accept-Encoding"] = "gzip"
         started = time.perf_counter()
-        with urllib.request.urlopen(urllib.request.Request(f"{self.url}/metrics{query}", headers=headers),
+        with urllib.request.urlopen(urllib.request.Request(f"{self.url}{path}{query}", headers=headers),
                                     timeout=60) as response:
             body = response.read()
         return time.perf_counter() - started, body
@@ -434,16 +434,25 @@ def scrape_cost(aggregator: AggregatorUnderTest, repeats: int) -> dict:
     return out
 
 
+# What an operator's browser and a script ask of the status page: the page, and large sorted API pages.
+STATUS_REQUESTS = (("/", ""), ("/api/v1/workers", "?page_size=1000&sort=kv_usage&order=desc"))
+
+
 def ingest_during_scrapes(nats_url: str, aggregator: AggregatorUnderTest, workers: int, messages: int,
-                          poll: float) -> float:
-    """Ingest rate while another thread scrapes /metrics back to back."""
+                          poll: float, status_page: bool = False) -> float:
+    """Ingest rate while another thread scrapes /metrics (or, with `status_page`, loads the status
+    page and its API) back to back."""
     import threading
 
     stop = threading.Event()
 
     def scrape_loop() -> None:
         while not stop.is_set():
-            aggregator.get(accept=OPENMETRICS, gzip=True)
+            if status_page:
+                for path, query in STATUS_REQUESTS:
+                    aggregator.get(query, path=path)
+            else:
+                aggregator.get(accept=OPENMETRICS, gzip=True)
 
     thread = threading.Thread(target=scrape_loop, daemon=True)
     thread.start()
@@ -452,6 +461,13 @@ def ingest_during_scrapes(nats_url: str, aggregator: AggregatorUnderTest, worker
     finally:
         stop.set()
         thread.join(120)
+
+
+def status_request(aggregator: AggregatorUnderTest, path: str, query: str) -> float:
+    """Seconds for one status request, asked after a pause: back to back, a request waits for the
+    status page's share of time (edges/status_page.py), which is not what one costs."""
+    time.sleep(1.0)
+    return aggregator.get(query, path=path)[0]
 
 
 def pushgateway(sizes: Sizes) -> tuple[float, Figure, int]:
@@ -566,16 +582,26 @@ def run(sizes: Sizes, output: Path) -> str:
                                  figure.fmt(" ms", 1000, 1), f"{size:,} bytes; in the aggregator "
                                                              f"{served.fmt(' ms', 1000, 1)}, the rest is the transfer"))
                 if workers == sizes.scrape_workers[-1]:
-                    quiet, busy = [], []
+                    quiet, busy, paged = [], [], []
                     for _ in range(sizes.repeats):
                         quiet.append(aggregator_ingest(url, aggregator, workers, sizes.ingest_messages, sizes.poll))
                         busy.append(ingest_during_scrapes(url, aggregator, workers, sizes.ingest_messages,
                                                           sizes.poll))
+                        paged.append(ingest_during_scrapes(url, aggregator, workers, sizes.ingest_messages,
+                                                           sizes.poll, status_page=True))
                     stall = Figure([b / q for b, q in zip(busy, quiet)])
-                    lost = int(sum(LOST[-2 * sizes.repeats:]))
+                    lost = int(sum(LOST[-3 * sizes.repeats:]))
                     rows.append((f"ingest during back-to-back scrapes, {workers:,} workers", Figure(busy).fmt(" msg/s"),
                                  f"{stall.fmt('', 100)}% of ingest without scrapes ({Figure(quiet).fmt(' msg/s')}); "
-                                 f"messages lost: {lost}"))
+                                 f"messages lost: {lost} (with the next row's runs)"))
+                    page_stall = Figure([p / q for p, q in zip(paged, quiet, strict=True)])
+                    rows.append((f"ingest during back-to-back status page loads (/ and /api/v1/workers, 1,000 a page, "
+                                 f"sorted by KV use), {workers:,} workers", Figure(paged).fmt(" msg/s"),
+                                 f"{page_stall.fmt('', 100)}% of ingest without them"))
+                    for path, query in STATUS_REQUESTS:
+                        times = Figure([status_request(aggregator, path, query) for _ in range(sizes.scrape_repeats)])
+                        rows.append((f"status {path}{query}, {workers:,} workers", times.fmt(" ms", 1000, 1),
+                                     "one request at a time, client side"))
             finally:
                 aggregator.stop()
             if workers == sizes.push_groups:

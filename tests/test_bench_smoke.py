@@ -22,7 +22,8 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     rows = [line for line in output.read_text().splitlines() if line.startswith("| ") and "---" not in line]
     measures = [row.split("|")[1].strip() for row in rows[1:]]
     for prefix in ("bare nats-py ceiling", "aggregator ingest", "freshness", "/metrics text", "/metrics openmetrics",
-                   "ingest during back-to-back scrapes", "ingest of full workers", "RSS per live worker", "RSS after",
+                   "ingest during back-to-back scrapes", "ingest during back-to-back status page loads", "status /",
+                   "ingest of full workers", "RSS per live worker", "RSS after",
                    "Pushgateway pushes/s",
                    "Pushgateway /metrics", "bare nats-py ceiling, Dynamo 1.x kv_metrics envelopes",
                    "aggregator ingest, Dynamo 1.x kv_metrics envelopes", "Dynamo 1.x kv-events block changes",

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
@@ -50,6 +50,7 @@ def build_app(
     middlewares: tuple = (),
     http_telemetry: HttpTelemetry | None = None,
     limits: ScrapeLimits | None = None,
+    routes: Iterable[web.RouteDef] = (),
 ) -> web.Application:
     http_telemetry = http_telemetry or HttpTelemetry(None)
     limits = limits or ScrapeLimits()
@@ -110,6 +111,7 @@ def build_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/health", health_route)
     app.router.add_get("/live", live)
+    app.add_routes(routes)  # more pages (the status page), behind the same middlewares
     app.on_cleanup.append(stop_rendering)
     return app
 

@@ -138,12 +138,12 @@ class StatsScraper:
         try:
             reading = read_stats_reply(payload, plan, self.max_message_bytes)
         except MessageRejected as error:
-            feed.reject(LOAD, plan.subject, error.reason, error.detail)
+            feed.reject(LOAD, plan.subject, error.reason, error.detail, payload)
             return
         if reading.ignored:
             self.telemetry.ignored[plan.service].inc(reading.ignored)
         for reject in reading.rejects:
-            feed.reject(LOAD, reject.subject, reject.reason, reject.detail)
+            feed.reject(LOAD, reject.subject, reject.reason, reject.detail, payload)
         for item in reading.readings:
             event = LoadEvent(worker_id=item.worker_id, data=item.metrics, endpoint=item.endpoint)
             feed.take(LOAD, item.subject, Fleet.observe_load, item.component, event)

@@ -4,7 +4,9 @@ Sources are edges (core NATS, pull mode, the JetStream journal, Dynamo's discove
 each owns its transport and nothing else. What follows is the same for all
 and happens here: apply to the fleet with a fleet method, count (per source and kind:
 received, accepted, rejected by reason; state/ingest_counts.py), and log a reject with its
-subject, rate-limited (the `rate_limit` key, see fleet_runtime.logs.RateLimit). Bad input
+subject, rate-limited (the `rate_limit` key, see fleet_runtime.logs.RateLimit), and keep the
+subject's counts and last few rejected payloads (state/subject_activity.py, for the status
+page). Bad input
 never raises out of here and never touches another worker's state: an item is fully decoded
 and checked before the fleet method runs.
 
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
+import msgspec
 import structlog
 
 import fleet_protocol as protocol
@@ -42,6 +45,7 @@ from aggregator import rejects
 from aggregator.state.event_publishers import EventPublishers, StreamCounts, StreamKey
 from aggregator.state.fleet import Fleet, LimitExceeded
 from aggregator.state.ingest_counts import IngestCounts, KindCounts, Outcomes, Tally
+from aggregator.state.subject_activity import SubjectActivity, SubjectTally
 
 log = structlog.get_logger("aggregator.ingest")
 
@@ -80,6 +84,13 @@ def _payload(payload: bytes, max_bytes: int) -> bytes:
     return payload
 
 
+def _shown(item: object) -> bytes:
+    """What the status page shows of an item a source decoded itself and the fleet refused."""
+    if not isinstance(item, msgspec.Struct):
+        return b""  # not a wire type: the page shows the reason and detail only
+    return protocol.encode(item)
+
+
 @dataclass(frozen=True, slots=True)
 class _RouteSpec:
     kind: str
@@ -101,6 +112,7 @@ class Route:
     component: str | None
     partial: bool
     max_bytes: int
+    names_source: bool  # observe is Fleet.observe_load: the worker's `source` is the one of its load reports
     counts: KindCounts
     received: Tally  # counts.received and counts.accepted, one lookup closer for the hot path
     accepted: Tally
@@ -126,6 +138,7 @@ class Feed:
         self._outcomes: dict[str, Outcomes] = {}
         self._log_fields = log_fields or {}
         self._key = (source, *self._log_fields.values())  # what tells its log lines from another feed's
+        self.subjects = ingest.subjects.of(source)
 
     def outcomes(self, kind: str) -> Outcomes:
         outcomes = self._outcomes.get(kind)
@@ -137,25 +150,38 @@ class Feed:
         """Apply a decoded `item` with `observe` (a Fleet method); True if it was used."""
         outcomes = self.outcomes(kind)
         outcomes.received.inc()
+        now = self.ingest.clock()
+        tally = self.subjects.of(subject, kind, component, now)
+        tally.received += 1
+        tally.last_seen = now
         try:
-            observe(self.ingest.fleet, component, item, self.ingest.clock())
+            result = observe(self.ingest.fleet, component, item, now)
         except protocol.MessageRejected as error:
-            self._rejected(outcomes, kind, error.reason, subject, error.detail)
+            self._rejected(outcomes, kind, error.reason, subject, error.detail, tally, _shown(item), now)
             return False
         except LimitExceeded as error:
-            self._rejected(outcomes, kind, error.reason, subject, _LIMIT_DETAIL)
+            self._rejected(outcomes, kind, error.reason, subject, _LIMIT_DETAIL, tally, _shown(item), now)
             return False
         outcomes.accepted.inc()
+        tally.accepted += 1
+        if observe is Fleet.observe_load:
+            result.source = self.source
         return True
 
-    def reject(self, kind: str, subject: str, reason: str, detail: str) -> None:
-        """An item of `kind` that arrived on `subject` but could not be decoded, for `reason`."""
+    def reject(self, kind: str, subject: str, reason: str, detail: str, payload: bytes = b"") -> None:
+        """An item of `kind` that arrived on `subject` (in `payload`) but could not be decoded, for `reason`."""
         outcomes = self.outcomes(kind)
         outcomes.received.inc()
-        self._rejected(outcomes, kind, reason, subject, detail)
+        now = self.ingest.clock()
+        tally = self.subjects.of(subject, kind, None, now)
+        tally.received += 1
+        tally.last_seen = now
+        self._rejected(outcomes, kind, reason, subject, detail, tally, payload, now)
 
-    def _rejected(self, outcomes: Outcomes, kind: str, reason: str, subject: str, detail: str) -> None:
+    def _rejected(self, outcomes: Outcomes, kind: str, reason: str, subject: str, detail: str,
+                  tally: SubjectTally, payload: bytes, now: float) -> None:
         outcomes.reject(reason)
+        tally.reject(reason, detail, payload, now)
         log.warning("message rejected", source=self.source, **self._log_fields, subject=subject, kind=kind,
                     reason=reason, detail=detail[:300], rate_limit=(self._key, kind, reason, subject))
 
@@ -169,6 +195,7 @@ class SubjectFeed(Feed):
         self._fleet = ingest.fleet
         self._clock = ingest.clock
         self._namespace = ingest.namespace
+        self._tallies = self.subjects.tallies  # one lookup closer for the hot path
         self._components: dict[str, str | None] = {}
         self._patterns: dict[str, str | None] = {}
         self._scopes: dict[str, _EventScope] = {}
@@ -178,8 +205,9 @@ class SubjectFeed(Feed):
         counts = self.ingest.counts.of(self.source, spec.kind, spec.reasons)
         self._outcomes[spec.kind] = counts
         self.routes[pattern] = Route(spec.kind, spec.decode, spec.observe, spec.component, spec.partial,
-                                     self.ingest.max_message_bytes, counts, counts.received, counts.accepted,
-                                     spec.topic)
+                                     self.ingest.max_message_bytes,
+                                     spec.observe in (Fleet.observe_load, Fleet.observe_active_load),
+                                     counts, counts.received, counts.accepted, spec.topic)
 
     def handle(self, pattern: str, subject: str, payload: bytes) -> bool:
         """Apply one message received on a subscription to `pattern`; True if it was used."""
@@ -187,26 +215,42 @@ class SubjectFeed(Feed):
         if route.topic is not None:
             return self._handle_event(route, subject, payload)
         route.received.value += 1
-        component = route.component or self._component_of(subject)
+        now = self._clock()
+        tally = self._tallies.get(subject)
+        if tally is None:
+            tally = self.subjects.of(subject, route.kind, route.component or self._component_of(subject), now)
+        tally.received += 1
+        tally.last_seen = now
+        component = tally.component or route.component or self._component_of(subject)
         try:
             if component is None:  # cannot happen for a subject matching the pattern
                 raise protocol.MessageRejected(protocol.WRONG_TYPE, "subject has no component")
-            result = route.observe(self._fleet, component, route.decode(payload, route.max_bytes), self._clock())
+            result = route.observe(self._fleet, component, route.decode(payload, route.max_bytes), now)
         except protocol.MessageRejected as error:
-            self._rejected(route.counts, route.kind, error.reason, subject, error.detail)
+            self._rejected(route.counts, route.kind, error.reason, subject, error.detail, tally, payload, now)
             return False
         except LimitExceeded as error:
-            self._rejected(route.counts, route.kind, error.reason, subject, _LIMIT_DETAIL)
+            self._rejected(route.counts, route.kind, error.reason, subject, _LIMIT_DETAIL, tally, payload, now)
             return False
         route.accepted.value += 1
-        if route.partial:
+        tally.accepted += 1
+        if route.names_source:
+            result.source = self.source
+        elif route.partial:
+            # Parts dropped while the rest was used: the message counts as accepted, each part as a reject.
             for reason, detail in result or ():
-                self._rejected(route.counts, route.kind, reason, subject, detail)
+                self._rejected(route.counts, route.kind, reason, subject, detail, tally, payload, now)
         return True
 
     def _handle_event(self, route: Route, subject: str, payload: bytes) -> bool:
         """`handle` for an event-plane route: the envelope, its publisher's sequence, then the payload."""
         route.received.value += 1
+        now = self._clock()
+        tally = self._tallies.get(subject)
+        if tally is None:
+            tally = self.subjects.of(subject, route.kind, None, now)
+        tally.received += 1
+        tally.last_seen = now
         try:
             scope = self._scopes.get(subject)
             if scope is None:
@@ -217,17 +261,20 @@ class SubjectFeed(Feed):
                                                                       f"on a {route.topic} subject")
             self._publishers.observe(scope.counts, envelope.publisher_id, envelope.sequence)
             result = route.observe(self._fleet, scope.component, scope.endpoint, envelope.publisher_id,
-                                   route.decode(envelope.payload, route.max_bytes), self._clock())
+                                   route.decode(envelope.payload, route.max_bytes), now)
         except protocol.MessageRejected as error:
-            self._rejected(route.counts, route.kind, error.reason, subject, error.detail)
+            self._rejected(route.counts, route.kind, error.reason, subject, error.detail, tally, payload, now)
             return False
         except LimitExceeded as error:
-            self._rejected(route.counts, route.kind, error.reason, subject, _LIMIT_DETAIL)
+            self._rejected(route.counts, route.kind, error.reason, subject, _LIMIT_DETAIL, tally, payload, now)
             return False
         route.accepted.value += 1
-        if route.partial:
+        tally.accepted += 1
+        if route.names_source:
+            result.source = self.source
+        elif route.partial:
             for reason, detail in result or ():
-                self._rejected(route.counts, route.kind, reason, subject, detail)
+                self._rejected(route.counts, route.kind, reason, subject, detail, tally, payload, now)
         return True
 
     def _event_scope(self, subject: str, topic: str | None) -> _EventScope:
@@ -296,9 +343,11 @@ class Ingest:
         default_component: str,
         max_message_bytes: int,
         clock: Callable[[], float] = time.monotonic,
+        subjects: SubjectActivity | None = None,
     ) -> None:
         self.fleet = fleet
         self.counts = counts
+        self.subjects = subjects if subjects is not None else SubjectActivity()
         self.namespace = namespace
         self.default_component = default_component
         self.max_message_bytes = max_message_bytes

@@ -69,6 +69,7 @@ class WorkerState:
     component_metrics: WorkerMetrics | None = None  # the worker's latest MetricsRegistry snapshot
     gpu: GpuMetricsEvent | None = None  # the latest GPU readings, replaced whole
     gpu_seen: float = 0.0  # when they came; readings older than stale_after are not exported
+    source: str | None = None  # the ingest source ("nats", "pull", ...) of its latest load report
     # Dynamo 1.x
     active_load: ActiveLoad | None = None  # the latest kv_metrics, replaced whole
     forward_passes: ForwardPasses | None = None
