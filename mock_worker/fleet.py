@@ -1,14 +1,15 @@
 """Many simulated workers in one process, each publishing through the publisher library.
 
-Two protocols. `legacy` (Dynamo 0.1-0.5): in push mode every worker publishes its
-ForwardPassMetrics on `kv_metrics` as JSON, and hit-rate events; in pull mode
+Two protocols. `dynamo-1` (Dynamo 1.x), the default: every worker publishes on the event
+plane (NATS or ZMQ) what its engines' steps changed (see `dynamo_events`), and registers
+itself, its model card and its publishers in a file-backend discovery directory when given
+one (`start`; `close` removes them); without one its capacity is published nowhere (1.x
+keeps it in discovery only). `legacy` (Dynamo 0.1-0.5): in push mode every worker publishes
+its ForwardPassMetrics on `kv_metrics` as JSON, and hit-rate events; in pull mode
 (`serve_stats`) every worker instead runs a NATS micro service, as a Dynamo worker did,
 whose stats handler returns its current metrics; hit-rate events are still pushed, since
-in Dynamo the KV router published them, not the worker. `dynamo-1` (Dynamo 1.x): every
-worker publishes on the event plane (NATS or ZMQ) what its engines' steps changed (see
-`dynamo_events`), and registers itself, its model card and its publishers in a
-file-backend discovery directory when given one (`start`; `close` removes them). GPU
-readings and metric snapshots, this project's own topics, are the same in both.
+in Dynamo the KV router published them, not the worker. GPU readings and metric
+snapshots, this project's own topics, are the same in both.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class MockFleet:
         gpus_per_worker: int = 1,
         gpu_interval: float = 5.0,
         gpu_source: NvmlGpuSource | None = None,
-        protocol: str = "legacy",
+        protocol: str = "dynamo-1",
         event_plane: str = "nats",
         event_plane_host: str = "127.0.0.1",
         discovery_file_kv: str | None = None,
@@ -318,6 +319,9 @@ class MockFleet:
                      discovery_file_kv=str(self.store.root) if self.store is not None else None,
                      component_metrics=component_metrics, metrics_interval=metrics_interval,
                      gpu=self.gpu, gpu_interval=self.gpu_interval if self.gpu != "none" else None)
+            if self.store is None:
+                log.info("no discovery directory: capacity (total KV blocks, request slots) is published nowhere; "
+                         "set --discovery-file-kv (DYN_FILE_KV) for it")
         elif self.pull:
             from fleet_protocol.service_stats import service_name, stats_subject
 

@@ -370,7 +370,7 @@ def test_a_bad_config_is_one_line_naming_the_flag_and_variable(argv, env, line, 
 
 def test_the_mock_worker_reports_a_bad_config_in_one_line(capsys):
     with pytest.raises(SystemExit) as exit_:
-        mock_worker_cli.parse_config(["--mode", "pull", "--dp-ranks", "2"])
+        mock_worker_cli.parse_config(["--protocol", "legacy", "--mode", "pull", "--dp-ranks", "2"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == ("mock_worker: error: argument --dp-ranks: pull mode serves one "
                                        "ForwardPassMetrics per worker endpoint; use 1 (env MOCK_WORKER_DP_RANKS)\n")

@@ -185,19 +185,23 @@ def jetstream_server():
 
 
 def test_every_family_the_aggregator_exports_is_in_the_metrics_reference(jetstream_server, processes):
-    """A real aggregator with every source on (push, pull, journal, GPUs, snapshots): each family it
-    exports is documented in docs/metrics.md, and each re-exported worker family in component-metrics.md."""
+    """A real aggregator with every source on (legacy push, pull, journal, GPUs, snapshots, the 1.x event
+    plane): each family it exports is documented in docs/metrics.md, and each re-exported worker family in
+    component-metrics.md."""
     url = jetstream_server.url
     aggregator = processes.aggregator(url, "--scrape", "backend/generate", "--hit-rate-stream", "DOCS_HITS",
                                       "--stale-after", "30")
-    processes.add(mock_worker(url, "--workers", "2", "--interval", "0.2", "--gpu", "simulated",
-                              "--metrics-interval", "0.2", "--gpu-interval", "0.2", "--seed", "1",
+    processes.add(mock_worker(url, "--protocol", "legacy", "--workers", "2", "--interval", "0.2", "--gpu",
+                              "simulated", "--metrics-interval", "0.2", "--gpu-interval", "0.2", "--seed", "1",
                               "--component", "pushed"))
-    processes.add(mock_worker(url, "--workers", "1", "--interval", "0.2", "--mode", "pull",
+    processes.add(mock_worker(url, "--workers", "1", "--interval", "0.2", "--gpu", "none", "--seed", "3",
+                              "--component", "eventplane"))  # the default protocol: Dynamo 1.x
+    processes.add(mock_worker(url, "--workers", "1", "--interval", "0.2", "--protocol", "legacy", "--mode", "pull",
                               "--gpu", "none", "--no-component-metrics", "--seed", "2"))
     wanted = {"llm_kv_blocks_active", "llm_workers", "llm_kv_hit_rate_percent", "DCGM_FI_DEV_GPU_UTIL",
               "llm_gpus", "llm_gpu_sampler_up", "dynamo_component_requests",
-              "llm_aggregator_stats_scrapes", "llm_aggregator_hit_rate_journal_applied"}
+              "llm_aggregator_stats_scrapes", "llm_aggregator_hit_rate_journal_applied",
+              "llm_kv_active_decode_blocks", "llm_prefill_tokens_computed", "llm_kv_cached_blocks"}
 
     def families() -> dict:
         found = scrape(aggregator.url)

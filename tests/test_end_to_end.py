@@ -6,11 +6,15 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleet_demo.nats_server import NatsServer, free_port
+from mock_worker.dynamo_events import used_blocks
+from mock_worker.engine import EngineConfig
+from mock_worker.fleet import build_engines
 
 from .support import http_get, mock_worker, publish, samples, scrape, wait_until
 
@@ -25,7 +29,9 @@ def live_workers(url: str) -> float:
 @pytest.mark.parametrize("openmetrics", [False, True], ids=["text", "openmetrics"])
 def test_mock_workers_appear_then_expire_when_they_stop(nats_server, processes, openmetrics):
     aggregator = processes.aggregator(nats_server.url, "--stale-after", "1.5")
-    workers = processes.add(mock_worker(nats_server.url, "--workers", "3", "--interval", "0.2", "--seed", "7"))
+    # Dynamo 0.x's JSON: capacity in every LoadEvent, hit-rate events beside it.
+    workers = processes.add(mock_worker(nats_server.url, "--protocol", "legacy", "--workers", "3", "--interval",
+                                        "0.2", "--seed", "7"))
     wait_until(lambda: live_workers(aggregator.url) == 3, 15, what="3 live workers")
     wait_until(lambda: samples(scrape(aggregator.url), "llm_kv_hit_rate_percent"), 10, what="hit rates")
 
@@ -54,6 +60,58 @@ def test_mock_workers_appear_then_expire_when_they_stop(nats_server, processes, 
         assert samples(families, name) == {}, name
     expired = samples(families, "llm_workers_expired", "llm_workers_expired_total")
     assert list(expired.values()) == [3]
+
+
+SEED, STEPS, INTERVAL = 21, 15, 0.1
+
+
+def frozen_blocks_in_use(workers: int, seed: int) -> dict[str, int]:
+    """worker_id -> KV blocks in use once a mock fleet of this seed has taken STEPS steps and frozen."""
+    truth = {}
+    for worker_id, (engine,) in build_engines(workers, seed):
+        for _ in range(STEPS):
+            engine.step(INTERVAL)
+        truth[str(worker_id)] = used_blocks(engine)
+    return truth
+
+
+def by_worker(families: dict, name: str) -> dict[tuple[str, str], float]:
+    return {(dict(k)["component"], dict(k)["worker_id"]): v for k, v in samples(families, name).items()}
+
+
+def test_mock_workers_speak_dynamo_1_by_default_and_their_capacity_comes_from_discovery(
+        nats_server, processes, tmp_path):
+    aggregator = processes.aggregator(nats_server.url, "--stale-after", "2", "--discovery-backend", "file",
+                                      "--discovery-file-kv", str(tmp_path))
+    common = ("--workers", "2", "--interval", str(INTERVAL), "--freeze-after", str(STEPS), "--gpu", "none")
+    # No --protocol: the default. One process registers in the aggregator's discovery directory, one does not.
+    listed = processes.add(mock_worker(nats_server.url, "--component", "listed", "--seed", str(SEED),
+                                       "--discovery-file-kv", str(tmp_path), *common))
+    unlisted = processes.add(mock_worker(nats_server.url, "--component", "unlisted", "--seed", str(SEED + 1),
+                                         *common))
+    truth = {("listed", worker): blocks for worker, blocks in frozen_blocks_in_use(2, SEED).items()}
+    truth |= {("unlisted", worker): blocks for worker, blocks in frozen_blocks_in_use(2, SEED + 1).items()}
+    assert any(truth.values())  # the seed leaves blocks in use
+
+    def frozen() -> dict | None:
+        families = scrape(aggregator.url)
+        return families if by_worker(families, "llm_kv_blocks_active") == truth else None
+
+    families = wait_until(frozen, 30, interval=0.2,
+                          what=f"the frozen fleets' blocks\n{listed.output()}\n{unlisted.output()}")
+    engine = EngineConfig()
+    listed_keys = [key for key in truth if key[0] == "listed"]
+    # Capacity lives only in discovery in Dynamo 1.x: the listed workers have it, the others none.
+    assert by_worker(families, "llm_kv_blocks_total") == dict.fromkeys(listed_keys, engine.total_blocks)
+    assert by_worker(families, "llm_requests_total_slots") == dict.fromkeys(listed_keys, engine.total_slots)
+    assert by_worker(families, "llm_kv_active_decode_blocks") == truth  # a 1.x-only series, for both
+    assert samples(families, "llm_kv_hit_rate_percent") == {}  # 1.x has no hit-rate events
+    # Frozen, the workers publish no load any more; both stay past --stale-after (entries, heartbeats).
+    time.sleep(2.5)
+    families = scrape(aggregator.url)
+    assert by_worker(families, "llm_kv_blocks_active") == truth
+    assert {dict(k)["component"]: v for k, v in samples(families, "llm_workers").items()} == {
+        "listed": 2, "unlisted": 2}
 
 
 def test_metrics_are_gzipped_when_asked_as_prometheus_asks(nats_server, processes):

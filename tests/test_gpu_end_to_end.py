@@ -23,8 +23,10 @@ def gpu_series(url: str, openmetrics: bool = False) -> dict:
 @pytest.mark.parametrize("openmetrics", [False, True], ids=["text", "openmetrics"])
 def test_simulated_gpus_of_three_workers_appear_with_dcgm_labels_then_expire(nats_server, processes, openmetrics):
     aggregator = processes.aggregator(nats_server.url, "--stale-after", "1.5")
-    workers = processes.add(mock_worker(nats_server.url, "--workers", "3", "--interval", "0.2", "--seed", "11",
-                                        "--gpu", "simulated", "--gpus-per-worker", "2", "--gpu-interval", "0.2"))
+    # Legacy: the capacity (llm_kv_blocks_per_gib) in every message, with no discovery store.
+    workers = processes.add(mock_worker(nats_server.url, "--protocol", "legacy", "--workers", "3", "--interval",
+                                        "0.2", "--seed", "11", "--gpu", "simulated", "--gpus-per-worker", "2",
+                                        "--gpu-interval", "0.2"))
     wait_until(lambda: len(gpu_series(aggregator.url)) == 6, 20, what=f"6 GPUs\n{workers.output()}")
     # Energy integrates power, so it must have grown between two reports of the same GPU.
     first_energy = samples(scrape(aggregator.url), "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION")

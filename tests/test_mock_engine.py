@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from mock_worker.engine import EngineConfig, SimulatedEngine
 from mock_worker.fleet import worker_ids
 
@@ -62,7 +64,8 @@ def test_worker_ids_are_lease_like_and_distinct():
     assert all(2**62 <= i < 2**63 for i in ids)
 
 
-async def test_the_mock_workers_in_flight_gauge_is_the_engines_running_requests(nats_server):
+@pytest.mark.parametrize("protocol", ["dynamo-1", "legacy"])
+async def test_the_mock_workers_in_flight_gauge_is_the_engines_running_requests(nats_server, protocol):
     import nats
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -70,7 +73,8 @@ async def test_the_mock_workers_in_flight_gauge_is_the_engines_running_requests(
 
     nc = await nats.connect(nats_server.url)
     try:
-        fleet = MockFleet(nc, workers=3, seed=5, dp_ranks=2)
+        fleet = MockFleet(nc, workers=3, seed=5, dp_ranks=2, protocol=protocol)
+        await fleet.start()
         seen = set()
         for _ in range(12):
             await fleet.tick(0.5)
@@ -81,5 +85,6 @@ async def test_the_mock_workers_in_flight_gauge_is_the_engines_running_requests(
                 assert inflight == sum(len(engine.running) for engine in worker.engines)
                 seen.add(inflight)
         assert max(seen) > 0 and len(seen) > 3  # it follows the load, not a constant 0
+        fleet.close()
     finally:
         await nc.close()

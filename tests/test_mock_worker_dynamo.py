@@ -635,8 +635,16 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
-def test_legacy_stays_the_default_and_dynamos_variables_set_the_rest(clean_env):
-    assert mock_worker_cli.parse_config([]).protocol == "legacy"
+def test_dynamo_1_on_nats_is_the_default_and_dynamos_variables_set_the_rest(clean_env):
+    default = mock_worker_cli.parse_config([])
+    assert (default.protocol, default.event_plane, default.discovery_file_kv, default.mode) == (
+        "dynamo-1", "nats", None, "push")
+    assert mock_worker_cli.parse_config(["--protocol", "legacy"]).protocol == "legacy"
+    legacy = mock_worker_cli.parse_config(["--protocol", "legacy", "--mode", "pull", "--shape", "flat",
+                                           "--hit-rate-on-namespace"])
+    assert (legacy.mode, legacy.shape, legacy.hit_rate_on_namespace) == ("pull", "flat", True)
+    clean_env.setenv("MOCK_WORKER_PROTOCOL", "legacy")
+    assert mock_worker_cli.parse_config(["--mode", "pull"]).protocol == "legacy"
     clean_env.setenv("MOCK_WORKER_PROTOCOL", "dynamo-1")
     clean_env.setenv("DYN_EVENT_PLANE", "zmq")
     clean_env.setenv("DYN_EVENT_PLANE_HOST", "127.0.0.2")
@@ -656,6 +664,12 @@ def test_legacy_stays_the_default_and_dynamos_variables_set_the_rest(clean_env):
     (["--protocol", "dynamo-1", "--mode", "pull"],
      "argument --mode: pull mode serves Dynamo 0.x's stats data: it belongs to the legacy protocol, not to "
      "--protocol dynamo-1 (env MOCK_WORKER_MODE)"),
+    # The default protocol is dynamo-1: the legacy-only settings need --protocol legacy said.
+    (["--mode", "pull"],
+     "argument --mode: pull mode serves Dynamo 0.x's stats data: it belongs to the legacy protocol, not to "
+     "--protocol dynamo-1 (env MOCK_WORKER_MODE)"),
+    (["--shape", "wrapped"],
+     "argument --shape: the ForwardPassMetrics shape belongs to the legacy protocol, not to --protocol dynamo-1"),
     (["--protocol", "dynamo-1", "--shape", "flat"],
      "argument --shape: the ForwardPassMetrics shape belongs to the legacy protocol, not to --protocol dynamo-1"),
     (["--protocol", "dynamo-1", "--hit-rate-on-namespace"],
@@ -676,5 +690,6 @@ def test_a_bad_dynamo_setting_is_one_line(clean_env, capsys, argv, line):
 
 def test_legacy_ignores_the_event_plane_settings():
     # Dynamo's own variables may be exported for real workers beside a legacy mock: not an error.
-    config = MockWorkerConfig(event_plane="zmq", discovery_file_kv="/d", mode="pull", shape="flat")
-    assert config.protocol == "legacy"
+    config = MockWorkerConfig(protocol="legacy", event_plane="zmq", discovery_file_kv="/d", mode="pull",
+                              shape="flat")
+    assert (config.protocol, config.mode, config.shape) == ("legacy", "pull", "flat")

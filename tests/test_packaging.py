@@ -15,6 +15,7 @@ import time
 import tomllib
 
 import nats
+import pytest
 from nats.errors import TimeoutError as NoMessageYet
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
@@ -123,17 +124,32 @@ def test_the_import_hook_refuses_the_other_side(processes):
     assert refused, child.output()
 
 
-async def test_a_worker_only_mock_worker_publishes_and_serves_its_status(nats_server, processes):
+def in_envelope(decode):
+    """A decoder of a Dynamo 1.x event-plane message: the envelope, then its payload."""
+    return lambda data, max_bytes: decode(protocol.decode_envelope(data, max_bytes).payload, max_bytes)
+
+
+V1_DECODERS = {f"endpoint.generate.{protocol.KV_METRICS_TOPIC}": in_envelope(protocol.decode_active_load),
+               f"endpoint.generate.{protocol.FORWARD_PASS_METRICS_TOPIC}": in_envelope(protocol.decode_forward_pass_v1),
+               f"endpoint.generate.{protocol.KV_EVENTS_TOPIC}": in_envelope(protocol.decode_kv_events)}
+LEGACY_DECODERS = {protocol.KV_METRICS: protocol.decode_load_event}
+
+
+@pytest.mark.parametrize("speaks", ["default", "legacy"])
+async def test_a_worker_only_mock_worker_publishes_and_serves_its_status(nats_server, processes, tmp_path, speaks):
+    prefix = protocol.component_subject("dynamo", "backend", "")
+    # The default protocol (Dynamo 1.x) registers in a discovery directory too; legacy needs no such thing.
+    protocol_args = ("--discovery-file-kv", str(tmp_path)) if speaks == "default" else ("--protocol", "legacy")
     nc = await nats.connect(nats_server.url, connect_timeout=5)
     try:
-        subscription = await nc.subscribe(protocol.component_subject("dynamo", "backend", ">"))
+        subscription = await nc.subscribe(prefix + ">")
         await nc.flush()
         status_port = free_port()
         worker = processes.add(worker_only(
             "--nats-url", nats_server.url, "--workers", "1", "--interval", "0.1", "--metrics-interval", "0.2",
-            "--gpu", "simulated", "--gpu-interval", "0.2",
+            "--gpu", "simulated", "--gpu-interval", "0.2", *protocol_args,
             env={"DYN_SYSTEM_PORT": str(status_port), "DYN_SYSTEM_HOST": "127.0.0.1"}))
-        decoders = {protocol.KV_METRICS: protocol.decode_load_event,
+        decoders = {**(V1_DECODERS if speaks == "default" else LEGACY_DECODERS),
                     protocol.COMPONENT_METRICS: protocol.decode_metrics_snapshot,
                     protocol.GPU_METRICS: protocol.decode_gpu_metrics}
         seen: dict[str, object] = {}
@@ -144,10 +160,11 @@ async def test_a_worker_only_mock_worker_publishes_and_serves_its_status(nats_se
             except NoMessageYet:
                 assert worker.popen.poll() is None, worker.output()
                 continue
-            event = message.subject.rsplit(".", 1)[-1]
+            event = message.subject.removeprefix(prefix)
             if event in decoders:
                 seen[event] = decoders[event](message.data, MAX_BYTES)
         assert seen.keys() == decoders.keys(), (sorted(seen), worker.output())
+        assert any(tmp_path.rglob("*")) == (speaks == "default")  # its discovery entries
 
         base = f"http://127.0.0.1:{status_port}"
         await asyncio.to_thread(wait_until, lambda: http_get(f"{base}/health")[0] == 200, 15,
@@ -158,6 +175,7 @@ async def test_a_worker_only_mock_worker_publishes_and_serves_its_status(nats_se
     finally:
         await nc.close()
     assert worker.stop() == 0, worker.output()
+    assert not [path for path in tmp_path.rglob("*") if path.is_file()]  # a clean stop removes its entries
     assert "loaded while running" not in worker.output()
     assert imported_modules(worker.output()) >= {"fleet_worker.status_server", "mock_worker.fleet"}
 

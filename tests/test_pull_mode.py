@@ -64,7 +64,8 @@ def test_the_same_fleet_pushed_and_pulled_gives_the_same_series(nats_server, pro
     # component `pulled` is scraped from its workers' NATS micro services.
     aggregator = processes.aggregator(nats_server.url, "--scrape", "pulled/generate", "--poll-interval", "0.3")
     wait_until(lambda: aggregator.health() == 200, 15, what="aggregator subscribed")  # no hit-rate event lost
-    common = ["--workers", str(WORKERS), "--seed", str(SEED), "--interval", str(INTERVAL),
+    # Dynamo 0.x's two ways of reporting load: the legacy protocol's.
+    common = ["--protocol", "legacy", "--workers", str(WORKERS), "--seed", str(SEED), "--interval", str(INTERVAL),
               "--freeze-after", str(STEPS)]
     processes.add(mock_worker(nats_server.url, "--component", "pushed", *common))
     processes.add(mock_worker(nats_server.url, "--component", "pulled", "--mode", "pull", *common))
@@ -166,10 +167,10 @@ async def test_exact_subjects_and_one_bad_endpoint_spoil_nothing_else(nats_serve
 def test_a_killed_pull_worker_expires_and_a_silent_service_is_survived(nats_server, processes):
     aggregator = processes.aggregator(nats_server.url, "--scrape", "backend/generate", "--poll-interval", "0.3",
                                       "--stale-after", "1.5")
-    first = processes.add(mock_worker(nats_server.url, "--mode", "pull", "--workers", "2", "--seed", "1",
-                                      "--interval", "0.2"))
-    second = processes.add(mock_worker(nats_server.url, "--mode", "pull", "--workers", "2", "--seed", "2",
-                                       "--interval", "0.2"))
+    first = processes.add(mock_worker(nats_server.url, "--protocol", "legacy", "--mode", "pull", "--workers", "2",
+                                      "--seed", "1", "--interval", "0.2"))
+    second = processes.add(mock_worker(nats_server.url, "--protocol", "legacy", "--mode", "pull", "--workers", "2",
+                                       "--seed", "2", "--interval", "0.2"))
     ids = {seed: {str(worker_id) for worker_id, _ in build_engines(2, seed)} for seed in (1, 2)}
 
     def workers():
@@ -213,6 +214,6 @@ def test_bad_pull_configuration_fails_at_start_with_one_line(args, env, expected
 
 
 def test_mock_worker_refuses_pull_mode_with_several_dp_ranks():
-    result = subprocess.run([sys.executable, "-m", "mock_worker", "--mode", "pull", "--dp-ranks", "2"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run([sys.executable, "-m", "mock_worker", "--protocol", "legacy", "--mode", "pull",
+                             "--dp-ranks", "2"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "--dp-ranks" in result.stderr

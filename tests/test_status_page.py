@@ -56,9 +56,11 @@ def live_workers(base: str) -> int:
 def test_the_page_lists_the_workers_shows_a_rejected_payload_and_drops_a_worker_that_stops(
         nats_server, processes, browser):
     aggregator = processes.aggregator(nats_server.url, "--stale-after", "2")
-    processes.add(mock_worker(nats_server.url, "--workers", "2", "--interval", "0.2", "--seed", "7"))
-    stopping = processes.add(mock_worker(nats_server.url, "--workers", "1", "--interval", "0.2", "--seed", "8",
-                                         "--component", "prefill", "--gpu", "simulated"))
+    # Legacy workers: capacity in every message, with no discovery store for the page to need.
+    processes.add(mock_worker(nats_server.url, "--protocol", "legacy", "--workers", "2", "--interval", "0.2",
+                              "--seed", "7"))
+    stopping = processes.add(mock_worker(nats_server.url, "--protocol", "legacy", "--workers", "1", "--interval",
+                                         "0.2", "--seed", "8", "--component", "prefill", "--gpu", "simulated"))
     wait_until(lambda: live_workers(aggregator.url) == 3, 20, what="3 live workers")
 
     _, dom = browser.dump_dom(f"{aggregator.url}/")
@@ -159,10 +161,10 @@ def test_ten_thousand_workers_render_fast_in_pages(nats_server, processes, brows
 
 def test_the_json_api_against_a_fleet_with_push_and_pull_workers(nats_server, processes):
     aggregator = processes.aggregator(nats_server.url, "--stale-after", "5", "--scrape", "backend/generate")
-    processes.add(mock_worker(nats_server.url, "--workers", "2", "--interval", "0.2", "--seed", "5", "--gpu",
-                              "simulated", "--gpus-per-worker", "2"))
-    processes.add(mock_worker(nats_server.url, "--workers", "1", "--interval", "0.2", "--seed", "6", "--mode", "pull",
-                              "--gpu", "none", "--no-component-metrics"))
+    processes.add(mock_worker(nats_server.url, "--protocol", "legacy", "--workers", "2", "--interval", "0.2",
+                              "--seed", "5", "--gpu", "simulated", "--gpus-per-worker", "2"))
+    processes.add(mock_worker(nats_server.url, "--workers", "1", "--interval", "0.2", "--seed", "6", "--protocol",
+                              "legacy", "--mode", "pull", "--gpu", "none", "--no-component-metrics"))
     wait_until(lambda: live_workers(aggregator.url) == 3, 20, what="3 live workers")
 
     _, workers = wait_until(lambda: (lambda d: d if all(w["source"] for w in d[1]["workers"]) else None)(
