@@ -10,7 +10,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app \
+    && install -d -o app -g app /var/lib/dynamo/discovery
+# compose.yml mounts its discovery volume (DYN_FILE_KV) here in both images: a new volume takes
+# this directory's owner, so the mock workers (uid 10001) can write their entries in it.
 # What both sides share: the wire protocol and the programs' conventions.
 COPY pyproject.toml README.md ./
 COPY fleet_protocol ./fleet_protocol

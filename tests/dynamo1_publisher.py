@@ -7,7 +7,8 @@ values (tests/test_dynamo_wire.py): every `--interval` each worker changes its l
 (`kv_metrics`), runs a forward pass (`forward-pass-metrics`) and stores and evicts KV blocks
 (`kv-events`), each topic from its own publisher with its own sequence, as a worker process
 does. Worker ids start with 99999 so that they sort after the mock workers' (the dashboards'
-"first worker" stays a legacy one). Stopped by SIGTERM from the test's fixture.
+"first worker" stays a mock one, whose capacity comes from discovery). Stopped by SIGTERM from
+the test's fixture.
 """
 
 from __future__ import annotations

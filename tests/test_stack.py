@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from fleet_demo.nats_server import NatsServer, free_port
+from mock_worker.engine import EngineConfig
 
 from .support import ROOT, AggregatorProcess, Process, http_get, mock_worker, wait_until
 from .test_packaging import AGGREGATOR_SIDE, WORKER_SIDE
@@ -115,7 +116,16 @@ def test_compose_config_accepts_the_stack():
     assert all(Path(build["context"]) == ROOT for build in built.values())
     assert services["aggregator"]["image"] != services["mock-worker"]["image"]
     assert set(built) == {name for name, s in services.items() if s["image"].endswith(":local")}
-    assert {"prometheus-data", "grafana-data"} <= set(config["volumes"])
+    assert {"prometheus-data", "grafana-data", "dynamo-discovery"} <= set(config["volumes"])
+    # Dynamo 1.x's capacity lives in its discovery store: the mock workers write their entries in a
+    # volume the aggregator reads (read-only), each where its DYN_FILE_KV says.
+    for name in ("mock-worker", "aggregator"):
+        where = services[name]["environment"]["DYN_FILE_KV"]
+        assert volumes(services[name])[where] == "dynamo-discovery", name
+    assert services["aggregator"]["environment"]["DYN_DISCOVERY_BACKEND"] == "file"
+    modes = {name: [volume.split(":")[2] for volume in services[name]["volumes"] if volume.startswith("dynamo-")]
+             for name in ("mock-worker", "aggregator")}
+    assert modes == {"mock-worker": ["rw"], "aggregator": ["ro"]}  # docker-compose 1.29's short form
     assert volumes(services["prometheus"])["/prometheus"] == "prometheus-data"
     assert volumes(services["grafana"])["/var/lib/grafana"] == "grafana-data"
     grafana = services["grafana"]["environment"]
@@ -199,16 +209,23 @@ def test_compose_commands_are_accepted_by_the_programs(monkeypatch):
     from mock_worker.cli import parse_config as mock_worker_config
 
     services = compose_file()["services"]
+    parsed = {}
     for name, parse in (("aggregator", aggregator_config), ("mock-worker", mock_worker_config)):
         service = services[name]
-        for key, value in service["environment"].items():
-            monkeypatch.setenv(key, str(value))
-        command = service["command"]
-        assert command[0] in {"llm-aggregator", "llm-mock-worker"}
-        try:
-            parse(command[1:])
-        except SystemExit as exit_:
-            pytest.fail(f"compose.yml's {name} command {command} is refused: exit {exit_.code}")
+        with monkeypatch.context() as env:
+            for key, value in service["environment"].items():
+                env.setenv(key, str(value))
+            command = service["command"]
+            assert command[0] in {"llm-aggregator", "llm-mock-worker"}
+            try:
+                parsed[name] = parse(command[1:])
+            except SystemExit as exit_:
+                pytest.fail(f"compose.yml's {name} command {command} is refused: exit {exit_.code}")
+    # The mock workers publish Dynamo 1.x on NATS and register where the aggregator reads discovery.
+    worker, aggregator = parsed["mock-worker"], parsed["aggregator"]
+    assert (worker.protocol, worker.event_plane, worker.mode) == ("dynamo-1", "nats", "push")
+    assert aggregator.discovery is not None and aggregator.discovery.backend == "file"
+    assert worker.discovery_file_kv == aggregator.discovery.file_kv
 
 
 # --- Dockerfile --------------------------------------------------------------------------
@@ -436,19 +453,29 @@ def stack():
     try:
         nats.start()
         services = compose_file()["services"]
+        # compose.yml's environment, its discovery volume a directory here (shared as the volume is).
+        discovery = tmp / "discovery"
+        discovery.mkdir()
         aggregator = AggregatorProcess(nats.url, "--stale-after", "3",
-                                       env={"DYN_NAMESPACE": services["aggregator"]["environment"]["DYN_NAMESPACE"]})
+                                       env=compose_env(services["aggregator"], discovery))
         started.append(aggregator)
         aggregator.wait_live()
-        # compose.yml's mock-worker command, as many replicas as it runs, publishing faster.
+        # compose.yml's mock-worker command and environment (Dynamo 1.x, registered in discovery), as many
+        # replicas as it runs, publishing faster.
         worker = services["mock-worker"]
         for _ in range(worker["deploy"]["replicas"]):
-            started.append(mock_worker(nats.url, *supported_mock_worker_args(worker["command"][1:]),
-                                       "--interval", "0.5"))
+            started.append(Process([sys.executable, "-m", "mock_worker", "--nats-url", nats.url,
+                                    *supported_mock_worker_args(worker["command"][1:]), "--interval", "0.5"],
+                                   env=compose_env(worker, discovery)))
+        # Dynamo 0.x workers for the panels only its JSON feeds (hit-rate events: 1.x has none), named as
+        # Dynamo 0.x's examples named theirs; "VllmWorker" sorts before "backend", so the dashboards'
+        # first component (the "one value each" pass) is this one and shows those panels too.
+        started.append(mock_worker(nats.url, "--protocol", "legacy", "--component", LEGACY_COMPONENT,
+                                   "--workers", "2", "--interval", "0.5"))
         # A second component whose workers stop after 4 s: expiries are real, not absent.
         started.append(mock_worker(nats.url, "--component", "prefill", "--endpoint", "prefill", "--workers", "2",
                                    "--interval", "0.5", "--duration", "4"))
-        # Dynamo 1.x workers on the event plane (the mock workers speak the legacy JSON), for the 1.x panels.
+        # Dynamo 1.x workers built on fleet_protocol's encoders alone (the real runtime's bytes), beside the mock.
         started.append(Process([sys.executable, "-m", "tests.dynamo1_publisher", nats.url, "--workers", "2",
                                 "--interval", "0.5"]))
         prometheus_port = free_port()
@@ -469,7 +496,8 @@ def stack():
             wait_until(lambda: http_get(f"{api.base}/-/ready")[0] == 200, 30, what="Prometheus ready")
         except AssertionError:
             raise AssertionError(prometheus.output()) from None
-        yield {"api": api, "nats": nats, "started": time.monotonic(), "aggregator": aggregator}
+        yield {"api": api, "nats": nats, "started": time.monotonic(), "aggregator": aggregator,
+               "compose_workers": worker["deploy"]["replicas"] * compose_mock_workers(worker)}
     finally:
         for process in reversed(started):
             process.stop()
@@ -477,6 +505,23 @@ def stack():
         shutil.rmtree(tmp, ignore_errors=True)
         if nats.store_dir:
             shutil.rmtree(nats.store_dir, ignore_errors=True)
+
+
+LEGACY_COMPONENT = "VllmWorker"
+
+
+def compose_env(service: dict, discovery: Path) -> dict[str, str]:
+    """A compose service's environment for a process here: its DYN_FILE_KV the test's directory."""
+    env = {key: str(value) for key, value in service["environment"].items()}
+    env["DYN_FILE_KV"] = str(discovery)
+    return env
+
+
+def compose_mock_workers(service: dict) -> int:
+    """Simulated workers per replica of compose.yml's mock-worker service, as its own parser reads them."""
+    from mock_worker.cli import parser
+
+    return parser().parse_known_args(service["command"][1:])[0].workers
 
 
 def supported_mock_worker_args(args: list[str]) -> list[str]:
@@ -508,6 +553,28 @@ def test_nats_server_conf_runs_with_jetstream_and_monitoring(stack):
     varz = json.loads(http_get(f"http://127.0.0.1:{monitor}/varz")[2])
     assert varz["jetstream"]["config"]["max_memory"] == 256 * 1024 * 1024
     assert varz["max_payload"] == 1024 * 1024
+
+
+def test_the_compose_mock_workers_reach_prometheus_as_dynamo_1_with_their_capacity(stack):
+    """compose.yml's workers speak 1.x: their 1.x-only series, and the capacity their discovery entries give."""
+    api, count = stack["api"], stack["compose_workers"]
+    mock_ids = 'worker_id!~"99999.*"'  # not tests.dynamo1_publisher's workers, which register nowhere
+
+    def values(expr: str) -> dict[str, float]:
+        return {r["metric"]["worker_id"]: float(r["value"][1]) for r in api.get("/api/v1/query", query=expr)["result"]}
+
+    def scraped() -> dict[str, float]:
+        found = values(f'llm_kv_active_decode_blocks{{component="backend", {mock_ids}}}')
+        return found if len(found) == count else {}
+
+    workers = wait_until(scraped, 30, what=f"{count} compose mock workers' 1.x series")
+    engine = EngineConfig()
+    assert values(f'llm_kv_blocks_total{{component="backend", {mock_ids}}}') == dict.fromkeys(workers,
+                                                                                               engine.total_blocks)
+    assert values(f'llm_requests_total_slots{{component="backend", {mock_ids}}}') == dict.fromkeys(
+        workers, engine.total_slots)
+    assert values('llm_kv_hit_rate_percent{component="backend"}') == {}  # 1.x has no hit-rate events
+    assert len(values(f'llm_kv_hit_rate_percent{{component="{LEGACY_COMPONENT}"}}')) == 2  # the legacy ones do
 
 
 def test_the_query_checker_can_fail(stack):
