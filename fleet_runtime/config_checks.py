@@ -146,17 +146,24 @@ def label_value(value: str) -> str:
     return value
 
 
-def nats_url(url: str) -> str:
-    if not isinstance(url, str):
-        raise TypeError(f"{url!r} is not a NATS URL like nats://host:4222")
+def nats_url_problem(url: str) -> str | None:
+    """Why `url` is not a NATS URL (words to follow the URL quoted), or None."""
     parts = urlsplit(url)
-    # Named without its credentials: the error is printed.
     if parts.scheme not in NATS_SCHEMES or not parts.hostname:
-        raise ValueError(f"{redact_url(url)!r} is not a NATS URL like nats://host:4222")
+        return "is not a NATS URL like nats://host:4222"
     try:
         _ = parts.port  # raises for a port outside 0-65535 or not a number
     except ValueError:
-        raise ValueError(f"{redact_url(url)!r} has an invalid port") from None
+        return "has an invalid port"
+    return None
+
+
+def nats_url(url: str) -> str:
+    if not isinstance(url, str):
+        raise TypeError(f"{url!r} is not a NATS URL like nats://host:4222")
+    problem = nats_url_problem(url)
+    if problem is not None:
+        raise ValueError(f"{redact_url(url)!r} {problem}")  # named without its credentials: the error is printed
     return url
 
 

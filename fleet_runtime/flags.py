@@ -15,9 +15,8 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
-from fleet_runtime.config_checks import NATS_SCHEMES, ConfigError
+from fleet_runtime.config_checks import ConfigError, nats_url_problem
 from fleet_runtime.redaction import redact_message, redact_url
 
 
@@ -126,12 +125,8 @@ def nats_url_list(value: str) -> tuple[str, ...]:
     ',' is split across two "URLs", so an error quotes the whole value, credentials masked."""
     urls = comma_list(value)
     for number, url in enumerate(urls, 1):
-        where = repr(redact_url(value.strip())) + (f", URL {number} of {len(urls)}," if len(urls) > 1 else "")
-        parts = urlsplit(url)
-        if parts.scheme not in NATS_SCHEMES or not parts.hostname:
-            raise ValueError(f"{where} is not a NATS URL like nats://host:4222")
-        try:
-            _ = parts.port  # raises for a port outside 0-65535 or not a number
-        except ValueError:
-            raise ValueError(f"{where} has an invalid port") from None
+        problem = nats_url_problem(url)
+        if problem is not None:
+            where = repr(redact_url(value.strip())) + (f", URL {number} of {len(urls)}," if len(urls) > 1 else "")
+            raise ValueError(f"{where} {problem}")
     return urls
