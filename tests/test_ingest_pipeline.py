@@ -45,7 +45,7 @@ def exported(registry: CollectorRegistry, name: str) -> dict[tuple, float]:
 
 
 def test_every_reason_is_listed_once_with_a_line_saying_what_it_is():
-    groups = (rejects.WIRE, rejects.EVENT_WIRE, rejects.WORKER_LIMITS, rejects.COMPONENT_METRICS,
+    groups = (rejects.WIRE, rejects.EVENT_WIRE, rejects.EVENT_STREAM, rejects.WORKER_LIMITS, rejects.COMPONENT_METRICS,
               rejects.STATS_ENDPOINT, rejects.STATS_REQUEST)
     listed = [reason for group in groups for reason in group]
     assert len(listed) == len(set(listed)) == len(rejects.DESCRIPTIONS)
