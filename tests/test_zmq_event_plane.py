@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from fleet_protocol import (  # noqa: E402
     ZmqTransport,
 )
 
-from .support import render_families, samples, scrape, wait_until  # noqa: E402
+from .support import mock_worker, render_families, samples, scrape, wait_until  # noqa: E402
 
 WORKER = 0x5C2DB107CE3E712D
 PUBLISHER = 0x1D2C3B4A5968
@@ -262,3 +263,30 @@ def test_broker_mode_reads_the_namespace_from_two_brokers_and_applies_each_event
         finally:
             socket.close(0)
             context.term()
+
+
+def test_the_mock_worker_over_zmq_is_found_through_file_discovery_and_dropped_when_it_stops(
+        processes, nats_server, tmp_path):
+    aggregator = processes.aggregator(nats_server.url, "--discovery-backend", "file", "--discovery-file-kv",
+                                      str(tmp_path), "--discovery-file-scan-interval", "0.1")
+    worker = processes.add(mock_worker(nats_server.url, "--protocol", "dynamo-1", "--event-plane", "zmq",
+                                       "--discovery-file-kv", str(tmp_path), "--workers", "2", "--interval", "0.1",
+                                       "--seed", "1"))
+    # Three publishers per worker (kv_metrics, kv-events, forward-pass-metrics), each its own PUB socket.
+    wait_until(lambda: connected(aggregator) == 6, 20, what=f"six ZMQ endpoints\n{worker.output()[-2000:]}")
+
+    def both_workers():
+        families = scrape(aggregator.url)
+        loads = samples(families, "llm_kv_blocks_active")
+        totals = samples(families, "llm_kv_blocks_total")
+        return families if len(loads) == 2 and len(totals) == 2 else None
+
+    families = wait_until(both_workers, 20, what="both mock workers' load and capacity")
+    received, rejected = counted(families)
+    assert received.get("active_load", 0) > 0 and received.get("forward_pass_metrics", 0) > 0
+    assert rejected == {}
+    assert samples(families, "llm_aggregator_zmq_publishers") == {(): 6}
+    worker.signal(signal.SIGTERM)
+    assert worker.popen.wait(20) == 0
+    wait_until(lambda: connected(aggregator) == 0 and not samples(scrape(aggregator.url), "llm_kv_blocks_active"),
+               20, what="the stopped workers gone")
