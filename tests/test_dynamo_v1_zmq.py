@@ -59,7 +59,7 @@ async def subscribed(aggregator, worker: DynamoWorker, endpoints: int) -> None:
     for probe in range(1, 200):
         await in_thread(worker.command, "load", dp_rank=0, kv_used_blocks=1000 + probe)
         try:
-            await until(aggregator, lambda f: by_rank(f, "llm_kv_blocks_active", **mine).get(0) == 1000 + probe,
+            await until(aggregator, lambda f, probe=probe: by_rank(f, "llm_kv_blocks_active", **mine).get(0) == 1000 + probe,
                         "the probe", timeout=1.0)
             return
         except AssertionError:
@@ -146,8 +146,8 @@ async def test_real_workers_on_their_default_event_plane_through_file_discovery(
     for used in range(4, 200):  # until a subscription has reached the PUB socket: sent before, unseen
         await in_thread(first.command, "load", dp_rank=1, kv_used_blocks=used)
         try:
-            families = await until(aggregator, lambda f: by_rank(f, "llm_kv_blocks_active",
-                                                                  worker_id=str(first.worker_id)) == {1: used},
+            families = await until(aggregator, lambda f, used=used: by_rank(
+                f, "llm_kv_blocks_active", worker_id=str(first.worker_id)) == {1: used},
                                    "the first worker's next value", timeout=1.0)
             break
         except AssertionError:

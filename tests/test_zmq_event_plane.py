@@ -11,32 +11,29 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+import zmq
+from prometheus_client import CollectorRegistry
 
-zmq = pytest.importorskip("zmq", reason="pyzmq (the aggregator extra) is not installed")
-
-from prometheus_client import CollectorRegistry  # noqa: E402
-
-import fleet_protocol as protocol  # noqa: E402
-from aggregator import rejects  # noqa: E402
-from aggregator.collectors.dynamo_v1 import DynamoV1Collector  # noqa: E402
-from aggregator.collectors.fleet_kv import FleetCollector  # noqa: E402
-from aggregator.collectors.telemetry import Telemetry  # noqa: E402
-from aggregator.config import ZmqConfig  # noqa: E402
-from aggregator.edges.zmq_event_plane import ZmqEventPlane  # noqa: E402
-from aggregator.ingest.pipeline import Ingest  # noqa: E402
-from aggregator.state.fleet import Fleet  # noqa: E402
-from fleet_protocol import (  # noqa: E402
+import fleet_protocol as protocol
+from aggregator import rejects
+from aggregator.collectors.dynamo_v1 import DynamoV1Collector
+from aggregator.collectors.fleet_kv import FleetCollector
+from aggregator.collectors.telemetry import Telemetry
+from aggregator.config import ZmqConfig
+from aggregator.edges.zmq_event_plane import ZmqEventPlane
+from aggregator.ingest.pipeline import Ingest
+from aggregator.state.fleet import Fleet
+from fleet_protocol import (
     ActiveLoad,
     EndpointScope,
     EventChannelEntry,
     EventEnvelope,
     EventScope,
-    ZmqConfig as ZmqTransportConfig,
     ZmqTransport,
 )
+from fleet_protocol import ZmqConfig as ZmqTransportConfig
 
-from .support import mock_worker, render_families, samples, scrape, wait_until  # noqa: E402
+from .support import mock_worker, render_families, samples, scrape, wait_until
 
 WORKER = 0x5C2DB107CE3E712D
 PUBLISHER = 0x1D2C3B4A5968
@@ -123,7 +120,8 @@ def test_the_publisher_cap_and_bad_endpoints_are_refused_and_counted():
     assert set(plane.channels.values()) == {plane.channels[channel(1, "")[0]]}
     families = render_families(registry)
     refused = samples(families, "llm_aggregator_zmq_publishers_refused", "llm_aggregator_zmq_publishers_refused_total")
-    assert refused == {(("reason", "publisher_limit"),): 1, (("reason", "bad_endpoint"),): 1}
+    assert refused == {(("reason", "publisher_limit"),): 1, (("reason", "bad_endpoint"),): 1,
+                       (("reason", "socket_error"),): 0}
     plane.delete(channel(1, "")[0])
     plane.put(*channel(2, "tcp://127.0.0.1:6000"))  # room again
     assert [c.publisher_id for c in plane.channels.values()] == [2]
@@ -290,3 +288,34 @@ def test_the_mock_worker_over_zmq_is_found_through_file_discovery_and_dropped_wh
     assert worker.popen.wait(20) == 0
     wait_until(lambda: connected(aggregator) == 0 and not samples(scrape(aggregator.url), "llm_kv_blocks_active"),
                20, what="the stopped workers gone")
+
+
+def test_publishers_that_go_while_their_messages_are_being_read_leave_the_aggregator_running(
+        processes, nats_server, tmp_path):
+    """Entries deleted in the middle of a burst: each subscription is closed with its own socket. (One socket
+    `disconnect`ed from an endpoint whose multipart message was half read made libzmq 4.3 abort the process.)"""
+    aggregator = processes.aggregator(nats_server.url, "--discovery-backend", "file", "--discovery-file-kv",
+                                      str(tmp_path), "--discovery-file-scan-interval", "0.05")
+    context = zmq.Context()
+    sockets, paths = [], []
+    try:
+        for index in range(20):
+            socket = context.socket(zmq.PUB)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.SNDHWM, 100_000)
+            port = socket.bind_to_random_port("tcp://127.0.0.1")
+            sockets.append(socket)
+            paths.append(write_entry(tmp_path, *channel(PUBLISHER + index, f"tcp://127.0.0.1:{port}")))
+        wait_until(lambda: connected(aggregator) == 20, 15, what="connected to 20 publishers")
+        for sequence in range(2000):
+            for index, socket in enumerate(sockets):
+                socket.send_multipart(load_frames(sequence, sequence, publisher=PUBLISHER + index))
+            if sequence == 1000:
+                for path in paths:
+                    path.unlink()
+        wait_until(lambda: connected(aggregator) == 0, 15, what="every subscription closed")
+        assert aggregator.popen.poll() is None and aggregator.health() == 200, aggregator.output()[-3000:]
+    finally:
+        for socket in sockets:
+            socket.close(0)
+        context.term()

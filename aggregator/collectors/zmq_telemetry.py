@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 PUBLISHER_LIMIT: Final = "publisher_limit"  # past --zmq-max-publishers
 BAD_ENDPOINT: Final = "bad_endpoint"  # an advertised endpoint that is not tcp://host:port
-REFUSED_REASONS: Final = (PUBLISHER_LIMIT, BAD_ENDPOINT)
+SOCKET_ERROR: Final = "socket_error"  # no socket could be made: out of file descriptors
+REFUSED_REASONS: Final = (PUBLISHER_LIMIT, BAD_ENDPOINT, SOCKET_ERROR)
 
 
 class ZmqTelemetry:

@@ -3,10 +3,13 @@
 Direct mode: every publisher (one per topic per worker process) binds its own PUB socket and
 registers `v1/event_channels/.../topic/{topic}/{publisher_id:x}` with its endpoint
 `tcp://ip:port`. The service hands this edge every discovery change beside the fleet's own
-sink; for each ZMQ channel of the namespace the one SUB socket connects to its endpoint (ZMQ
-fans many connections into one socket, each with its own receive queue), and disconnects
-when the entry goes. A message's first frame is the bare topic, so whose it is comes from
-its publisher id, which must be a channel the store lists for that topic.
+sink; for each ZMQ endpoint of the namespace a SUB socket connects to it, read by its own
+task on the event loop (asyncio wakes only the sockets with messages), and is closed when
+the entry goes. One socket per endpoint, not one socket connected to all: libzmq 4.3 aborts
+the process (`!_more`, fq.cpp) when `disconnect` removes a connection whose multipart
+message is being read, which a worker that stops while publishing can cause. A message's
+first frame is the bare topic, so whose it is comes from its publisher id, which must be a
+channel the store lists for that topic.
 
 Broker mode (`DYN_ZMQ_BROKER_URL`, `--zmq-broker-url`): publishers connect to a broker's
 XSUB side and register nothing; the socket connects to the broker's XPUB side(s) and takes
@@ -20,13 +23,17 @@ publisher sent before the subscriber connected: its first sequence seen is count
 (`llm_aggregator_event_plane_unseen_events_total`), later gaps as lost (a full receive queue,
 a dropped connection). Bounded: publishers subscribed to (`--zmq-max-publishers`), frame size
 (ZMQ_MAXMSGSIZE from `--max-message-bytes`; ZMQ drops the connection of a peer that sends a
-larger one, and reconnects), messages queued per connection (`--zmq-receive-hwm`).
+larger one, and reconnects), messages queued per connection (`--zmq-receive-hwm`). Each
+endpoint costs three ZMQ sockets (its SUB socket and the two ends of its connection monitor)
+and four file descriptors (its TCP connection and three mailboxes): the context allows the
+sockets, and the soft RLIMIT_NOFILE is raised (up to the hard one) for the descriptors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 from dataclasses import dataclass
 from typing import Final
 
@@ -37,7 +44,7 @@ from prometheus_client import CollectorRegistry
 from zmq.utils.monitor import parse_monitor_message
 
 import fleet_protocol as protocol
-from aggregator.collectors.zmq_telemetry import BAD_ENDPOINT, PUBLISHER_LIMIT, ZmqTelemetry
+from aggregator.collectors.zmq_telemetry import BAD_ENDPOINT, PUBLISHER_LIMIT, SOCKET_ERROR, ZmqTelemetry
 from aggregator.config import ZmqConfig, zmq_endpoint
 from aggregator.ingest.pipeline import ZMQ, Ingest
 from fleet_protocol import DiscoveryEntry, EventChannelEntry, MessageRejected, ZmqTransport
@@ -48,9 +55,23 @@ log = structlog.get_logger("aggregator.zmq")
 BATCH: Final = 256
 # ZMQ's reconnect delay to an endpoint that went away grows to this (ms) until its entry goes.
 RECONNECT_MAX_MS: Final = 5000
+SOCKETS_PER_ENDPOINT: Final = 3
+FDS_PER_ENDPOINT: Final = 4
 _FRAME_HEADER_BYTES: Final = 5
 _BROKER_FIRST: Final = b"namespace."
 _TOPICS: Final = tuple((topic.encode(), topic) for topic in protocol.EVENT_TOPICS)
+
+
+def _allow_descriptors(wanted: int) -> None:
+    """Raise the soft limit on open files towards `wanted` (never above the hard limit, never down)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as error:
+            log.warning("open-file limit not raised; ZMQ publishers past it will fail", soft=soft, wanted=target,
+                        error=str(error))
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +99,20 @@ def zmq_channel(entry: DiscoveryEntry, namespace: str) -> ZmqChannel | None:
                       protocol.endpoint_event_subject(scope.namespace, scope.component, scope.name, entry.topic))
 
 
+class _Subscription:
+    """One SUB socket connected to one endpoint (a publisher's PUB socket, or a broker's XPUB side)."""
+
+    __slots__ = ("endpoint", "mode", "socket", "monitor", "tasks", "connected")
+
+    def __init__(self, endpoint: str, mode: str) -> None:
+        self.endpoint = endpoint
+        self.mode = mode  # "direct" or "broker"
+        self.socket: zmq.asyncio.Socket | None = None
+        self.monitor: zmq.asyncio.Socket | None = None
+        self.tasks: list[asyncio.Task] = []
+        self.connected = False
+
+
 class ZmqEventPlane:
     """The `DiscoverySink` of ZMQ channels, and the subscriber reading them: `run` until stopped."""
 
@@ -91,10 +126,8 @@ class ZmqEventPlane:
         self.channels: dict[str, ZmqChannel] = {}  # by discovery key
         self._by_publisher: dict[int, ZmqChannel] = {}
         self._endpoints: dict[str, int] = {}  # endpoint -> channels using it
-        self._connected: set[str] = set()
+        self._subscriptions: dict[str, _Subscription] = {}  # by endpoint, while running
         self._context: zmq.asyncio.Context | None = None
-        self._socket: zmq.asyncio.Socket | None = None
-        self._monitor: zmq.asyncio.Socket | None = None
 
     # The DiscoverySink side ----------------------------------------------------------
 
@@ -123,8 +156,8 @@ class ZmqEventPlane:
         self._by_publisher[channel.publisher_id] = channel
         users = self._endpoints.get(channel.endpoint, 0)
         self._endpoints[channel.endpoint] = users + 1
-        if not users and self._socket is not None:
-            self._socket.connect(channel.endpoint)
+        if not users and self._context is not None:
+            self._subscribe(channel.endpoint, "direct")
         self.telemetry.publishers.set(len(self.channels))
 
     def delete(self, key: str) -> None:
@@ -138,11 +171,9 @@ class ZmqEventPlane:
             self._endpoints[channel.endpoint] = users
         else:
             del self._endpoints[channel.endpoint]
-            self._connected.discard(channel.endpoint)
-            if self._socket is not None:
-                with contextlib.suppress(zmq.ZMQError):  # not connected yet: nothing to undo
-                    self._socket.disconnect(channel.endpoint)
-            self._set_connected()
+            subscription = self._subscriptions.pop(channel.endpoint, None)
+            if subscription is not None:
+                self._unsubscribe(subscription)
         self.telemetry.publishers.set(len(self.channels))
 
     def snapshot_complete(self) -> None:
@@ -195,29 +226,53 @@ class ZmqEventPlane:
 
     # The socket ------------------------------------------------------------------------
 
-    def _open(self) -> zmq.asyncio.Socket:
-        self._context = context = zmq.asyncio.Context()
-        socket = context.socket(zmq.SUB)
+    def _subscribe(self, endpoint: str, mode: str) -> None:
+        """A SUB socket for `endpoint`, its reader and its monitor's, started on the running loop."""
+        assert self._context is not None
+        try:
+            socket = self._context.socket(zmq.SUB)
+        except zmq.ZMQError as error:  # out of sockets or descriptors
+            self.telemetry.refused.labels(SOCKET_ERROR).inc()
+            log.warning("ZMQ endpoint not subscribed to", endpoint=endpoint, reason=SOCKET_ERROR, error=str(error),
+                        rate_limit=SOCKET_ERROR)
+            return
+        subscription = _Subscription(endpoint, mode)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.RCVHWM, self.config.receive_hwm)
         socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + _FRAME_HEADER_BYTES)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
-        for topic in protocol.EVENT_TOPICS:
-            socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        if self.config.broker_xpub:
+        if mode == "broker":
             socket.setsockopt(zmq.SUBSCRIBE, f"namespace.{protocol.encode_event_segment(self.namespace)}.".encode())
-        self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        for endpoint in self.config.broker_xpub:
-            socket.connect(endpoint)
-        for endpoint in self._endpoints:
-            socket.connect(endpoint)
-        self._socket = socket
-        return socket
+        else:
+            for topic in protocol.EVENT_TOPICS:
+                socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        subscription.monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        socket.connect(endpoint)
+        subscription.socket = socket
+        subscription.tasks = [asyncio.create_task(self._read(socket), name=f"zmq-read {endpoint}"),
+                              asyncio.create_task(self._watch(subscription), name=f"zmq-monitor {endpoint}")]
+        self._subscriptions[endpoint] = subscription
+
+    def _unsubscribe(self, subscription: _Subscription) -> None:
+        """Its tasks cancelled, its sockets closed (they close once the tasks have let go of them)."""
+        for task in subscription.tasks:
+            task.cancel()
+        socket, monitor = subscription.socket, subscription.monitor
+        subscription.socket = subscription.monitor = None
+        if socket is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                socket.disable_monitor()
+            socket.close(linger=0)
+        if monitor is not None:
+            monitor.close(linger=0)
+        if subscription.connected:
+            subscription.connected = False
+            self._set_connected()
 
     def _set_connected(self) -> None:
-        brokers = sum(1 for endpoint in self._connected if endpoint in self.config.broker_xpub)
-        self.telemetry.endpoints.labels("broker").set(brokers)
-        self.telemetry.endpoints.labels("direct").set(len(self._connected) - brokers)
+        for mode in ("direct", "broker"):
+            self.telemetry.endpoints.labels(mode).set(
+                sum(1 for sub in self._subscriptions.values() if sub.mode == mode and sub.connected))
 
     async def _read(self, socket: zmq.asyncio.Socket) -> None:
         # The asyncio socket waits; the plain one it shadows drains a batch without a future per message.
@@ -236,44 +291,37 @@ class ZmqEventPlane:
                     log.error("ZMQ message not handled", error=repr(error)[:512], rate_limit="bug", exc_info=error)
             await asyncio.sleep(0)
 
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+    async def _watch(self, subscription: _Subscription) -> None:
+        monitor = subscription.monitor
+        assert monitor is not None
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
-            endpoint = event["endpoint"].decode(errors="replace")
-            wanted = endpoint in self._endpoints or endpoint in self.config.broker_xpub
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                if wanted:
-                    self._connected.add(endpoint)
-            else:
-                self._connected.discard(endpoint)
-                if wanted:
-                    self.telemetry.disconnects.inc()
+            connected = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            if not connected and subscription.connected:
+                self.telemetry.disconnects.inc()
+            subscription.connected = connected
             self._set_connected()
 
     async def run(self, stop: asyncio.Event) -> None:
-        socket = self._open()
-        monitor = self._monitor
-        assert monitor is not None
+        endpoints = self.config.max_publishers + len(self.config.broker_xpub)
+        self._context = zmq.asyncio.Context()
+        self._context.set(zmq.MAX_SOCKETS, SOCKETS_PER_ENDPOINT * endpoints + 64)
+        _allow_descriptors(FDS_PER_ENDPOINT * endpoints + 1024)
+        for endpoint in self.config.broker_xpub:
+            self._subscribe(endpoint, "broker")
+        for endpoint in self._endpoints:
+            self._subscribe(endpoint, "direct")
         log.info("ZMQ event plane subscribed", publishers=len(self.channels),
                  brokers=list(self.config.broker_xpub), max_publishers=self.config.max_publishers)
-        tasks = [asyncio.create_task(self._read(socket), name="zmq-read"),
-                 asyncio.create_task(self._watch(monitor), name="zmq-monitor")]
         try:
             await stop.wait()
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             self.close()
 
     def close(self) -> None:
-        if self._socket is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self._socket.disable_monitor()
-            if self._monitor is not None:
-                self._monitor.close(linger=0)
-            self._socket.close(linger=0)
-            self._socket = self._monitor = None
+        for subscription in list(self._subscriptions.values()):
+            self._unsubscribe(subscription)
+        self._subscriptions.clear()
         if self._context is not None:
             self._context.term()
             self._context = None
