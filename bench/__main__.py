@@ -187,9 +187,10 @@ class AggregatorUnderTest:
 
 
 def publish_all(nats_url: str, workers: int, messages: int, rate: float = 0.0,
-                subject: str = payloads.SUBJECT, kind: str = "load") -> tuple[Child, float]:
+                subject: str = payloads.SUBJECT, kind: str = "load", first_sequence: int = 0) -> tuple[Child, float]:
     publisher = Child("bench.publisher", nats_url, "--workers", str(workers), "--messages", str(messages),
-                      "--rate", str(rate), "--subject", subject, "--kind", kind)
+                      "--rate", str(rate), "--subject", subject, "--kind", kind,
+                      "--first-sequence", str(first_sequence))
     publisher.expect("ready")
     return publisher, publisher.go()
 
@@ -242,11 +243,12 @@ LOST: list[float] = []  # messages the aggregator never received (NATS slow-cons
 
 
 def aggregator_ingest(nats_url: str, aggregator: AggregatorUnderTest, workers: int, messages: int,
-                      poll: float = 0.05, kind: str = "load") -> float:
+                      poll: float = 0.05, kind: str = "load", first_sequence: int = 0) -> float:
     before = aggregator.accepted()
     cpu_before = aggregator.cpu_seconds()
     subject = payloads.EVENT_SUBJECT if kind == "active-load" else payloads.SUBJECT
-    publisher, started = publish_all(nats_url, workers, messages, subject=subject, kind=kind)
+    publisher, started = publish_all(nats_url, workers, messages, subject=subject, kind=kind,
+                                     first_sequence=first_sequence)
     finished, accepted = aggregator.wait_accepted(before + messages, poll=poll, stall=10.0)
     CPU["aggregator"].append((aggregator.cpu_seconds() - cpu_before) / max(1.0, accepted - before))
     publisher.result()
@@ -368,10 +370,11 @@ def dynamo_v1(url: str, sizes: Sizes) -> list[tuple[str, str, str]]:
         bare, ours = [], []
         for lst in CPU.values():
             lst.clear()
-        for _ in range(sizes.repeats):
+        for repeat in range(sizes.repeats):
             bare.append(bare_ceiling(url, workers, sizes.ingest_messages, kind="active-load"))
+            # The same publishers again: their sequences go on (a repeat from 0 would be all duplicates).
             ours.append(aggregator_ingest(url, aggregator, workers, sizes.ingest_messages, sizes.poll,
-                                          kind="active-load"))
+                                          kind="active-load", first_sequence=repeat * sizes.ingest_messages))
         check_markers(aggregator, workers)
     finally:
         aggregator.stop()
