@@ -1,4 +1,4 @@
-"""Dynamo 1.x's ZMQ event plane (its default since 1.3), read: a `DiscoverySink` and one SUB socket.
+"""Dynamo 1.x's ZMQ event plane (its default since 1.3), read: a `DiscoverySink` and a SUB socket per endpoint.
 
 Direct mode: every publisher (one per topic per worker process) binds its own PUB socket and
 registers `v1/event_channels/.../topic/{topic}/{publisher_id:x}` with its endpoint
@@ -114,7 +114,7 @@ class _Subscription:
 
 
 class ZmqEventPlane:
-    """The `DiscoverySink` of ZMQ channels, and the subscriber reading them: `run` until stopped."""
+    """The `DiscoverySink` of ZMQ channels, and the SUB sockets reading them: `run` until stopped."""
 
     def __init__(self, config: ZmqConfig, ingest: Ingest, registry: CollectorRegistry) -> None:
         self.config = config
