@@ -29,6 +29,8 @@ from aggregator.config import (
     PushGatewayConfig,
     RemoteWriteConfig,
     ScrapeTarget,
+    ZmqConfig,
+    zmq_broker_xpub,
 )
 from aggregator.edges import nats_auth, web_config
 from fleet_runtime.config_checks import check_field, field_named
@@ -53,6 +55,7 @@ SECTIONS: Mapping[str, type] = {
     "discovery": DiscoveryConfig,
     "push_gateway": PushGatewayConfig,
     "remote_write": RemoteWriteConfig,
+    "zmq": ZmqConfig,
 }
 # Sections that are off (None) unless their first field's flag is given: {section: that field}.
 OPTIONAL_SECTIONS: Mapping[str, str] = {
@@ -63,6 +66,7 @@ NATS_AUTH = "NATS authentication and TLS"
 HTTP_LIMITS = "HTTP limits"
 JOURNAL = "hit-rate history across restarts (JetStream)"
 DISCOVERY = "Dynamo's discovery store (worker instances, model cards, event channels)"
+ZMQ = "Dynamo's ZMQ event plane (its default since 1.3)"
 PUSH = "push where nothing can scrape (Pushgateway, remote write)"
 
 
@@ -283,6 +287,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--discovery-max-entries", "AGGREGATOR_DISCOVERY_MAX_ENTRIES", "discovery.max_entries", int,
          "discovery entries of the namespace kept at most; new ones past it are dropped (reason=entry_limit)",
          DISCOVERY),
+    Flag("--zmq-max-publishers", "AGGREGATOR_ZMQ_MAX_PUBLISHERS", "zmq.max_publishers", int,
+         "ZMQ event publishers found in the discovery store subscribed to at most (one per topic per worker "
+         "process); past it new ones are refused (counted); 0 turns the ZMQ event plane off", ZMQ),
+    Flag("--zmq-receive-hwm", "AGGREGATOR_ZMQ_RECEIVE_HWM", "zmq.receive_hwm", int,
+         "messages queued per ZMQ publisher before ZMQ drops them (counted as lost events)", ZMQ),
+    Flag("--zmq-broker-url", "DYN_ZMQ_BROKER_URL", "zmq.broker_xpub", zmq_broker_xpub,
+         "Dynamo's ZMQ broker, as its workers are told: 'xsub=URL;... , xpub=URL;...'; the aggregator "
+         "subscribes at the xpub side(s)", ZMQ),
     Flag("--gpu-hostname-label", "AGGREGATOR_GPU_HOSTNAME_LABEL", "gpu_hostname_label", str,
          "name of the node label on DCGM_FI_* series: dcgm-exporter's released 'Hostname', "
          "or 'hostname' as on its main branch since PR #655 (joins with Slurm's label)"),
@@ -379,5 +391,6 @@ def config_from_values(args: Mapping[str, Any], targets: tuple[ScrapeTarget, ...
         discovery=build_optional("discovery"),
         push_gateway=build_optional("push_gateway"),
         remote_write=build_optional("remote_write"),
+        zmq=build("zmq"),
         **values[""],
     )

@@ -53,10 +53,13 @@ __all__ = [
     "PushGatewayConfig",
     "RemoteWriteConfig",
     "ScrapeTarget",
+    "ZmqConfig",
     "check_prefix",
     "check_stream_name",
     "etcd_url",
     "without_credentials",
+    "zmq_broker_xpub",
+    "zmq_endpoint",
 ]
 
 # Names of the node label on DCGM_FI_* series: dcgm-exporter's released one, and its main branch's since PR #655.
@@ -402,6 +405,60 @@ class RemoteWriteConfig:
         return _redacted_repr(self)
 
 
+def zmq_endpoint(value: object) -> str:
+    """A ZMQ TCP endpoint to connect to, `tcp://host:port` (the only transport a Dynamo publisher advertises)."""
+    if not isinstance(value, str):
+        raise TypeError("must be a string")
+    host, _, port = value.removeprefix("tcp://").rpartition(":")
+    if not value.startswith("tcp://") or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value[:256]!r} is not tcp://host:port")
+    return value
+
+
+def zmq_broker_xpub(url: str) -> tuple[str, ...]:
+    """The XPUB endpoints of Dynamo's `DYN_ZMQ_BROKER_URL` (`xsub=URL;URL , xpub=URL;URL`); () when empty.
+
+    Parsed as Dynamo parses it: two comma-separated parts, `xsub=` and `xpub=`, each a `;` list
+    that must not be empty. Subscribers use the xpub side only.
+    """
+    if not url.strip():
+        return ()
+    parts = [part.strip() for part in url.split(",")]
+    if len(parts) != 2:
+        raise ValueError("expected 'xsub=URL;... , xpub=URL;...'")
+    sides: dict[str, tuple[str, ...]] = {}
+    for part in parts:
+        side, equals, urls = part.partition("=")
+        if not equals or side.strip() not in ("xsub", "xpub"):
+            raise ValueError(f"{part[:64]!r} does not start with xsub= or xpub=")
+        sides[side.strip()] = tuple(item.strip() for item in urls.split(";") if item.strip())
+    if not sides.get("xsub") or not sides.get("xpub"):
+        raise ValueError("needs at least one xsub and one xpub endpoint")
+    return tuple(zmq_endpoint(endpoint) for endpoint in sides["xpub"])
+
+
+def _zmq_endpoints(value: object) -> None:
+    if not isinstance(value, tuple):
+        raise TypeError("must be a tuple")
+    for item in value:
+        zmq_endpoint(item)
+
+
+@dataclass(frozen=True, slots=True)
+class ZmqConfig:
+    """Dynamo's ZMQ event plane (its default): publishers found in the discovery store, or a broker."""
+
+    # ZMQ publishers (one per topic per worker process) subscribed to at most; 0 turns direct mode off.
+    max_publishers: int = field(default=4096, metadata=checked(within(0, 1_000_000)))
+    # Messages queued per connected publisher before ZMQ drops (counted as lost from the sequence gaps).
+    receive_hwm: int = field(default=1000, metadata=checked(within(1, 10_000_000)))
+    # Broker mode (`DYN_ZMQ_BROKER_URL`): the broker's XPUB endpoints, instead of (or beside) publishers.
+    broker_xpub: tuple[str, ...] = field(default=(), metadata=checked(_zmq_endpoints))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 def _instance(kind: type) -> Check:
     def check(value: object) -> None:
         if not isinstance(value, kind):
@@ -427,6 +484,7 @@ class AggregatorConfig:
                                                    metadata=checked(optional(_instance(PushGatewayConfig))))
     remote_write: RemoteWriteConfig | None = field(default=None,
                                                    metadata=checked(optional(_instance(RemoteWriteConfig))))
+    zmq: ZmqConfig = field(default_factory=ZmqConfig, metadata=checked(_instance(ZmqConfig)))
     namespace: str = field(default=protocol.DEFAULT_NAMESPACE, metadata=checked(nats_token))  # Dynamo namespace
     # Component label for namespace-level subjects (namespace.{ns}.kv_metrics, .kv-hit-rate).
     component: str = field(default=protocol.DEFAULT_COMPONENT, metadata=checked(nats_token))

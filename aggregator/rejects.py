@@ -30,6 +30,10 @@ GROUP_LIMIT: Final = "group_limit"
 LABEL_LIMIT: Final = "label_limit"
 SERIES_LIMIT: Final = "series_limit"
 
+# Dynamo 1.x's event plane: an envelope its publisher's sequence already passed (seen twice: two brokers,
+# or one publisher on two planes), dropped so that it is applied once.
+DUPLICATE: Final = "duplicate"
+
 # Workers' own metrics (MetricsRegistry snapshots).
 NOT_EXPOSITION: Final = "not_exposition"
 BAD_NAME: Final = "bad_name"
@@ -48,6 +52,7 @@ REQUEST_FAILED: Final = "request_failed"
 WIRE: Final = (OVERSIZED, NOT_JSON, MISSING_FIELD, WRONG_TYPE, OUT_OF_RANGE, INCONSISTENT)
 # Dynamo 1.x's event plane is MessagePack: the reason its decoders give where the JSON ones say not_json.
 EVENT_WIRE: Final = (NOT_MSGPACK,)
+EVENT_STREAM: Final = (DUPLICATE,)
 # What a new worker can run into, whatever the message that brings it.
 WORKER_LIMITS: Final = (WORKER_LIMIT, GROUP_LIMIT, LABEL_LIMIT)
 COMPONENT_METRICS: Final = (NOT_EXPOSITION, SERIES_LIMIT, BAD_NAME, RESERVED_NAME, BAD_FAMILY, TYPE_CONFLICT)
@@ -62,6 +67,8 @@ DESCRIPTIONS: Final[Mapping[str, str]] = MappingProxyType({
     WRONG_TYPE: "a field, an entry or the subject has the wrong type or shape",
     OUT_OF_RANGE: "a number or a text outside its allowed range (negative, too large, too long)",
     INCONSISTENT: "fields that contradict each other (e.g. more active blocks than blocks)",
+    DUPLICATE: "a Dynamo 1.x event its publisher's sequence already passed (received twice: two ZMQ brokers, "
+               "or NATS and ZMQ at once); applied once",
     WORKER_LIMIT: "a new worker past --max-workers; known workers are still taken",
     GROUP_LIMIT: "a new component endpoint past --max-groups; known ones are still taken",
     LABEL_LIMIT: "a component name longer than a label value may be",
@@ -78,7 +85,7 @@ DESCRIPTIONS: Final[Mapping[str, str]] = MappingProxyType({
 })
 
 __all__ = [
-    "BAD_FAMILY", "BAD_NAME", "COMPONENT_METRICS", "DESCRIPTIONS", "EVENT_WIRE", "GROUP_LIMIT", "INCONSISTENT",
+    "BAD_FAMILY", "BAD_NAME", "COMPONENT_METRICS", "DESCRIPTIONS", "DUPLICATE", "EVENT_STREAM", "EVENT_WIRE", "GROUP_LIMIT", "INCONSISTENT",
     "LABEL_LIMIT", "MISSING_FIELD", "NOT_CONNECTED", "NOT_EXPOSITION", "NOT_JSON", "NOT_MSGPACK", "NO_DATA",
     "NO_WORKER_ID", "OUT_OF_RANGE", "OVERSIZED", "REQUEST_FAILED", "RESERVED_NAME", "SERIES_LIMIT", "STATS_ENDPOINT",
     "STATS_REQUEST", "TYPE_CONFLICT", "WIRE", "WORKER_LIMIT", "WORKER_LIMITS", "WRONG_TYPE",

@@ -31,8 +31,9 @@ from aggregator.edges.push_gateway import PushGatewayPusher
 from aggregator.edges.remote_write import RemoteWriter
 from aggregator.edges.stats_scraper import StatsScraper
 from aggregator.edges.status_page import StatusPage, nats_connection
+from aggregator.edges.zmq_event_plane import ZmqEventPlane
 from aggregator.ingest.component_snapshots import SnapshotLimits, snapshot_route
-from aggregator.ingest.discovery_entries import DiscoveryIngest
+from aggregator.ingest.discovery_entries import DiscoveryIngest, DiscoverySinks
 from aggregator.ingest.pipeline import Ingest
 from aggregator.ingest.stats_replies import plan_services
 from aggregator.state.fleet import Fleet
@@ -84,10 +85,14 @@ class Aggregator:
         # Opt-in: Dynamo's discovery store, for 1.x workers' liveness and capacity.
         self.discovery: DiscoveryIngest | None = None
         self.discovery_watcher = None
+        # Dynamo's default event plane: ZMQ publishers found in the discovery store, or a broker.
+        self.zmq: ZmqEventPlane | None = None
+        if (config.discovery is not None and config.zmq.max_publishers) or config.zmq.broker_xpub:
+            self.zmq = ZmqEventPlane(config.zmq, self.ingest, self.registry)
         if config.discovery is not None:
             self.discovery = DiscoveryIngest(self.ingest)
-            self.discovery_watcher = discovery_watcher(config.discovery, config.namespace, self.discovery,
-                                                       self.registry)
+            sink = self.discovery if self.zmq is None else DiscoverySinks(self.discovery, self.zmq)
+            self.discovery_watcher = discovery_watcher(config.discovery, config.namespace, sink, self.registry)
         # Opt-in: hit-rate events from a JetStream stream, sums restored from a snapshot.
         self.journal = (
             HitRateJournal(config.journal, self.ingest, self.registry) if config.journal is not None else None
@@ -192,6 +197,8 @@ class Aggregator:
             tasks.append(asyncio.create_task(self.pusher.run(stop), name="push-gateway"))
         if self.remote_writer is not None:
             tasks.append(asyncio.create_task(self.remote_writer.run(stop), name="remote-write"))
+        if self.zmq is not None:
+            tasks.append(asyncio.create_task(self.zmq.run(stop), name="zmq-event-plane"))
         if self.discovery_watcher is not None:
             tasks.append(asyncio.create_task(self.discovery_watcher.run(stop), name="discovery"))
         try:

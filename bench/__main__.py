@@ -187,9 +187,10 @@ class AggregatorUnderTest:
 
 
 def publish_all(nats_url: str, workers: int, messages: int, rate: float = 0.0,
-                subject: str = payloads.SUBJECT, kind: str = "load") -> tuple[Child, float]:
+                subject: str = payloads.SUBJECT, kind: str = "load", first_sequence: int = 0) -> tuple[Child, float]:
     publisher = Child("bench.publisher", nats_url, "--workers", str(workers), "--messages", str(messages),
-                      "--rate", str(rate), "--subject", subject, "--kind", kind)
+                      "--rate", str(rate), "--subject", subject, "--kind", kind,
+                      "--first-sequence", str(first_sequence))
     publisher.expect("ready")
     return publisher, publisher.go()
 
@@ -242,16 +243,53 @@ LOST: list[float] = []  # messages the aggregator never received (NATS slow-cons
 
 
 def aggregator_ingest(nats_url: str, aggregator: AggregatorUnderTest, workers: int, messages: int,
-                      poll: float = 0.05, kind: str = "load") -> float:
+                      poll: float = 0.05, kind: str = "load", first_sequence: int = 0) -> float:
     before = aggregator.accepted()
     cpu_before = aggregator.cpu_seconds()
     subject = payloads.EVENT_SUBJECT if kind == "active-load" else payloads.SUBJECT
-    publisher, started = publish_all(nats_url, workers, messages, subject=subject, kind=kind)
+    publisher, started = publish_all(nats_url, workers, messages, subject=subject, kind=kind,
+                                     first_sequence=first_sequence)
     finished, accepted = aggregator.wait_accepted(before + messages, poll=poll, stall=10.0)
     CPU["aggregator"].append((aggregator.cpu_seconds() - cpu_before) / max(1.0, accepted - before))
     publisher.result()
     LOST.append(before + messages - accepted)
     return (accepted - before) / (finished - started)
+
+
+def zmq_ingest(nats_url: str, workers: int, messages: int, poll: float, first_id: int) -> tuple[float, float, float]:
+    """(msg/s, CPU s per message, messages not received) of an aggregator reading `workers` ZMQ PUB sockets
+    it finds in a file discovery directory, all connected before the burst starts."""
+    kv_dir = tempfile.mkdtemp(prefix="bench-zmq-kv-")
+    publisher = Child("bench.zmq_publisher", kv_dir, "--workers", str(workers), "--messages", str(messages),
+                      "--first-id", str(first_id))
+    aggregator = None
+    try:
+        publisher.expect("ready")
+        aggregator = AggregatorUnderTest(nats_url, "--discovery-backend", "file", "--discovery-file-kv", kv_dir,
+                                         "--discovery-file-scan-interval", "0.2", "--discovery-file-ttl", "3600")
+        deadline = time.monotonic() + 120
+        while zmq_connected(aggregator) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"aggregator connected to {zmq_connected(aggregator)} of {workers} publishers")
+            time.sleep(0.1)
+        time.sleep(1.0)  # the subscriptions travel to the PUB sockets after the handshakes
+        before, cpu_before = aggregator.accepted(), aggregator.cpu_seconds()
+        started = publisher.go()
+        finished, accepted = aggregator.wait_accepted(before + messages, poll=poll, stall=10.0)
+        cpu = (aggregator.cpu_seconds() - cpu_before) / max(1.0, accepted - before)
+        publisher.result()
+        return (accepted - before) / (finished - started), cpu, before + messages - accepted
+    finally:
+        publisher.stop()
+        if aggregator is not None:
+            aggregator.stop()
+        shutil.rmtree(kv_dir, ignore_errors=True)
+
+
+def zmq_connected(aggregator: AggregatorUnderTest) -> float:
+    _, body = aggregator.get("?name[]=llm_aggregator_zmq_endpoints")
+    return sum(s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples
+               if s.labels.get("mode") == "direct")
 
 
 def check_markers(aggregator: AggregatorUnderTest, workers: int, marker: int = 4000) -> None:
@@ -332,10 +370,11 @@ def dynamo_v1(url: str, sizes: Sizes) -> list[tuple[str, str, str]]:
         bare, ours = [], []
         for lst in CPU.values():
             lst.clear()
-        for _ in range(sizes.repeats):
+        for repeat in range(sizes.repeats):
             bare.append(bare_ceiling(url, workers, sizes.ingest_messages, kind="active-load"))
+            # The same publishers again: their sequences go on (a repeat from 0 would be all duplicates).
             ours.append(aggregator_ingest(url, aggregator, workers, sizes.ingest_messages, sizes.poll,
-                                          kind="active-load"))
+                                          kind="active-load", first_sequence=repeat * sizes.ingest_messages))
         check_markers(aggregator, workers)
     finally:
         aggregator.stop()
@@ -346,6 +385,18 @@ def dynamo_v1(url: str, sizes: Sizes) -> list[tuple[str, str, str]]:
     rows.append((f"aggregator ingest, Dynamo 1.x kv_metrics envelopes, {workers:,} workers", Figure(ours).fmt(" msg/s"),
                  f"{ratio.fmt(' ', 100)}% of bare (target >= 85 %); "
                  f"CPU {our_cpu.fmt(' µs', 1e6, 2)} per message".replace("  ", " ")))
+    # The same envelopes on Dynamo's default plane: one ZMQ PUB socket per worker, found through discovery.
+    zmq_rates, zmq_cpu, zmq_lost = [], [], []
+    for repeat in range(sizes.repeats):
+        rate, cpu, lost = zmq_ingest(url, workers, sizes.ingest_messages, sizes.poll, first_id=repeat * workers)
+        zmq_rates.append(rate)
+        zmq_cpu.append(cpu)
+        zmq_lost.append(lost)
+    zmq_ratio = Figure([z / o for z, o in zip(zmq_rates, ours, strict=True)])
+    rows.append((f"aggregator ingest, Dynamo 1.x kv_metrics over ZMQ, {workers:,} publishers",
+                 Figure(zmq_rates).fmt(" msg/s"),
+                 f"{zmq_ratio.fmt(' ', 100)}% of the NATS path above; CPU {Figure(zmq_cpu).fmt(' µs', 1e6, 2)} "
+                 f"per message; {Figure(zmq_lost).fmt()} of {sizes.ingest_messages:,} not received".replace("  ", " ")))
 
     # Block changes: each batch stores kv_batch_blocks new blocks and removes as many (a steady cache).
     aggregator = AggregatorUnderTest(url)

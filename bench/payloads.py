@@ -105,10 +105,12 @@ def envelope(topic: str, publisher: int, sequence: int, payload: bytes) -> bytes
     return protocol.encode_envelope(protocol.EventEnvelope(publisher, sequence, 1_700_000_000_000, topic, payload))
 
 
-def active_load_round_robin(workers: int, messages: int, marker: int, first: int = 0) -> list[bytes]:
+def active_load_round_robin(workers: int, messages: int, marker: int, first: int = 0,
+                            first_sequence: int = 0) -> list[bytes]:
     """`round_robin` as a 1.6.1 worker sends it: ActiveLoad in an envelope, each worker its own publisher and
-    sequence; each worker's last one has kv_used_blocks = `marker`."""
-    sequences = [0] * workers
+    sequence (from `first_sequence`: the same publishers again continue theirs, or their envelopes are
+    duplicates); each worker's last one has kv_used_blocks = `marker`."""
+    sequences = [first_sequence] * workers
 
     def one(index: int, used: int) -> bytes:
         worker = first + index

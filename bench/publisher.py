@@ -40,6 +40,8 @@ async def main() -> None:
     parser.add_argument("--kind", choices=["load", "active-load", "kv-events", "tracked"], default="load")
     parser.add_argument("--blocks", type=int, default=64, help="KV blocks per batch (kv-events) or worker (tracked)")
     parser.add_argument("--first-id", type=int, default=0, help="offset of the worker ids (churn runs)")
+    parser.add_argument("--first-sequence", type=int, default=0,
+                        help="active-load: where the publishers' sequences start (a later run of the same ones)")
     parser.add_argument("--full", action="store_true",
                         help="one of every message kind per worker (KV, hit rate, GPU, component metrics)")
     args = parser.parse_args()
@@ -52,7 +54,8 @@ async def main() -> None:
                     for p in kv_event_batches(args.workers, args.messages, args.blocks, args.first_id)]
     elif args.kind == "active-load":
         messages = [(args.subject or EVENT_SUBJECT, p)
-                    for p in active_load_round_robin(args.workers, args.messages, args.marker, args.first_id)]
+                    for p in active_load_round_robin(args.workers, args.messages, args.marker, args.first_id,
+                                                     args.first_sequence)]
     else:
         messages = [(args.subject or SUBJECT, p)
                     for p in round_robin(args.workers, args.messages, args.marker, args.first_id)]

@@ -146,6 +146,9 @@ def parse_event_subject(subject: str) -> EventSubject:
 #
 # A ZMQ publisher sends four frames: [topic, publisher_id (u64 big-endian), sequence
 # (u64 big-endian), frame], frame = version byte 0x01, u32 big-endian length, envelope.
+# The first frame is the bare topic (`kv_metrics`) from a publisher's own PUB socket (direct
+# mode), the whole subject (`namespace.{ns}.component.{c}.endpoint.{e}.{topic}`) through a
+# broker (`DYN_ZMQ_BROKER_URL`), where no discovery entry says whose it is.
 
 ZMQ_FRAME_VERSION: Final = 1
 _ZMQ_HEADER_BYTES: Final = 5
@@ -159,17 +162,22 @@ class ZmqEvent(Struct, gc=False):
     publisher_id: int
     sequence: int
     envelope: EventEnvelope
+    subject: EventSubject | None = None  # broker mode: where the first frame says it was published
 
 
-def encode_zmq_frames(envelope: EventEnvelope) -> list[bytes]:
+def encode_zmq_frames(envelope: EventEnvelope, subject: str | None = None) -> list[bytes]:
+    """The frames of a direct-mode publisher, or of one behind a broker when `subject` is given."""
     body = encode_envelope(envelope)
     frame = bytes([ZMQ_FRAME_VERSION]) + len(body).to_bytes(4, "big") + body
-    return [envelope.topic.encode(), envelope.publisher_id.to_bytes(_U64_BYTES, "big"),
+    return [(subject or envelope.topic).encode(), envelope.publisher_id.to_bytes(_U64_BYTES, "big"),
             envelope.sequence.to_bytes(_U64_BYTES, "big"), frame]
 
 
-def decode_zmq_frames(frames: Sequence[bytes], max_bytes: int) -> ZmqEvent:
-    """A four-frame ZMQ event message, checked frame by frame and against its envelope."""
+def decode_zmq_frames(frames: Sequence[bytes], max_bytes: int, *, broker: bool = False) -> ZmqEvent:
+    """A four-frame ZMQ event message, checked frame by frame and against its envelope.
+
+    `broker`: the first frame is the event-plane subject (broker mode), decoded into `subject`.
+    """
     if len(frames) < 4:
         raise MessageRejected(MISSING_FIELD, f"{len(frames)} frames, expected 4")
     if len(frames) > 4:
@@ -181,6 +189,10 @@ def decode_zmq_frames(frames: Sequence[bytes], max_bytes: int) -> ZmqEvent:
         topic = topic_frame.decode()
     except UnicodeDecodeError:
         raise MessageRejected(WRONG_TYPE, "topic frame is not UTF-8") from None
+    subject = None
+    if broker:
+        subject = parse_event_subject(topic)
+        topic = subject.topic
     if len(frame) < _ZMQ_HEADER_BYTES:
         raise MessageRejected(MISSING_FIELD, f"event frame of {len(frame)} bytes has no header")
     if frame[0] != ZMQ_FRAME_VERSION:
@@ -193,4 +205,4 @@ def decode_zmq_frames(frames: Sequence[bytes], max_bytes: int) -> ZmqEvent:
     sequence = int.from_bytes(sequence_frame, "big")
     if (envelope.topic, envelope.publisher_id, envelope.sequence) != (topic, publisher_id, sequence):
         raise MessageRejected(INCONSISTENT, "ZMQ frame header disagrees with its envelope")
-    return ZmqEvent(topic, publisher_id, sequence, envelope)
+    return ZmqEvent(topic, publisher_id, sequence, envelope, subject)

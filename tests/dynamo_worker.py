@@ -106,6 +106,14 @@ class Worker:
     async def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         if op == "info":
             return {"worker_id": self.endpoint.connection_id()}
+        if op == "publishers":
+            # Made ahead of their first event, so that a ZMQ subscriber can connect before anything is sent.
+            for dp_rank in args.get("kv_ranks", ()):
+                self.kv_publisher(dp_rank)
+            if args.get("fpm") and self.fpm is None:
+                self.fpm = FpmDirectPublisher(self.endpoint, str(self.endpoint.connection_id()),
+                                              dp_size=args.get("dp_size", 1))
+            return {}
         if op == "load":
             self.load.publish(args.get("dp_rank"), args.get("active_decode_blocks"), args.get("kv_used_blocks"))
             return {}

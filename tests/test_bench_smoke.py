@@ -26,7 +26,8 @@ def test_quick_benchmark_writes_every_row(tmp_path):
                    "ingest of full workers", "RSS per live worker", "RSS after",
                    "Pushgateway pushes/s",
                    "Pushgateway /metrics", "bare nats-py ceiling, Dynamo 1.x kv_metrics envelopes",
-                   "aggregator ingest, Dynamo 1.x kv_metrics envelopes", "Dynamo 1.x kv-events block changes",
+                   "aggregator ingest, Dynamo 1.x kv_metrics envelopes",
+                   "aggregator ingest, Dynamo 1.x kv_metrics over ZMQ", "Dynamo 1.x kv-events block changes",
                    "RSS per tracked Dynamo 1.x worker", "RSS per tracked KV block"):
         assert any(m.startswith(prefix) for m in measures), (prefix, measures)
     assert "x the Pushgateway's time" in output.read_text()

@@ -307,6 +307,10 @@ def given(tmp_path):
         "--discovery-file-scan-interval": ("0.5", 0.5),
         "--discovery-max-entry-bytes": ("4096", 4096),
         "--discovery-max-entries": ("50", 50),
+        "--zmq-max-publishers": ("10", 10),
+        "--zmq-receive-hwm": ("50", 50),
+        "--zmq-broker-url": ("xsub=tcp://b:5555 , xpub=tcp://b:5556;tcp://c:5556",
+                             ("tcp://b:5556", "tcp://c:5556")),
     }
 
 

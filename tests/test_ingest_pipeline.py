@@ -45,7 +45,7 @@ def exported(registry: CollectorRegistry, name: str) -> dict[tuple, float]:
 
 
 def test_every_reason_is_listed_once_with_a_line_saying_what_it_is():
-    groups = (rejects.WIRE, rejects.EVENT_WIRE, rejects.WORKER_LIMITS, rejects.COMPONENT_METRICS,
+    groups = (rejects.WIRE, rejects.EVENT_WIRE, rejects.EVENT_STREAM, rejects.WORKER_LIMITS, rejects.COMPONENT_METRICS,
               rejects.STATS_ENDPOINT, rejects.STATS_REQUEST)
     listed = [reason for group in groups for reason in group]
     assert len(listed) == len(set(listed)) == len(rejects.DESCRIPTIONS)
@@ -70,7 +70,7 @@ def test_every_routed_kind_is_exported_at_zero_for_every_reason_it_can_have():
     expected = {kind: pipeline.BASE_REASONS for kind in (pipeline.LOAD, pipeline.HIT_RATE, pipeline.GPU)}
     expected[pipeline.COMPONENT_METRICS] = (*pipeline.BASE_REASONS, *rejects.COMPONENT_METRICS)
     for kind in (pipeline.ACTIVE_LOAD, pipeline.FORWARD_PASS, pipeline.KV_EVENTS):  # Dynamo 1.x's event plane
-        expected[kind] = (*pipeline.BASE_REASONS, protocol.NOT_MSGPACK)
+        expected[kind] = (*pipeline.BASE_REASONS, protocol.NOT_MSGPACK, rejects.DUPLICATE)
     assert rejected == {(("kind", kind), ("reason", reason)): 0 for kind, reasons in expected.items()
                         for reason in reasons}
     assert exported(registry, "llm_aggregator_messages_received_total") == {

@@ -11,8 +11,8 @@ The 1.x values of the shared families (`llm_kv_blocks_active`, `llm_kv_blocks_to
   the count is exact) and `llm_kv_events_lost_total`;
 - `$SRV.STATS` without data: `llm_worker_requests_total`, `llm_worker_request_errors_total`,
   `llm_worker_processing_seconds_total`;
-- the event plane as a whole: lost events and publisher starts per (component, endpoint,
-  topic), the publisher table, and the blocks tracked (and not) under the memory limits.
+- the event plane as a whole: lost events, publisher starts and (ZMQ) events sent before the
+  aggregator connected, per (component, endpoint, topic), the publisher table, and the blocks tracked (and not) under the memory limits.
 """
 
 from __future__ import annotations
@@ -114,11 +114,17 @@ class DynamoV1Collector(Collector):
         starts = CounterMetricFamily("llm_aggregator_event_plane_publisher_starts", "Dynamo 1.x event publishers "
                                      "seen from their first message (sequence 0): worker processes that started or "
                                      "restarted", labels=STREAM_LABELS)
+        unseen = CounterMetricFamily("llm_aggregator_event_plane_unseen_events", "Dynamo 1.x events sent before "
+                                     "the aggregator first received from their publisher (the first sequence seen, "
+                                     "when not 0), on the ZMQ event plane: PUB/SUB drops what a publisher sends "
+                                     "before the subscriber has connected", labels=STREAM_LABELS)
         for key, counts in list(self.publishers.streams.items()):
             lost.add_metric(list(key), counts.lost)
             starts.add_metric(list(key), counts.starts)
+            unseen.add_metric(list(key), counts.unseen)
         yield lost
         yield starts
+        yield unseen
         yield GaugeMetricFamily("llm_aggregator_event_plane_publishers", "Event publishers whose sequence is "
                                 "followed", value=len(self.publishers))
         yield CounterMetricFamily("llm_aggregator_event_plane_publishers_evicted", "Publishers dropped from the "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from typing import ClassVar, Final, Protocol
+from typing import ClassVar, Final
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 import fleet_protocol as protocol
 from aggregator.collectors.discovery_telemetry import DiscoveryTelemetry
 from aggregator.config import DiscoveryConfig
+from aggregator.ingest.discovery_entries import DiscoverySink
 from fleet_protocol import (
     EVENT_CHANNELS,
     EVENT_SOURCES,
@@ -51,19 +52,6 @@ log = structlog.get_logger("aggregator.discovery")
 FIRST_RETRY_S: Final = 0.2
 LAST_RETRY_S: Final = 5.0
 _SHOWN_KEY = 256  # characters of a key shown in a log line
-
-
-class DiscoverySink(Protocol):
-    """Where a watcher's changes go; called on the event loop, so it must neither block nor raise."""
-
-    def put(self, key: str, entry: DiscoveryEntry) -> None:
-        """`entry` is now the store's value of `key` (new, or changed)."""
-
-    def delete(self, key: str) -> None:
-        """`key`, put before, is gone from the store."""
-
-    def snapshot_complete(self) -> None:
-        """A full listing is applied: the keys put and not deleted are all the store holds."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,26 @@ class DiscoverySink(Protocol):
         """A full listing is applied: the keys put and not deleted are all the store holds."""
 
 
+class DiscoverySinks:
+    """One `DiscoverySink` that tells several, in order: the fleet's, then the edges that follow the
+    store (the ZMQ event plane)."""
+
+    def __init__(self, *sinks: DiscoverySink) -> None:
+        self.sinks = sinks
+
+    def put(self, key: str, entry: DiscoveryEntry) -> None:
+        for sink in self.sinks:
+            sink.put(key, entry)
+
+    def delete(self, key: str) -> None:
+        for sink in self.sinks:
+            sink.delete(key)
+
+    def snapshot_complete(self) -> None:
+        for sink in self.sinks:
+            sink.snapshot_complete()
+
+
 def _put_instance(fleet: Fleet, component: str, item: tuple[str, InstanceEntry], now: float) -> None:
     fleet.put_instance(item[0], item[1], now)
 

@@ -51,6 +51,7 @@ log = structlog.get_logger("aggregator.ingest")
 
 # Sources: the `source` of a feed, in its log lines and its counts.
 NATS = "nats"  # core NATS subscriptions (push)
+ZMQ = "zmq"  # Dynamo 1.x's ZMQ event plane (aggregator/edges/zmq_event_plane.py)
 JOURNAL = "journal"  # the JetStream hit-rate stream
 PULL = "pull"  # replies to $SRV.STATS requests
 
@@ -67,7 +68,7 @@ SERVICE_STATS = "service_stats"  # a 1.x `$SRV.STATS` entry: request counters, n
 
 # What every kind can be rejected for: a bad payload, or a new worker past a limit.
 BASE_REASONS = (*rejects.WIRE, *rejects.WORKER_LIMITS)
-EVENT_REASONS = (*BASE_REASONS, *rejects.EVENT_WIRE)
+EVENT_REASONS = (*BASE_REASONS, *rejects.EVENT_WIRE, *rejects.EVENT_STREAM)
 
 Decode = Callable[[bytes, int], Any]  # (payload, max_bytes) -> item; raises MessageRejected
 # (fleet, component, item, now): a Fleet method; raises MessageRejected or LimitExceeded.
@@ -200,6 +201,8 @@ class SubjectFeed(Feed):
         self._patterns: dict[str, str | None] = {}
         self._scopes: dict[str, _EventScope] = {}
         self._publishers = ingest.event_publishers
+        # Count what a publisher sent before its first message here (ZMQ: PUB/SUB drops it).
+        self.count_unseen = False
 
     def _add(self, pattern: str, spec: _RouteSpec) -> None:
         counts = self.ingest.counts.of(self.source, spec.kind, spec.reasons)
@@ -242,8 +245,10 @@ class SubjectFeed(Feed):
                 self._rejected(route.counts, route.kind, reason, subject, detail, tally, payload, now)
         return True
 
-    def _handle_event(self, route: Route, subject: str, payload: bytes) -> bool:
-        """`handle` for an event-plane route: the envelope, its publisher's sequence, then the payload."""
+    def _handle_event(self, route: Route, subject: str, payload: bytes,
+                      envelope: protocol.EventEnvelope | None = None) -> bool:
+        """`handle` for an event-plane route: the envelope (decoded from `payload` unless given), its
+        publisher's sequence, then the payload inside it."""
         route.received.value += 1
         now = self._clock()
         tally = self._tallies.get(subject)
@@ -255,11 +260,15 @@ class SubjectFeed(Feed):
             scope = self._scopes.get(subject)
             if scope is None:
                 scope = self._event_scope(subject, route.topic)
-            envelope = protocol.decode_envelope(payload, route.max_bytes)
+            if envelope is None:
+                envelope = protocol.decode_envelope(payload, route.max_bytes)
             if envelope.topic != route.topic:
                 raise protocol.MessageRejected(protocol.INCONSISTENT, f"envelope of topic {envelope.topic[:64]!r} "
                                                                       f"on a {route.topic} subject")
-            self._publishers.observe(scope.counts, envelope.publisher_id, envelope.sequence)
+            if not self._publishers.observe(scope.counts, envelope.publisher_id, envelope.sequence,
+                                            self.count_unseen):
+                raise protocol.MessageRejected(rejects.DUPLICATE, f"publisher {envelope.publisher_id:x} sequence "
+                                                                  f"{envelope.sequence} seen before")
             result = route.observe(self._fleet, scope.component, scope.endpoint, envelope.publisher_id,
                                    route.decode(envelope.payload, route.max_bytes), now)
         except protocol.MessageRejected as error:
@@ -276,6 +285,22 @@ class SubjectFeed(Feed):
             for reason, detail in result or ():
                 self._rejected(route.counts, route.kind, reason, subject, detail, tally, payload, now)
         return True
+
+    def handle_envelope(self, subject: str, envelope: protocol.EventEnvelope, shown: bytes = b"") -> bool:
+        """An envelope a source decoded itself (ZMQ's framing), as if received on the event-plane `subject`
+        (`namespace.{ns}.component.{c}.endpoint.{e}.{topic}`); `shown`: its bytes, for the status page."""
+        pattern = self.pattern_of(subject)
+        route = self.routes.get(pattern) if pattern is not None else None
+        if route is None or route.topic is None:
+            log.warning("message on a subject no route takes", source=self.source, subject=subject[:256],
+                        rate_limit=(self._key, "unrouted", subject))
+            return False
+        return self._handle_event(route, subject, shown, envelope)
+
+    def event_kind(self, topic: str) -> str | None:
+        """The kind an event-plane `topic`'s messages are counted under; None for a topic no route takes."""
+        route = self.routes.get(protocol.event_subject_pattern(self._namespace, topic))
+        return route.kind if route is not None and route.topic is not None else None
 
     def _event_scope(self, subject: str, topic: str | None) -> _EventScope:
         names = protocol.parse_event_subject(subject)  # raises MessageRejected for a token not percent-encoded
