@@ -16,7 +16,7 @@ from aggregator.state.ingest_counts import IngestCounts
 
 def _families() -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily]:
     return (
-        CounterMetricFamily("llm_aggregator_messages_received", "Messages received from NATS, by kind",
+        CounterMetricFamily("llm_aggregator_messages_received", "Messages received from every source (NATS, ZMQ, pull, journal, discovery), by kind",
                             labels=["kind"]),
         CounterMetricFamily("llm_aggregator_messages_accepted",
                             "Messages decoded and applied to the fleet state, by kind", labels=["kind"]),
