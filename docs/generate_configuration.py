@@ -1,6 +1,6 @@
 """Writes the flag tables of docs/configuration.md from the programs' own argument parsers.
 
-Run: python3 docs/generate_configuration.py   (tests/test_docs.py fails while the file differs)
+Run: python3 docs/generate_configuration.py   (tests/integration/test_docs.py fails while the file differs)
 
 Only the blocks between the GENERATED markers are rewritten; the prose around them is
 edited by hand. The tables come from the parsers themselves, so a flag added, renamed or
