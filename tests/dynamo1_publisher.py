@@ -3,7 +3,7 @@
 `python -m tests.dynamo1_publisher NATS_URL [--workers N] [--interval S] [--namespace NS]`
 
 Built on fleet_protocol's encoders, which give the real 1.6.1 runtime's bytes for the same
-values (tests/test_dynamo_wire.py): every `--interval` each worker changes its load
+values (tests/integration/test_dynamo_wire.py): every `--interval` each worker changes its load
 (`kv_metrics`), runs a forward pass (`forward-pass-metrics`) and stores and evicts KV blocks
 (`kv-events`), each topic from its own publisher with its own sequence, as a worker process
 does. Worker ids start with 99999 so that they sort after the mock workers' (the dashboards'

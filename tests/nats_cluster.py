@@ -2,7 +2,7 @@
 
 Each node runs its compose file (deploy/nats-cluster/nats-N.conf, which includes cluster.conf);
 the command line moves its client, monitoring and route ports to free loopback ones and gives
-it its own JetStream store directory, as tests/test_stack.py does with deploy/nats-server.conf.
+it its own JetStream store directory, as tests/integration/test_stack.py does with deploy/nats-server.conf.
 """
 
 from __future__ import annotations

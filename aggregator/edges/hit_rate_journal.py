@@ -26,7 +26,7 @@ In a NATS cluster the stream the aggregator creates gets `--hit-rate-stream-repl
 consumer itself is ephemeral and lives on one node: when that node dies its heartbeats stop,
 and nats-py recreates it on a surviving one from the last sequence seen (after two missed
 heartbeats, 4 s, retried until the cluster has elected the stream's new leader); the
-sequence check below keeps anything from being applied twice (tests/test_nats_cluster.py).
+sequence check below keeps anything from being applied twice (tests/integration/test_nats_cluster.py).
 
 Replayed events refresh their workers' last-seen time, so a worker that died while the
 aggregator was down shows as live for up to `--stale-after` after the restart.

@@ -190,7 +190,7 @@ class NatsSubscriber:
 
         def on_message(subject: bytes, data: bytes) -> None:
             # Called inside nats-py's protocol parser: whatever happens must not reach it, or the
-            # connection would be torn down. Ingest.handle does not raise (tests/test_hostile_input.py).
+            # connection would be torn down. Ingest.handle does not raise (tests/unit/test_hostile_input.py).
             try:
                 # NATS does not require UTF-8 subjects; a bad byte only shows in the component label.
                 handle(pattern, subject.decode("utf-8", "replace"), data)
@@ -211,7 +211,7 @@ class NatsSubscriber:
             handled += 1
             # nats-py runs callbacks back to back while the queue is non-empty; yielding bounds
             # HTTP's wait whatever the queue holds. A safeguard, not a measured fix: with nats-py
-            # 2.16 the queue holds at most one socket read's worth (tests/test_backlog.py).
+            # 2.16 the queue holds at most one socket read's worth (tests/integration/test_backlog.py).
             if handled % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
 

@@ -8,7 +8,7 @@ Only this script needs the SDK; the committed JSON is what Grafana loads.
 
 The dashboards are generated rather than hand-edited so that every panel names the
 provisioned datasource, uses the template variables the same way and gets a unique id;
-tests/test_stack.py checks the committed JSON is exactly this script's output and runs
+tests/integration/test_stack.py checks the committed JSON is exactly this script's output and runs
 every query in it against a real Prometheus. Edit here, regenerate, commit both.
 
 Template variables. The aggregator's series carry no Dynamo namespace label (one aggregator

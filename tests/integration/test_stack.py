@@ -164,7 +164,7 @@ def test_compose_ha_profile_runs_a_3_node_nats_cluster():
 
 @pytest.mark.parametrize("node", NATS_NODES)
 def test_nats_cluster_files_are_valid_for_nats_server(node):
-    """nats-server's own check (-t) of each node's file with what it includes; tests/test_nats_cluster.py runs them."""
+    """nats-server's own check (-t) of each node's file with what it includes; tests/integration/test_nats_cluster.py runs them."""
     from fleet_demo.nats_server import nats_server_binary
 
     path = DEPLOY / "nats-cluster" / f"{node}.conf"
@@ -262,7 +262,7 @@ def test_dockerfile_targets_install_one_side_each_and_dockerignore_lets_it_throu
         sources = copied("base") + copied(target)
         for source in sources:
             assert (ROOT / source).exists() and source in allowed, (target, source)
-        # Exactly the packages of its side (tests/test_packaging.py runs each side with the others refused).
+        # Exactly the packages of its side (tests/integration/test_packaging.py runs each side with the others refused).
         packages[target] = {source for source in sources if (ROOT / source).is_dir()}
         assert packages[target] == set(side), target
     # Every package pyproject.toml installs is in an image, but the demo's (it runs both sides in one process).
