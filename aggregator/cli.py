@@ -27,6 +27,7 @@ from aggregator.config import (
     NatsConfig,
     PullConfig,
     ScrapeTarget,
+    ShardConfig,
 )
 from aggregator.edges import nats_auth, web_config
 from fleet_runtime.config_checks import check_field, field_named
@@ -49,12 +50,14 @@ SECTIONS: Mapping[str, type] = {
     "journal": JournalConfig,
     "pull": PullConfig,
     "discovery": DiscoveryConfig,
+    "shard": ShardConfig,
 }
 
 NATS_AUTH = "NATS authentication and TLS"
 HTTP_LIMITS = "HTTP limits"
 JOURNAL = "hit-rate history across restarts (JetStream)"
 DISCOVERY = "Dynamo's discovery store (worker instances, model cards, event channels)"
+SHARDING = "sharding: several aggregators split the fleet by component (docs/sharding.md)"
 
 
 def default_of(flag: Flag) -> Any:
@@ -94,6 +97,10 @@ def _readable_file(value: str) -> str:
 
 def _optional_path(value: str) -> str | None:
     return value or None  # an empty variable means none
+
+
+def _optional_token(value: str) -> str | None:
+    return value.strip() or None  # an empty variable means none
 
 
 def _discovery_backend(value: str) -> str | None:
@@ -228,6 +235,16 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--discovery-max-entries", "AGGREGATOR_DISCOVERY_MAX_ENTRIES", "discovery.max_entries", int,
          "discovery entries of the namespace kept at most; new ones past it are dropped (reason=entry_limit)",
          DISCOVERY),
+    Flag("--shards", "AGGREGATOR_SHARDS", "shard.count", int,
+         "aggregators the fleet is split across, by component: each keeps the components that nats-server's "
+         "partition function ({{partition(shards,component)}}) puts in its --shard; 1 means the whole fleet",
+         SHARDING),
+    Flag("--shard", "AGGREGATOR_SHARD", "shard.index", int, "which of the --shards this aggregator is, 0 to "
+         "shards-1 (replicas of one shard share it)", SHARDING),
+    Flag("--shard-subject-prefix", "AGGREGATOR_SHARD_SUBJECT_PREFIX", "shard.subject_prefix", _optional_token,
+         "nats-server has split the component subjects already, mapping them to "
+         "PREFIX.{partition}.namespace.... (docs/sharding.md): subscribe to this shard's partition only",
+         SHARDING),
     Flag("--gpu-hostname-label", "AGGREGATOR_GPU_HOSTNAME_LABEL", "gpu_hostname_label", str,
          "name of the node label on DCGM_FI_* series: dcgm-exporter's released 'Hostname', "
          "or 'hostname' as on its main branch since PR #655 (joins with Slurm's label)"),
@@ -321,6 +338,7 @@ def config_from_values(args: Mapping[str, Any], targets: tuple[ScrapeTarget, ...
                 except ConfigError as error:
                     raise error.within("discovery") from None
     return AggregatorConfig(
+        shard=build("shard"),
         nats=build("nats"),
         http=build("http"),
         limits=build("limits"),

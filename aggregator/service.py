@@ -13,9 +13,11 @@ import fleet_protocol as protocol
 from aggregator import rejects
 from aggregator.collectors.component_metrics import ComponentMetricsCollector
 from aggregator.collectors.fleet_kv import FleetCollector
+from aggregator.collectors.fleet_partials import FleetPartialsCollector
 from aggregator.collectors.gpus import GpuCollector
 from aggregator.collectors.group_table import GroupTableCollector
 from aggregator.collectors.http_telemetry import HttpTelemetry
+from aggregator.collectors.shard_telemetry import ShardCollector
 from aggregator.collectors.telemetry import StatsScrapeTelemetry, Telemetry
 from aggregator.config import AggregatorConfig, PullConfig
 from aggregator.edges import nats_auth, web_config
@@ -26,6 +28,7 @@ from aggregator.edges.nats_transport import NatsSubscriber
 from aggregator.edges.stats_scraper import StatsScraper
 from aggregator.ingest.component_snapshots import SnapshotLimits, snapshot_route
 from aggregator.ingest.pipeline import Ingest
+from aggregator.ingest.shard_filter import ShardFilter
 from aggregator.ingest.stats_replies import plan_services
 from aggregator.state.fleet import Fleet
 from aggregator.state.ingest_counts import IngestCounts
@@ -58,7 +61,12 @@ class Aggregator:
                            max_component_series=component_metrics.max_series)
         fleet_kv = FleetCollector(self.fleet)
         gpus = GpuCollector(self.fleet, hostname_label=config.gpu_hostname_label)
-        for collector in (fleet_kv, gpus, ComponentMetricsCollector(self.fleet), GroupTableCollector(self.fleet)):
+        # A shard keeps its share of the fleet (docs/sharding.md); the whole fleet is shard 0 of 1.
+        self.shard = ShardFilter(config.shard, config.component) if config.shard.count > 1 else None
+        shard = self.shard
+        for collector in (fleet_kv, FleetPartialsCollector(self.fleet), gpus, ComponentMetricsCollector(self.fleet),
+                          GroupTableCollector(self.fleet),
+                          ShardCollector(config.shard, lambda: shard.skipped if shard is not None else 0)):
             self.registry.register(collector)
         # The collectors' render caches follow the workers (a GPU reading is rendered as it arrives).
         self.fleet.add_listener(fleet_kv.labels)
@@ -72,7 +80,9 @@ class Aggregator:
         )
         # Opt-in: hit-rate events from a JetStream stream, sums restored from a snapshot.
         self.journal = (
-            HitRateJournal(config.journal, self.ingest, self.registry) if config.journal is not None else None
+            HitRateJournal(config.journal, self.ingest, self.registry,
+                           keeps=self.shard.keeps if self.shard is not None else None)
+            if config.journal is not None else None
         )
         if self.journal is not None:
             self.journal.load()
@@ -90,6 +100,7 @@ class Aggregator:
             pending_bytes_limit=nats.pending_bytes_limit,
             ping_interval=nats.ping_interval,
             skip_patterns=self.journal.patterns if self.journal else (),
+            shard=self.shard,
         )
         self.scraper = self._stats_scraper(config.pull) if config.pull is not None else None
         self.started = time.monotonic()
