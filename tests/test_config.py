@@ -237,6 +237,11 @@ def given(tmp_path):
         "--pending-bytes-limit": ("2048", 2048),
         "--nats-ping-interval": ("1.5", 1.5),
         "--web-config-file": ("/etc/web.yml", "/etc/web.yml"),
+        "--http-max-connections": ("100", 100),
+        "--http-header-timeout": ("2.5", 2.5),
+        "--http-idle-timeout": ("60", 60.0),
+        "--http-write-timeout": ("10", 10.0),
+        "--http-max-scrapes": ("4", 4),
         "--nats-user": ("alice", "alice"),
         "--nats-password": (f"@{secret}", "from-file"),
         "--nats-token": ("tok", "tok"),
@@ -261,12 +266,17 @@ def given(tmp_path):
         "--discovery-file-scan-interval": ("0.5", 0.5),
         "--discovery-max-entry-bytes": ("4096", 4096),
         "--discovery-max-entries": ("50", 50),
+        "--shards": ("11", 11),  # ON's pull target, backend, is in partition 0 of 11 (shard 0, the default)
+        "--shard": ("1", 1),
+        "--shard-subject-prefix": ("shard", "shard"),
     }
 
 
 # Flags that only make sense with another one.
 PARTNERS = {"--nats-user": ["--nats-password", "p"], "--nats-password": ["--nats-user", "u"],
-            "--nats-tls-cert": ["--nats-tls-key", "KEY"], "--nats-tls-key": ["--nats-tls-cert", "KEY"]}
+            "--nats-tls-cert": ["--nats-tls-key", "KEY"], "--nats-tls-key": ["--nats-tls-cert", "KEY"],
+            # backend, ON's pull target, is in partition 1 of 2.
+            "--shard": ["--shards", "2"], "--shard-subject-prefix": ["--shards", "2", "--shard", "1"]}
 
 
 @pytest.mark.parametrize("source", ["flag", "env"])
