@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
+from fractions import Fraction
 from pathlib import Path
 
 import nats
 import pytest
+from prometheus_client import CollectorRegistry
 
 from aggregator.collectors.fleet_partials import FleetPartialsCollector
 from aggregator.config import ConfigError, ShardConfig
 from aggregator.ingest.shard_filter import ShardFilter
 from aggregator.state.fleet import Fleet
 from fleet_demo.nats_server import NatsServer, free_port
+from fleet_protocol import ForwardPassMetrics, KvHitRateEvent, KvStats, LoadEvent, WorkerStats
 from fleet_protocol.partitions import partition, partition_key
 
-from .support import ROOT, mock_worker, samples, scrape, wait_until
+from .support import ROOT, mock_worker, render_families, samples, scrape, wait_until
 
 # Components chosen so that both M=2 and M=3 give every shard at least one (asserted below).
 COMPONENTS = ("backend", "decode", "x1", "router")
@@ -133,15 +137,7 @@ def test_every_subject_is_kept_by_exactly_one_shard(count):
 
 # --- the partials: exact sums, and what float64 does to them --------------------------------
 
-def _load(active: int, total: int):
-    from fleet_protocol import ForwardPassMetrics, KvStats, LoadEvent, WorkerStats
-
-    return LoadEvent(worker_id=0, data=ForwardPassMetrics(WorkerStats(1, 8), KvStats(active, total)))
-
-
 def partial_fleet(loads: list[int], total: int = 1_000_000) -> Fleet:
-    from fleet_protocol import ForwardPassMetrics, KvStats, LoadEvent, WorkerStats
-
     fleet = Fleet(stale_after=60.0, max_workers=len(loads) + 1)
     for worker_id, active in enumerate(loads):
         event = LoadEvent(worker_id=worker_id, data=ForwardPassMetrics(WorkerStats(1, 8), KvStats(active, total)))
@@ -150,9 +146,6 @@ def partial_fleet(loads: list[int], total: int = 1_000_000) -> Fleet:
 
 
 def partials(fleet: Fleet) -> dict[str, float]:
-    from .support import render_families
-    from prometheus_client import CollectorRegistry
-
     registry = CollectorRegistry()
     registry.register(FleetPartialsCollector(fleet))
     families = render_families(registry)
@@ -167,8 +160,6 @@ def test_partials_are_the_exact_sums():
     assert values == {"llm_load_workers": 5, "llm_load_sum": 263, "llm_load_sum_squares": 62_575,
                       "llm_kv_blocks_total_sum": 1500}
     # A worker seen only through a hit-rate event counts in llm_workers, not in the load partials.
-    from fleet_protocol import KvHitRateEvent
-
     fleet = partial_fleet(loads, total=300)
     fleet.observe_hit_rate("backend", KvHitRateEvent(worker_id=99, isl_blocks=4, overlap_blocks=1), now=1.0)
     assert partials(fleet)["llm_load_workers"] == 5
@@ -186,9 +177,6 @@ def test_std_from_exported_partials_is_within_the_stated_bound(mean, spread, sha
     """100,000 workers of realistic KV sizes (an H200 holds up to ~10^6 blocks) over `shards` shards, summed
     in float64 as Prometheus does: the relative error of the std stays within (3M + 2) * 2^-53 *
     (1 + (avg/std)^2) (docs/sharding.md), and within 1e-9 where avg/std <= 1,000 and M <= 2."""
-    import random
-    from fractions import Fraction
-
     rng = random.Random(mean + spread)
     loads = [max(0, int(rng.gauss(mean, spread))) for _ in range(100_000)]
     # Each shard exports its own exact sums, rounded to float64 once; Prometheus adds the floats.
