@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 import fleet_protocol as protocol
 from aggregator import rejects
 from aggregator.collectors.component_metrics import ComponentMetricsCollector
-from aggregator.collectors.fleet_kv import FleetCollector
+from aggregator.collectors.fleet_kv import FleetCollector, FleetGroupCollector
 from aggregator.collectors.fleet_partials import FleetPartialsCollector
 from aggregator.collectors.gpus import GpuCollector
 from aggregator.collectors.group_table import GroupTableCollector
@@ -59,12 +59,13 @@ class Aggregator:
         self.fleet = Fleet(limits.stale_after, max_workers=limits.max_workers, max_groups=limits.max_groups,
                            default_endpoint=config.endpoint,
                            max_component_series=component_metrics.max_series)
-        fleet_kv = FleetCollector(self.fleet)
+        # Group families in a collector of their own: a scrape selecting them renders no worker series.
+        fleet_kv = FleetCollector(self.fleet, groups=False)
         gpus = GpuCollector(self.fleet, hostname_label=config.gpu_hostname_label)
         # A shard keeps its share of the fleet (docs/sharding.md); the whole fleet is shard 0 of 1.
         self.shard = ShardFilter(config.shard, config.component) if config.shard.count > 1 else None
         shard = self.shard
-        for collector in (fleet_kv, FleetPartialsCollector(self.fleet), gpus, ComponentMetricsCollector(self.fleet),
+        for collector in (fleet_kv, FleetGroupCollector(self.fleet), FleetPartialsCollector(self.fleet), gpus, ComponentMetricsCollector(self.fleet),
                           GroupTableCollector(self.fleet),
                           ShardCollector(config.shard, lambda: shard.skipped if shard is not None else 0)):
             self.registry.register(collector)
