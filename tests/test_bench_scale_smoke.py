@@ -16,10 +16,11 @@ from .support import ROOT
 @pytest.mark.timeout(300)
 def test_quick_scale_benchmark_reports_every_shard_and_the_global_view(tmp_path):
     output = tmp_path / "SCALE.md"
-    result = subprocess.run([sys.executable, "-m", "bench.scale", "--quick", "--output", str(output)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=290)
+    figures = tmp_path / "scale.json"
+    result = subprocess.run([sys.executable, "-m", "bench.scale", "--quick", "--output", str(output),
+                             "--json", str(figures)], cwd=ROOT, capture_output=True, text=True, timeout=290)
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = json.loads(output.with_suffix(".json").read_text())
+    runs = json.loads(figures.read_text())
     assert [(run["shards"], run["split"]) for run in runs] == [(1, "client"), (2, "client"), (2, "server")]
     for run in runs:
         shards = run["per_shard"]
