@@ -311,3 +311,51 @@ def test_nats_server_splits_the_subjects_for_the_shards(hub_and_shard_router, pr
     *shard_scrapes, whole_scrape = frozen_scrapes([a.url for a in shards] + [whole.url], len(COMPONENTS) * WORKERS)
     check_split(shard_scrapes, whole_scrape)
     assert [skipped(families) for families in shard_scrapes] == [0, 0]
+
+
+def test_shards_reading_the_hit_rate_stream_keep_their_own_events(processes, tmp_path):
+    """--hit-rate-stream: every shard reads the whole stream and sums its own components' events only."""
+    import fleet_protocol as protocol
+
+    from .support import publish
+
+    with NatsServer(jetstream=True) as server:
+        shards = [processes.aggregator(server.url, "--shards", "2", "--shard", str(index), "--hit-rate-stream",
+                                       "SHARDHITS", "--hit-rate-snapshot", str(tmp_path / f"shard-{index}.json"))
+                  for index in range(2)]
+        for aggregator in shards:
+            wait_until(lambda a=aggregator: a.health() == 200, 15, what="aggregator subscribed")
+
+        async def stream_exists() -> bool:
+            nc = await nats.connect(server.url)
+            try:
+                await nc.jetstream().stream_info("SHARDHITS")
+                return True
+            finally:
+                await nc.close()
+
+        wait_until(lambda: asyncio.run(stream_exists()), 15, what="the hit-rate stream")
+        events = []
+        for number, component in enumerate(COMPONENTS):
+            for worker in range(3):
+                event = protocol.KvHitRateEvent(worker_id=1000 * number + worker, isl_blocks=10 + number,
+                                                overlap_blocks=number)
+                events.append((component, event, protocol.component_subject("dynamo", component,
+                                                                            protocol.KV_HIT_RATE)))
+        publish(server.url, [(subject, protocol.encode(event)) for _, event, subject in events])
+        want = [sum(e.isl_blocks for c, e, _ in events if partition(c, 2) == index) for index in range(2)]
+        assert all(want)
+
+        def sums():
+            found = [sum(group_values(scrape(a.url), "llm_fleet_kv_hit_rate_isl_blocks",
+                                      "llm_fleet_kv_hit_rate_isl_blocks_total").values()) for a in shards]
+            return found == want and found
+
+        wait_until(sums, 20, what="each shard's hit-rate sums")
+        for aggregator in shards:
+            families = scrape(aggregator.url)
+            applied = samples(families, "llm_aggregator_hit_rate_journal_applied",
+                              "llm_aggregator_hit_rate_journal_applied_total")[()]
+            assert applied == len(events)  # each read every event of the stream, in order
+            keys = worker_keys(families)
+            assert keys and all(partition(dict(k)["component"], 2) == shards.index(aggregator) for k in keys)
