@@ -359,3 +359,19 @@ def test_shards_reading_the_hit_rate_stream_keep_their_own_events(processes, tmp
             assert applied == len(events)  # each read every event of the stream, in order
             keys = worker_keys(families)
             assert keys and all(partition(dict(k)["component"], 2) == shards.index(aggregator) for k in keys)
+
+
+def test_a_scrape_of_the_partials_asks_no_collector_of_per_worker_series():
+    """What a fleet-level Prometheus selects (`/metrics?name[]=`, bench/scale.py's PARTIAL_SERIES) is
+    registered by collectors of group series only, so selecting it renders no worker's series."""
+    from aggregator.collectors.fleet_kv import FleetCollector
+    from aggregator.collectors.gpus import GpuCollector
+    from aggregator.config import AggregatorConfig
+    from aggregator.service import Aggregator
+    from bench.scale import PARTIAL_SERIES
+
+    registry = Aggregator(AggregatorConfig()).registry
+    owners = [collector for collector, names in registry._collector_to_names.items()
+              if set(PARTIAL_SERIES) & set(names)]
+    assert {name for collector in owners for name in registry._collector_to_names[collector]} >= set(PARTIAL_SERIES)
+    assert not [c for c in owners if isinstance(c, (FleetCollector, GpuCollector))]
