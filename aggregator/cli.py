@@ -29,6 +29,7 @@ from aggregator.config import (
     PushGatewayConfig,
     RemoteWriteConfig,
     ScrapeTarget,
+    ShardConfig,
     ZmqConfig,
     zmq_broker_xpub,
 )
@@ -56,6 +57,7 @@ SECTIONS: Mapping[str, type] = {
     "push_gateway": PushGatewayConfig,
     "remote_write": RemoteWriteConfig,
     "zmq": ZmqConfig,
+    "shard": ShardConfig,
 }
 # Sections that are off (None) unless their first field's flag is given: {section: that field}.
 OPTIONAL_SECTIONS: Mapping[str, str] = {
@@ -68,6 +70,7 @@ JOURNAL = "hit-rate history across restarts (JetStream)"
 DISCOVERY = "Dynamo's discovery store (worker instances, model cards, event channels)"
 ZMQ = "Dynamo's ZMQ event plane (its default since 1.3)"
 PUSH = "push where nothing can scrape (Pushgateway, remote write)"
+SHARDING = "sharding: several aggregators split the fleet by component (docs/sharding.md)"
 
 
 def default_of(flag: Flag) -> Any:
@@ -107,6 +110,10 @@ def _readable_file(value: str) -> str:
 
 def _optional_path(value: str) -> str | None:
     return value or None  # an empty variable means none
+
+
+def _optional_token(value: str) -> str | None:
+    return value.strip() or None  # an empty variable means none
 
 
 def _discovery_backend(value: str) -> str | None:
@@ -295,6 +302,16 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--zmq-broker-url", "DYN_ZMQ_BROKER_URL", "zmq.broker_xpub", zmq_broker_xpub,
          "Dynamo's ZMQ broker, as its workers are told: 'xsub=URL;... , xpub=URL;...'; the aggregator "
          "subscribes at the xpub side(s)", ZMQ),
+    Flag("--shards", "AGGREGATOR_SHARDS", "shard.count", int,
+         "aggregators the fleet is split across, by component: each keeps the components that nats-server's "
+         "partition function ({{partition(shards,component)}}) puts in its --shard; 1 means the whole fleet",
+         SHARDING),
+    Flag("--shard", "AGGREGATOR_SHARD", "shard.index", int, "which of the --shards this aggregator is, 0 to "
+         "shards-1 (replicas of one shard share it)", SHARDING),
+    Flag("--shard-subject-prefix", "AGGREGATOR_SHARD_SUBJECT_PREFIX", "shard.subject_prefix", _optional_token,
+         "nats-server has split the component subjects already, mapping them to "
+         "PREFIX.{partition}.namespace.... (docs/sharding.md): subscribe to this shard's partition only",
+         SHARDING),
     Flag("--gpu-hostname-label", "AGGREGATOR_GPU_HOSTNAME_LABEL", "gpu_hostname_label", str,
          "name of the node label on DCGM_FI_* series: dcgm-exporter's released 'Hostname', "
          "or 'hostname' as on its main branch since PR #655 (joins with Slurm's label)"),
@@ -382,6 +399,7 @@ def config_from_values(args: Mapping[str, Any], targets: tuple[ScrapeTarget, ...
 
     pull = build("pull")  # checked even when off: a bad flag is an error either way
     return AggregatorConfig(
+        shard=build("shard"),
         nats=build("nats"),
         http=build("http"),
         limits=build("limits"),

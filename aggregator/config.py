@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import fleet_protocol as protocol
 from fleet_protocol.names import LABEL_NAME, METRIC_NAME
+from fleet_protocol.partitions import partition
 from fleet_protocol.service_stats import service_name
 from fleet_runtime.config_checks import (
     Check,
@@ -54,6 +55,7 @@ __all__ = [
     "RemoteWriteConfig",
     "ScrapeTarget",
     "ZmqConfig",
+    "ShardConfig",
     "check_prefix",
     "check_stream_name",
     "etcd_url",
@@ -459,6 +461,35 @@ class ZmqConfig:
         check_fields(self)
 
 
+MAX_SHARDS: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ShardConfig:
+    """This aggregator's share of the fleet: the components whose subject token nats-server's
+    partition function (`{{partition(count, ...)}}`, fleet_protocol.partitions) puts in `index`.
+
+    Every subject is in exactly one of `count` partitions, so `count` aggregators, one per
+    index, split the fleet with no overlap and no gap (docs/sharding.md). Each keeps its share
+    of what it receives; with `subject_prefix`, nats-server has already split the component
+    subjects (a mapping to `{prefix}.{partition}.namespace....`) and each receives its share only.
+    """
+
+    count: int = field(default=1, metadata=checked(within(1, MAX_SHARDS)))  # 1: the whole fleet
+    index: int = field(default=0, metadata=checked(within(0, MAX_SHARDS - 1)))
+    subject_prefix: str | None = field(default=None, metadata=checked(optional(nats_token)))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.index >= self.count:
+            raise ConfigError("index", f"{self.index} must be below {{0}} {self.count}", ("count",))
+        if self.subject_prefix is not None and self.count == 1:
+            raise ConfigError("subject_prefix", "needs {0} above 1", ("count",))
+
+    def owns(self, component_token: str) -> bool:
+        return partition(component_token, self.count) == self.index
+
+
 def _instance(kind: type) -> Check:
     def check(value: object) -> None:
         if not isinstance(value, kind):
@@ -485,6 +516,7 @@ class AggregatorConfig:
     remote_write: RemoteWriteConfig | None = field(default=None,
                                                    metadata=checked(optional(_instance(RemoteWriteConfig))))
     zmq: ZmqConfig = field(default_factory=ZmqConfig, metadata=checked(_instance(ZmqConfig)))
+    shard: ShardConfig = field(default_factory=ShardConfig, metadata=checked(_instance(ShardConfig)))
     namespace: str = field(default=protocol.DEFAULT_NAMESPACE, metadata=checked(nats_token))  # Dynamo namespace
     # Component label for namespace-level subjects (namespace.{ns}.kv_metrics, .kv-hit-rate).
     component: str = field(default=protocol.DEFAULT_COMPONENT, metadata=checked(nats_token))
@@ -503,6 +535,11 @@ class AggregatorConfig:
                               ("limits.stale_after",))
         components: dict[str, str] = {}
         for target in self.pull.targets:
+            if not self.shard.owns(target.component):
+                # Its owner would count the same workers: they would be in two shards.
+                raise ConfigError("pull.targets", f"component {target.component!r} is in shard "
+                                  f"{partition(target.component, self.shard.count)} of {self.shard.count}, "
+                                  f"not in this one ({{0}} {self.shard.index})", ("shard.index",))
             service = service_name(self.namespace, target.component)
             other = components.setdefault(service, target.component)
             if other != target.component:

@@ -14,10 +14,12 @@ import fleet_protocol as protocol
 from aggregator import rejects
 from aggregator.collectors.component_metrics import ComponentMetricsCollector
 from aggregator.collectors.dynamo_v1 import DynamoV1Collector
-from aggregator.collectors.fleet_kv import FleetCollector
+from aggregator.collectors.fleet_kv import FleetCollector, FleetGroupCollector
+from aggregator.collectors.fleet_partials import FleetPartialsCollector
 from aggregator.collectors.gpus import GpuCollector
 from aggregator.collectors.group_table import GroupTableCollector
 from aggregator.collectors.http_telemetry import HttpTelemetry
+from aggregator.collectors.shard_telemetry import ShardCollector
 from aggregator.collectors.status_view import StatusView
 from aggregator.collectors.telemetry import StatsScrapeTelemetry, Telemetry
 from aggregator.config import AggregatorConfig, PullConfig
@@ -35,6 +37,7 @@ from aggregator.edges.zmq_event_plane import ZmqEventPlane
 from aggregator.ingest.component_snapshots import SnapshotLimits, snapshot_route
 from aggregator.ingest.discovery_entries import DiscoveryIngest, DiscoverySinks
 from aggregator.ingest.pipeline import Ingest
+from aggregator.ingest.shard_filter import ShardFilter
 from aggregator.ingest.stats_replies import plan_services
 from aggregator.state.fleet import Fleet
 from aggregator.state.ingest_counts import IngestCounts
@@ -67,9 +70,15 @@ class Aggregator:
                            default_endpoint=config.endpoint,
                            max_component_series=component_metrics.max_series,
                            kv_blocks=KvBlockBudget(limits.max_cached_blocks_per_worker, limits.max_cached_blocks))
-        fleet_kv = FleetCollector(self.fleet)
+        # Group families in a collector of their own: a scrape selecting them renders no worker series.
+        fleet_kv = FleetCollector(self.fleet, groups=False)
         gpus = GpuCollector(self.fleet, hostname_label=config.gpu_hostname_label)
-        for collector in (fleet_kv, gpus, ComponentMetricsCollector(self.fleet), GroupTableCollector(self.fleet)):
+        # A shard keeps its share of the fleet (docs/sharding.md); the whole fleet is shard 0 of 1.
+        self.shard = ShardFilter(config.shard, config.component) if config.shard.count > 1 else None
+        shard = self.shard
+        for collector in (fleet_kv, FleetGroupCollector(self.fleet), FleetPartialsCollector(self.fleet), gpus, ComponentMetricsCollector(self.fleet),
+                          GroupTableCollector(self.fleet),
+                          ShardCollector(config.shard, lambda: shard.skipped if shard is not None else 0)):
             self.registry.register(collector)
         # The collectors' render caches follow the workers (a GPU reading is rendered as it arrives).
         self.fleet.add_listener(fleet_kv.labels)
@@ -95,7 +104,9 @@ class Aggregator:
             self.discovery_watcher = discovery_watcher(config.discovery, config.namespace, sink, self.registry)
         # Opt-in: hit-rate events from a JetStream stream, sums restored from a snapshot.
         self.journal = (
-            HitRateJournal(config.journal, self.ingest, self.registry) if config.journal is not None else None
+            HitRateJournal(config.journal, self.ingest, self.registry,
+                           keeps=self.shard.keeps if self.shard is not None else None)
+            if config.journal is not None else None
         )
         if self.journal is not None:
             self.journal.load()
@@ -113,6 +124,7 @@ class Aggregator:
             pending_bytes_limit=nats.pending_bytes_limit,
             ping_interval=nats.ping_interval,
             skip_patterns=self.journal.patterns if self.journal else (),
+            shard=self.shard,
         )
         self.scraper = self._stats_scraper(config.pull) if config.pull is not None else None
         # Opt-in: for where nothing scrapes /metrics. Each expires workers first, as a scrape does.

@@ -90,18 +90,22 @@ class FleetCollector(Collector):
     """Per-worker KV series and per component endpoint statistics.
 
     Register `labels` with the fleet (`Fleet.add_listener`) so expired workers' label sets are freed.
+    With `groups=False` it leaves the per component endpoint families to a FleetGroupCollector
+    registered beside it.
     """
 
     def __init__(self, fleet: Fleet, *, wall_clock: Callable[[], float] = time.time,
-                 monotonic_clock: Callable[[], float] = time.monotonic) -> None:
+                 monotonic_clock: Callable[[], float] = time.monotonic, groups: bool = True) -> None:
         self.fleet = fleet
         self.labels = WorkerLabels(fleet)
+        self.groups = groups
         self._wall = wall_clock
         self._monotonic = monotonic_clock
 
     def collect(self) -> Iterator[Metric]:
         yield from self._worker_families()
-        yield from self._group_families()
+        if self.groups:
+            yield from group_families(self.fleet)
 
     def _worker_families(self) -> Iterator[Metric]:
         # Rendered straight from the state into one chunk per family (see encoder.py): a
@@ -133,58 +137,80 @@ class FleetCollector(Collector):
                        "gauge", "llm_worker_last_seen_timestamp_seconds",
                        [(labels, state.last_seen + offset) for labels, state in rows])
 
-    def _group_families(self) -> Iterator[Metric]:
-        live = GaugeMetricFamily("llm_workers", "Live workers (seen within --stale-after, or registered in discovery)",
-                                 labels=GROUP_LABELS)
-        avg = GaugeMetricFamily(
-            "llm_load_avg", "Average load (kv_active_blocks; Dynamo 1.x: kv_used_blocks) across live workers",
-            labels=GROUP_LABELS
-        )
-        std = GaugeMetricFamily(
-            "llm_load_std",
-            "Population standard deviation of load (kv_active_blocks; Dynamo 1.x: kv_used_blocks) across live workers",
-            labels=GROUP_LABELS,
-        )
-        fleet_rate = GaugeMetricFamily(
-            "llm_fleet_kv_hit_rate_percent",
-            "Cumulative KV hit rate of the component endpoint since the aggregator started, expired workers included",
-            labels=GROUP_LABELS,
-        )
-        fleet_isl = CounterMetricFamily(
-            "llm_fleet_kv_hit_rate_isl_blocks", "ISL blocks in all KV hit rate events", labels=GROUP_LABELS
-        )
-        fleet_overlap = CounterMetricFamily(
-            "llm_fleet_kv_hit_rate_overlap_blocks", "Overlapping blocks in all KV hit rate events", labels=GROUP_LABELS
-        )
-        expired = CounterMetricFamily(
-            "llm_workers_expired", "Workers dropped after --stale-after seconds of silence", labels=GROUP_LABELS
-        )
-        deregistered = CounterMetricFamily(
-            "llm_workers_deregistered", "Workers dropped at once because their discovery instance entry went away",
-            labels=GROUP_LABELS,
-        )
-        for stats in self.fleet.group_stats():
-            labels = [stats.key.component, stats.key.endpoint]
-            live.add_metric(labels, stats.live_workers)
-            if stats.load_avg is not None and stats.load_std is not None:  # both or neither
-                avg.add_metric(labels, stats.load_avg)
-                std.add_metric(labels, stats.load_std)
-            if stats.hit_rate_percent is not None:
-                fleet_rate.add_metric(labels, stats.hit_rate_percent)
-            fleet_isl.add_metric(labels, stats.totals.isl_blocks)
-            fleet_overlap.add_metric(labels, stats.totals.overlap_blocks)
-            expired.add_metric(labels, stats.totals.expired)
-            deregistered.add_metric(labels, stats.totals.deregistered)
-        yield from (live, avg, std, fleet_rate, fleet_isl, fleet_overlap, expired, deregistered)
+    def describe(self) -> Iterator[Metric]:
+        return iter(_described(self.groups))
+
+
+class FleetGroupCollector(Collector):
+    """The per component endpoint families alone, beside a FleetCollector(groups=False): a scrape that
+    selects only them (`?name[]=llm_workers`, a fleet-level Prometheus reading the partials of
+    docs/sharding.md) does not render every worker's series."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        return group_families(self.fleet)
 
     def describe(self) -> Iterator[Metric]:
-        return iter(_described())
+        return iter(_described_groups())
+
+
+def group_families(fleet: Fleet) -> Iterator[Metric]:
+    """The per component endpoint families: live workers, load statistics, hit-rate totals, expiries."""
+    live = GaugeMetricFamily("llm_workers", "Live workers (seen within --stale-after, or registered in discovery)",
+                             labels=GROUP_LABELS)
+    avg = GaugeMetricFamily(
+        "llm_load_avg", "Average load (kv_active_blocks; Dynamo 1.x: kv_used_blocks) across live workers",
+        labels=GROUP_LABELS
+    )
+    std = GaugeMetricFamily(
+        "llm_load_std",
+        "Population standard deviation of load (kv_active_blocks; Dynamo 1.x: kv_used_blocks) across live workers",
+        labels=GROUP_LABELS,
+    )
+    fleet_rate = GaugeMetricFamily(
+        "llm_fleet_kv_hit_rate_percent",
+        "Cumulative KV hit rate of the component endpoint since the aggregator started, expired workers included",
+        labels=GROUP_LABELS,
+    )
+    fleet_isl = CounterMetricFamily(
+        "llm_fleet_kv_hit_rate_isl_blocks", "ISL blocks in all KV hit rate events", labels=GROUP_LABELS
+    )
+    fleet_overlap = CounterMetricFamily(
+        "llm_fleet_kv_hit_rate_overlap_blocks", "Overlapping blocks in all KV hit rate events", labels=GROUP_LABELS
+    )
+    expired = CounterMetricFamily(
+        "llm_workers_expired", "Workers dropped after --stale-after seconds of silence", labels=GROUP_LABELS
+    )
+    deregistered = CounterMetricFamily(
+        "llm_workers_deregistered", "Workers dropped at once because their discovery instance entry went away",
+        labels=GROUP_LABELS,
+    )
+    for stats in fleet.group_stats():
+        labels = [stats.key.component, stats.key.endpoint]
+        live.add_metric(labels, stats.live_workers)
+        if stats.load_avg is not None and stats.load_std is not None:  # both or neither
+            avg.add_metric(labels, stats.load_avg)
+            std.add_metric(labels, stats.load_std)
+        if stats.hit_rate_percent is not None:
+            fleet_rate.add_metric(labels, stats.hit_rate_percent)
+        fleet_isl.add_metric(labels, stats.totals.isl_blocks)
+        fleet_overlap.add_metric(labels, stats.totals.overlap_blocks)
+        expired.add_metric(labels, stats.totals.expired)
+        deregistered.add_metric(labels, stats.totals.deregistered)
+    yield from (live, avg, std, fleet_rate, fleet_isl, fleet_overlap, expired, deregistered)
 
 
 @cache
-def _described() -> tuple[Metric, ...]:
+def _described(groups: bool) -> tuple[Metric, ...]:
     # The families of an empty fleet: every name this collector yields, without samples.
-    return tuple(FleetCollector(Fleet(stale_after=1.0)).collect())
+    return tuple(FleetCollector(Fleet(stale_after=1.0), groups=groups).collect())
+
+
+@cache
+def _described_groups() -> tuple[Metric, ...]:
+    return tuple(group_families(Fleet(stale_after=1.0)))
 
 
 def _v1_values(rows: list[tuple[RenderedLabels, WorkerState]]) -> dict[str, list[tuple[RenderedLabels, float]]]:

@@ -50,6 +50,7 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -154,13 +155,16 @@ class JournalTelemetry:
 
 
 class HitRateJournal:
-    def __init__(self, config: JournalConfig, ingest: Ingest, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, config: JournalConfig, ingest: Ingest, registry: CollectorRegistry | None = None, *,
+                 keeps: Callable[[str], bool] | None = None) -> None:
+        """`keeps`: whether an event's subject is this shard's (ShardFilter.keeps); every one when None."""
         self.stream = config.stream
         self.snapshot_path = Path(config.snapshot_path) if config.snapshot_path is not None else None
         self.interval = config.snapshot_interval
         self.max_age = config.stream_max_age
         self.replicas = config.stream_replicas
         self.ingest = ingest
+        self.keeps = keeps
         self.fleet = ingest.fleet
         self.feed = ingest.subject_feed(JOURNAL)
         self.subjects = stream_subjects(ingest.namespace)
@@ -240,6 +244,7 @@ class HitRateJournal:
 
     def _on_message(self):
         handle = self.feed.handle_subject
+        keeps = self.keeps
         handled = 0
         telemetry = self.telemetry
 
@@ -254,7 +259,8 @@ class HitRateJournal:
                 telemetry.lost.inc(seq - self.last_seq - 1)
                 log.warning("hit-rate events were gone from the stream before they were applied",
                             stream=self.stream, lost=seq - self.last_seq - 1, after_seq=self.last_seq)
-            handle(msg.subject, msg.data)
+            if keeps is None or keeps(msg.subject):  # another shard's event is in its sums, not in these
+                handle(msg.subject, msg.data)
             self.last_seq = seq
             telemetry.applied.inc()
             handled += 1

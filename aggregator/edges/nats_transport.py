@@ -13,6 +13,11 @@ processes, and past that nats-server buffers up to its `max_pending` for the con
 then cuts it off as a slow consumer (the aggregator reconnects and resubscribes).
 `--pending-msgs-limit`/`--pending-bytes-limit` bound the queued path (messages with
 headers or a reply subject, and the fallback).
+
+A shard (`--shards`, ingest/shard_filter.py) subscribes to the same patterns and drops other
+shards' messages before ingest, or, where nats-server splits the component subjects for it
+(`--shard-subject-prefix`), subscribes to its partition's subjects and hands ingest each
+message under its original subject.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from nats.errors import SlowConsumerError
 from aggregator.collectors.telemetry import Telemetry
 from aggregator.edges.nats_auth import redact_url
 from aggregator.ingest.pipeline import Ingest
+from aggregator.ingest.shard_filter import ShardFilter
 from fleet_runtime.nats_settle import settle
 
 log = structlog.get_logger("aggregator.nats")
@@ -78,6 +84,7 @@ class NatsSubscriber:
         name: str = "llm-aggregator",
         ping_interval: float = 5,
         skip_patterns: Iterable[str] = (),
+        shard: ShardFilter | None = None,
     ) -> None:
         self.servers = [u.strip() for u in url.split(",") if u.strip()]
         self.display_servers = [redact_url(u) for u in self.servers]  # for logs and /health
@@ -90,6 +97,8 @@ class NatsSubscriber:
         self.ping_interval = ping_interval
         # Routes fed from elsewhere (the JetStream hit-rate journal) get no core subscription.
         self.skip_patterns = set(skip_patterns)
+        self.shard = shard
+        self.subjects: list[str] = []  # what it subscribed to
         self.nc: Client | None = None
         self.subscribed = False
         self._closing = False
@@ -165,27 +174,34 @@ class NatsSubscriber:
             return False
         await self.subscribe(p for p in self.ingest.routes if p not in self.skip_patterns)
         self.telemetry.nats_connected.set(1)
-        log.info("connected to NATS", server=self._server_name(),
-                 subjects=sorted(p for p in self.ingest.routes if p not in self.skip_patterns),
+        log.info("connected to NATS", server=self._server_name(), subjects=sorted(self.subjects),
                  delivery="direct" if isinstance(self.nc, DirectClient) else "callback")
         return True
 
     async def subscribe(self, patterns: Iterable[str]) -> None:
         assert self.nc is not None
         for pattern in patterns:
+            split = self.shard.split_by_server(pattern) if self.shard is not None else None
+            subject = split or pattern
+            # Where nats-server split the subjects, a message is this shard's and its subject starts with
+            # `{prefix}.{index}.`; elsewhere a shard keeps its own share.
+            strip = len(split) - len(pattern) if split else 0
+            keeps = self.shard.keeps if self.shard is not None and not split else None
             subscription = await self.nc.subscribe(
-                pattern,
-                cb=self._callback(pattern),
+                subject,
+                cb=self._callback(pattern, strip, keeps),
                 pending_msgs_limit=self.pending_msgs_limit,
                 pending_bytes_limit=self.pending_bytes_limit,
             )
+            self.subjects.append(subject)
             if isinstance(self.nc, DirectClient):
                 # nats-py keeps a subscription's sid across reconnects (it resubscribes with it).
-                self.nc.direct[subscription._id] = self._direct_handler(pattern)
+                self.nc.direct[subscription._id] = self._direct_handler(pattern, strip, keeps)
         await settle(self.nc)  # only then is the aggregator ready (/health)
         self.subscribed = True
 
-    def _direct_handler(self, pattern: str) -> Callable[[bytes, bytes], None]:
+    def _direct_handler(self, pattern: str, strip: int = 0,
+                        keeps: Callable[[str], bool] | None = None) -> Callable[[bytes, bytes], None]:
         handle = self.ingest.handle
 
         def on_message(subject: bytes, data: bytes) -> None:
@@ -195,19 +211,33 @@ class NatsSubscriber:
                 # NATS does not require UTF-8 subjects; a bad byte only shows in the component label.
                 handle(pattern, subject.decode("utf-8", "replace"), data)
             except Exception as error:  # noqa: BLE001 - see above
-                self.telemetry.nats_errors.inc()
-                log.error("message handler failed", subject=subject.decode("utf-8", "replace"), error=repr(error),
-                          rate_limit=type(error).__name__)
+                self._failed(subject, error)
 
-        return on_message
+        def on_shard_message(subject: bytes, data: bytes) -> None:
+            try:
+                text = subject.decode("utf-8", "replace")[strip:]
+                if keeps is None or keeps(text):
+                    handle(pattern, text, data)
+            except Exception as error:  # noqa: BLE001 - see above
+                self._failed(subject, error)
 
-    def _callback(self, pattern: str):
+        # The unsharded path stays as short as it was.
+        return on_shard_message if strip or keeps is not None else on_message
+
+    def _failed(self, subject: bytes, error: Exception) -> None:
+        self.telemetry.nats_errors.inc()
+        log.error("message handler failed", subject=subject.decode("utf-8", "replace"), error=repr(error),
+                  rate_limit=type(error).__name__)
+
+    def _callback(self, pattern: str, strip: int = 0, keeps: Callable[[str], bool] | None = None):
         handle = self.ingest.handle
         handled = 0
 
         async def on_message(msg) -> None:
             nonlocal handled
-            handle(pattern, msg.subject, msg.data)
+            subject = msg.subject[strip:]
+            if keeps is None or keeps(subject):
+                handle(pattern, subject, msg.data)
             handled += 1
             # nats-py runs callbacks back to back while the queue is non-empty; yielding bounds
             # HTTP's wait whatever the queue holds. A safeguard, not a measured fix: with nats-py

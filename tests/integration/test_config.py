@@ -311,12 +311,17 @@ def given(tmp_path):
         "--zmq-receive-hwm": ("50", 50),
         "--zmq-broker-url": ("xsub=tcp://b:5555 , xpub=tcp://b:5556;tcp://c:5556",
                              ("tcp://b:5556", "tcp://c:5556")),
+        "--shards": ("11", 11),  # ON's pull target, backend, is in partition 0 of 11 (shard 0, the default)
+        "--shard": ("1", 1),
+        "--shard-subject-prefix": ("shard", "shard"),
     }
 
 
 # Flags that only make sense with another one.
 PARTNERS = {"--nats-user": ["--nats-password", "p"], "--nats-password": ["--nats-user", "u"],
-            "--nats-tls-cert": ["--nats-tls-key", "KEY"], "--nats-tls-key": ["--nats-tls-cert", "KEY"]}
+            "--nats-tls-cert": ["--nats-tls-key", "KEY"], "--nats-tls-key": ["--nats-tls-cert", "KEY"],
+            # backend, ON's pull target, is in partition 1 of 2.
+            "--shard": ["--shards", "2"], "--shard-subject-prefix": ["--shards", "2", "--shard", "1"]}
 
 
 @pytest.mark.parametrize("source", ["flag", "env"])

@@ -203,6 +203,87 @@ def test_compose_mounts_the_files_that_exist_where_their_consumers_look():
                 assert sd["port"] in [p["target"] for p in services[host]["ports"]], (job["job_name"], host)
 
 
+HA_AGGREGATORS = {"aggregator-s0-a": 0, "aggregator-s0-b": 0, "aggregator-s1-a": 1, "aggregator-s1-b": 1}
+HA_NATS = "nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222"  # the cluster nodes of the `ha` profile
+
+
+@needs_docker_compose
+def test_compose_ha_profile(monkeypatch):
+    """2 shards x 2 replicas on the NATS cluster, a Prometheus per shard, a global one and its Grafana
+    (docs/sharding.md): every piece points at the others by the names and ports they have."""
+    from aggregator.cli import parse_config as aggregator_config
+    from aggregator.config import ShardConfig
+    from fleet_protocol.partitions import partition
+    from mock_worker.cli import parse_config as mock_worker_config
+
+    services = compose_config("--profile", "ha")["services"]
+    ha = {name for name, s in services.items() if s.get("profiles") == ["ha"]}
+    mine = {*HA_AGGREGATORS, "mock-worker-ha-backend", "mock-worker-ha-prefill", "prometheus-s0", "prometheus-s1",
+            "prometheus-global", "grafana-global"}
+    assert mine <= ha
+    for name in mine:
+        service = services[name]
+        image = service["image"]
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), (name, image)
+        assert service["restart"] == "unless-stopped", name
+    # The aggregators: one shard each, two replicas per shard, every NATS node; as the program reads them.
+    for name, shard in HA_AGGREGATORS.items():
+        service = services[name]
+        assert service["build"]["target"] == "aggregator" and service["image"] == services["aggregator"]["image"]
+        assert service["environment"]["NATS_SERVER"] == HA_NATS
+        assert "ports" not in service  # reached through their shard's Prometheus
+        with monkeypatch.context() as env:
+            for key, value in service["environment"].items():
+                env.setenv(key, str(value))
+            config = aggregator_config(service["command"][1:])
+        assert config.shard == ShardConfig(count=2, index=shard), name
+        assert config.nats.urls == tuple(HA_NATS.split(","))
+    # The fleet: on the cluster, a component in each shard.
+    components = set()
+    for name in ("mock-worker-ha-backend", "mock-worker-ha-prefill"):
+        service = services[name]
+        assert service["environment"]["NATS_SERVER"] == HA_NATS
+        with monkeypatch.context() as env:
+            for key, value in service["environment"].items():
+                env.setenv(key, str(value))
+            components.add(mock_worker_config(service["command"][1:]).component)
+    assert {partition(component, 2) for component in components} == {0, 1}
+    # Each shard's Prometheus scrapes the two replicas of its shard, as replicas a and b of one job.
+    prometheus_files = {}
+    for name in ("prometheus-s0", "prometheus-s1", "prometheus-global"):
+        service = services[name]
+        assert volumes(service)["/etc/prometheus"] == str(DEPLOY / "prometheus")
+        (flag,) = [arg for arg in service["command"] if arg.startswith("--config.file=")]
+        path = DEPLOY / "prometheus" / Path(flag.split("=", 1)[1]).relative_to("/etc/prometheus")
+        prometheus_files[name] = load_yaml(path)
+        for rules in prometheus_files[name]["rule_files"]:
+            assert (path.parent / rules).resolve().is_file(), (name, rules)
+    for shard in (0, 1):
+        (job,) = [j for j in prometheus_files[f"prometheus-s{shard}"]["scrape_configs"] if j["job_name"] == "aggregator"]
+        targets = {t: static["labels"] for static in job["static_configs"] for t in static["targets"]}
+        assert targets == {f"aggregator-s{shard}-{r}:9091": {"namespace": "dynamo", "replica": r} for r in "ab"}
+        assert [Path(f).name for f in prometheus_files[f"prometheus-s{shard}"]["rule_files"]] == ["replicas.rules.yml"]
+    # The global one federates both shard Prometheus servers, on the port they listen on.
+    (federate,) = [j for j in prometheus_files["prometheus-global"]["scrape_configs"] if j["job_name"] == "federate"]
+    assert federate["honor_labels"] is True and federate["metrics_path"] == "/federate"
+    assert federate["static_configs"][0]["targets"] == ["prometheus-s0:9090", "prometheus-s1:9090"]
+    assert [Path(f).name for f in prometheus_files["prometheus-global"]["rule_files"]] == [
+        "fleet.rules.yml", "fleet-dashboards.rules.yml"]
+    external = prometheus_files["prometheus-global"]["global"]["external_labels"]
+    assert {"cluster", "__replica__", "prometheus_replica"} <= set(external)
+    # Grafana on the global Prometheus, with the same dashboards and the uid their panels name.
+    grafana = services["grafana-global"]
+    mounts = volumes(grafana)
+    (datasource,) = load_yaml(Path(mounts["/etc/grafana/provisioning/datasources"]) / "prometheus.yml")["datasources"]
+    assert datasource["url"] == "http://prometheus-global:9090" and datasource["uid"] == "prometheus"
+    assert mounts["/etc/grafana/dashboards"] == str(DASHBOARDS)
+    assert Path(mounts["/etc/grafana/provisioning/dashboards"]) == PROVIDERS.parent
+    published = {name: sorted(p["published"] for p in services[name].get("ports", [])) for name in mine}
+    taken = {p["published"] for name, s in services.items() if name not in mine for p in s.get("ports", [])}
+    assert not taken & {port for ports in published.values() for port in ports}
+    assert published["prometheus-global"] == [9190] and published["grafana-global"] == [3002]
+
+
 def test_compose_commands_are_accepted_by_the_programs(monkeypatch):
     """The aggregator and mock-worker commands and environment of compose.yml, through the real parsers."""
     from aggregator.cli import parse_config as aggregator_config
