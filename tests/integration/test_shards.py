@@ -201,8 +201,9 @@ def test_std_from_exported_partials_is_within_the_stated_bound(mean, spread, sha
 def start_fleet(processes, nats_url: str, *, hit_rate_on_namespace: bool = True) -> None:
     for number, component in enumerate(COMPONENTS):
         extra = ["--hit-rate-on-namespace"] if hit_rate_on_namespace and component == "backend" else []
-        processes.add(mock_worker(nats_url, "--component", component, "--workers", str(WORKERS),
-                                  "--seed", str(number), "--interval", "0.2", "--freeze-after", "5",
+        # Legacy 0.x JSON: the fleet statistics compared here include its hit-rate events.
+        processes.add(mock_worker(nats_url, "--protocol", "legacy", "--component", component,
+                                  "--workers", str(WORKERS), "--seed", str(number), "--interval", "0.2", "--freeze-after", "5",
                                   "--gpu-interval", "0.5", "--metrics-interval", "0.5", *extra))
 
 
