@@ -54,19 +54,26 @@ class FleetPartialsCollector(Collector):
         # Snapshots: /metrics renders in a thread while the event loop keeps adding workers and groups.
         sums: dict[tuple[str, str], list[int]] = {group: [0, 0, 0, 0] for group in list(self.fleet.groups)}
         for (component, endpoint, _, _), state in list(self.fleet.workers.items()):
-            load = state.load
-            if load is None:
+            # The same load as llm_load_avg/std (Fleet.group_stats): legacy kv_active_blocks, else
+            # Dynamo 1.x kv_used_blocks with its capacity from discovery.
+            legacy, active_load = state.load, state.active_load
+            if legacy is not None:
+                active, blocks = legacy.kv_stats.kv_active_blocks, legacy.kv_stats.kv_total_blocks
+            elif active_load is not None and active_load.kv_used_blocks is not None:
+                active = active_load.kv_used_blocks
+                blocks = (state.capacity.total_kv_blocks or 0) if state.capacity is not None else 0
+            else:
                 continue
             group = sums.get((component, endpoint))
             if group is None:  # a group born after the snapshot: next scrape
                 continue
-            kv = load.kv_stats
-            active = kv.kv_active_blocks
             group[0] += 1
             group[1] += active
             group[2] += active * active  # Python integers: exact, however large
-            group[3] += kv.kv_total_blocks
+            group[3] += blocks
         for (component, endpoint), (n, total, squares, blocks) in sums.items():
+            if not n:  # no worker with load: nothing to add up (llm_load_avg has no value either)
+                continue
             labels = [component, endpoint]
             workers.add_metric(labels, n)
             load_sum.add_metric(labels, total)
