@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-MAX_SUBJECTS = 10_000  # per source; a real fleet has a few per component
+MAX_SUBJECTS = 2_000  # per source; a real fleet has a few per component
 RECENT_REJECTS = 5
 PAYLOAD_BYTES = 256
 DETAIL_CHARS = 300
