@@ -11,7 +11,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
+import nats
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
@@ -155,3 +157,24 @@ def publish(nats_url: str, messages: list[tuple[str, bytes]]) -> None:
         await nc.close()
 
     asyncio.run(send())
+
+
+class NatsCapture:
+    """Every raw message on `namespace.>`, as a plain nats-py subscriber sees it; test files add
+    their own ways to read what was captured."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+
+    async def start(self, url: str) -> Self:
+        self.client = await nats.connect(url)
+
+        async def keep(message) -> None:
+            self.messages.append((message.subject, message.data))
+
+        await self.client.subscribe("namespace.>", cb=keep)
+        await self.client.flush()
+        return self
+
+    async def close(self) -> None:
+        await self.client.close()

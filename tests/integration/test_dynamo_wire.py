@@ -23,7 +23,7 @@ import fleet_protocol as protocol
 from fleet_protocol import EventEnvelope
 
 from ..dynamo_runtime import DynamoWorker, EtcdServer, WorkerSettings
-from ..support import wait_until
+from ..support import NatsCapture, wait_until
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")
 zmq = pytest.importorskip("zmq", reason="the `dynamo` test extra (pyzmq) is not installed")
@@ -58,21 +58,8 @@ def etcd_server() -> Iterator[EtcdServer]:
         server.stop()
 
 
-class Capture:
-    """Every raw message on `namespace.>`, as a plain nats-py subscriber sees it."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, bytes]] = []
-
-    async def start(self, url: str) -> Capture:
-        self.client = await nats.connect(url)
-
-        async def keep(message) -> None:
-            self.messages.append((message.subject, message.data))
-
-        await self.client.subscribe("namespace.>", cb=keep)
-        await self.client.flush()
-        return self
+class Capture(NatsCapture):
+    """The captured messages read as event-plane envelopes."""
 
     def on(self, topic: str) -> list[tuple[str, EventEnvelope]]:
         return [(subject, protocol.decode_envelope(data, LIMIT)) for subject, data in self.messages
@@ -96,7 +83,7 @@ class Capture:
 async def capture(nats_server):
     capturing = await Capture().start(nats_server.url)
     yield capturing
-    await capturing.client.close()
+    await capturing.close()
 
 
 def in_thread(function, *args, **kwargs):

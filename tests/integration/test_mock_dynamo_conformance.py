@@ -38,7 +38,7 @@ from mock_worker.engine import EngineConfig
 from mock_worker.fleet import MockFleet
 
 from ..dynamo_runtime import DynamoWorker, WorkerSettings
-from ..support import wait_until
+from ..support import NatsCapture, wait_until
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")
 zmq = pytest.importorskip("zmq", reason="pyzmq (the `worker` extra) is not installed")
@@ -63,21 +63,8 @@ def dynamo_workers() -> Iterator[Callable[..., DynamoWorker]]:
         worker.stop()
 
 
-class Capture:
-    """Every raw event-plane message on `namespace.>`, as a plain nats-py subscriber sees it."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, bytes]] = []
-
-    async def start(self, url: str) -> Capture:
-        self.client = await nats.connect(url)
-
-        async def keep(message) -> None:
-            self.messages.append((message.subject, message.data))
-
-        await self.client.subscribe("namespace.>", cb=keep)
-        await self.client.flush()
-        return self
+class Capture(NatsCapture):
+    """The captured messages read as event-plane envelopes."""
 
     def of(self, topic: str, *, only: set[int] | None = None,
            besides: set[int] | None = None) -> list[tuple[str, EventEnvelope, bytes]]:
@@ -103,7 +90,7 @@ class Capture:
 async def capture(nats_server):
     capturing = await Capture().start(nats_server.url)
     yield capturing
-    await capturing.client.close()
+    await capturing.close()
 
 
 @pytest.fixture

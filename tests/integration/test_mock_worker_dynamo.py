@@ -43,7 +43,7 @@ from mock_worker.engine import EngineConfig, SimulatedEngine
 from mock_worker.fleet import MockFleet
 from mock_worker.kv_blocks import DeviceBlocks
 
-from ..support import Process, wait_until
+from ..support import NatsCapture, Process, wait_until
 
 LIMIT = 1 << 20
 WAIT_S = 20.0
@@ -53,21 +53,8 @@ CARD = ModelCardValues("mock-llm", total_kv_blocks=4096, max_num_seqs=64, max_nu
                        data_parallel_size=2, kv_cache_block_size=16)
 
 
-class Capture:
-    """Every raw message on `namespace.>`, as a plain nats-py subscriber sees it."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, bytes]] = []
-
-    async def start(self, url: str) -> Capture:
-        self.client = await nats.connect(url)
-
-        async def keep(message) -> None:
-            self.messages.append((message.subject, message.data))
-
-        await self.client.subscribe("namespace.>", cb=keep)
-        await self.client.flush()
-        return self
+class Capture(NatsCapture):
+    """The captured messages read as event-plane envelopes."""
 
     def events(self, topic: str | None = None) -> list[tuple[str, EventEnvelope]]:
         """The event-plane messages (of `topic`), decoded."""
@@ -89,7 +76,7 @@ class Capture:
 async def capture(nats_server):
     capturing = await Capture().start(nats_server.url)
     yield capturing
-    await capturing.client.close()
+    await capturing.close()
 
 
 @pytest.fixture
