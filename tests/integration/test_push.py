@@ -114,17 +114,22 @@ def push_counters(url: str) -> dict[str, float]:
     }
 
 
+def publish_known_fleet(nats_url: str, aggregator) -> dict:
+    """Two workers' load and three hit-rate events; the aggregator's own fleet series once it has them all."""
+    publish(nats_url, [(LOAD_SUBJECT, load(1, 30)), (LOAD_SUBJECT, load(2, 50)),
+                       hit_rate(1, 10, 4), hit_rate(2, 20, 5), hit_rate(1, 6, 6)])
+    return wait_until(lambda: (s := fleet_series(scrape(aggregator.url)))
+                      and s.get(("llm_fleet_kv_hit_rate_isl_blocks_total",
+                                 (("component", "backend"), ("endpoint", "generate")))) == 36 and s,
+                      10, what="the aggregator's own view")
+
+
 @needs_pushgateway
 def test_the_pushgateway_gets_every_fleet_series_with_exact_values(nats_server, processes, pushgateway):
     aggregator = processes.aggregator(nats_server.url, "--stale-after", "600", "--push-gateway", pushgateway.url,
                                       "--push-gateway-interval", "0.2", "--push-gateway-grouping", "instance=agg-a")
     wait_until(lambda: aggregator.health() == 200, 15, what="connected")
-    publish(nats_server.url, [(LOAD_SUBJECT, load(1, 30)), (LOAD_SUBJECT, load(2, 50)),
-                              hit_rate(1, 10, 4), hit_rate(2, 20, 5), hit_rate(1, 6, 6)])
-    want = wait_until(lambda: (s := fleet_series(scrape(aggregator.url)))
-                      and s.get(("llm_fleet_kv_hit_rate_isl_blocks_total",
-                                 (("component", "backend"), ("endpoint", "generate")))) == 36 and s,
-                      10, what="the aggregator's own view")
+    want = publish_known_fleet(nats_server.url, aggregator)
     # The same series, the same values, under the group's labels.
     wait_until(lambda: exact(fleet_series(pushgateway.families(), GROUP)) == exact(want), 10,
                what="the pushed series")

@@ -22,7 +22,7 @@ from fleet_demo.nats_server import free_port
 
 from ..http_receiver import Receiver
 from ..support import Process, http_get, publish, samples, scrape, slowest_answer, wait_until
-from .test_push import LOAD_SUBJECT, close, exact, fleet_series, hit_rate, load
+from .test_push import LOAD_SUBJECT, close, exact, load, publish_known_fleet
 
 needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None,
                                       reason="prometheus not installed (.ci/run installs it)")
@@ -94,12 +94,7 @@ def test_prometheus_receives_every_fleet_series_with_exact_values(nats_server, p
     aggregator = processes.aggregator(nats_server.url, "--stale-after", "600", "--remote-write", prometheus.write_url,
                                       "--remote-write-interval", "0.2", "--remote-write-labels", "replica=r1")
     wait_until(lambda: aggregator.health() == 200, 15, what="connected")
-    publish(nats_server.url, [(LOAD_SUBJECT, load(1, 30)), (LOAD_SUBJECT, load(2, 50)),
-                              hit_rate(1, 10, 4), hit_rate(2, 20, 5), hit_rate(1, 6, 6)])
-    want = wait_until(lambda: (s := fleet_series(scrape(aggregator.url)))
-                      and s.get(("llm_fleet_kv_hit_rate_isl_blocks_total",
-                                 (("component", "backend"), ("endpoint", "generate")))) == 36 and s,
-                      10, what="the aggregator's own view")
+    want = publish_known_fleet(nats_server.url, aggregator)
     # Every series, labelled replica="r1" (no series of the aggregator has that label of its own).
     want = {(name, tuple(sorted((*labels, ("replica", "r1"))))): value for (name, labels), value in want.items()}
     wait_until(lambda: exact(prometheus.query(FLEET_QUERY)) == exact(want), 15,
