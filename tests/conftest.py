@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import pytest
 
 from fleet_demo.nats_server import NatsServer
 
+from .dynamo_runtime import DynamoWorker, WorkerSettings
 from .support import AggregatorProcess, Process
 
 
@@ -36,3 +39,18 @@ def processes():
     yield Starter()
     for process in reversed(started):
         process.stop()
+
+
+@pytest.fixture
+def dynamo_workers() -> Iterator[Callable[..., DynamoWorker]]:
+    """Start real Dynamo workers through this; every one is stopped after the test."""
+    started: list[DynamoWorker] = []
+
+    def start(**settings) -> DynamoWorker:
+        worker = DynamoWorker(WorkerSettings(**settings))
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in reversed(started):
+        worker.stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ from fleet_protocol import (
 )
 
 from ..discovery_support import Running, etcd_put, etcd_running, running
-from ..dynamo_runtime import DynamoWorker, EtcdServer, WorkerSettings
+from ..dynamo_runtime import DynamoWorker, EtcdServer
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")
 pytest.importorskip("zmq", reason="the `dynamo` test extra (pyzmq) is not installed")
@@ -37,21 +37,6 @@ pytest.importorskip("zmq", reason="the `dynamo` test extra (pyzmq) is not instal
 RUNTIME_CONFIG = {"total_kv_blocks": 4096, "max_num_seqs": 256, "max_num_batched_tokens": 8192,
                   "data_parallel_start_rank": 2, "data_parallel_size": 2}
 needs_etcd = pytest.mark.skipif(EtcdServer.binary() is None, reason="etcd not installed (apt-get install etcd-server)")
-
-
-@pytest.fixture
-def dynamo_workers() -> Iterator[Callable[..., DynamoWorker]]:
-    """Start real Dynamo workers through this; every one is stopped after the test."""
-    started: list[DynamoWorker] = []
-
-    def start(**settings) -> DynamoWorker:
-        worker = DynamoWorker(WorkerSettings(**settings))
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in reversed(started):
-        worker.stop()
 
 
 @pytest.fixture

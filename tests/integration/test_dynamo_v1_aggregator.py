@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
-from ..dynamo_runtime import DynamoWorker, WorkerSettings
 from ..support import http_get, samples, scrape, wait_until
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")
@@ -32,21 +31,6 @@ IDLE_FPM = {"scheduled_num_prefill_requests": 0, "scheduled_sum_prefill_tokens":
             "queued_num_decode_requests": 0, "queued_sum_decode_kv_tokens": 0, "wall_time_secs": 0.0}
 RUNTIME_CONFIG = {"total_kv_blocks": 4096, "max_num_seqs": 256, "max_num_batched_tokens": 8192,
                   "data_parallel_start_rank": 0, "data_parallel_size": 2}
-
-
-@pytest.fixture
-def dynamo_workers() -> Iterator[Callable[..., DynamoWorker]]:
-    """Start real Dynamo workers through this; every one is stopped after the test."""
-    started: list[DynamoWorker] = []
-
-    def start(**settings) -> DynamoWorker:
-        worker = DynamoWorker(WorkerSettings(**settings))
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in reversed(started):
-        worker.stop()
 
 
 def in_thread(function, *args, **kwargs):

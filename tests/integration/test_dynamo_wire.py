@@ -22,7 +22,7 @@ import pytest
 import fleet_protocol as protocol
 from fleet_protocol import EventEnvelope
 
-from ..dynamo_runtime import DynamoWorker, EtcdServer, WorkerSettings
+from ..dynamo_runtime import DynamoWorker, EtcdServer
 from ..support import NatsCapture, wait_until
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")
@@ -31,21 +31,6 @@ zmq = pytest.importorskip("zmq", reason="the `dynamo` test extra (pyzmq) is not 
 LIMIT = 64 * 1024
 WAIT_S = 20.0
 needs_etcd = pytest.mark.skipif(EtcdServer.binary() is None, reason="etcd not installed (apt-get install etcd-server)")
-
-
-@pytest.fixture
-def dynamo_workers() -> Iterator[Callable[..., DynamoWorker]]:
-    """Start real Dynamo workers through this; every one is stopped after the test."""
-    started: list[DynamoWorker] = []
-
-    def start(**settings) -> DynamoWorker:
-        worker = DynamoWorker(WorkerSettings(**settings))
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in reversed(started):
-        worker.stop()
 
 
 @pytest.fixture

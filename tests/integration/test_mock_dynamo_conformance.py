@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -37,7 +37,7 @@ from mock_worker.dynamo_events import MODEL_NAME, model_card
 from mock_worker.engine import EngineConfig
 from mock_worker.fleet import MockFleet
 
-from ..dynamo_runtime import DynamoWorker, WorkerSettings
+from ..dynamo_runtime import DynamoWorker
 from ..support import NatsCapture, wait_until
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")
@@ -46,21 +46,6 @@ zmq = pytest.importorskip("zmq", reason="pyzmq (the `worker` extra) is not insta
 LIMIT = 1 << 20
 WAIT_S = 20.0
 PREFIX = "namespace.dynamo.component.backend.endpoint.generate"
-
-
-@pytest.fixture
-def dynamo_workers() -> Iterator[Callable[..., DynamoWorker]]:
-    """Start real Dynamo workers through this; every one is stopped after the test."""
-    started: list[DynamoWorker] = []
-
-    def start(**settings) -> DynamoWorker:
-        worker = DynamoWorker(WorkerSettings(**settings))
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in reversed(started):
-        worker.stop()
 
 
 class Capture(NatsCapture):
