@@ -129,5 +129,18 @@ def test_a_global_prometheus_federating_two_shards_gives_the_whole_fleets_statis
     (labels, _), = global_server.query('llm_workers{component="backend"}').items()
     assert dict(labels)["namespace"] == "dynamo"
     assert global_server.query("fleet:llm_aggregator_shards:count") == {(("namespace", "dynamo"), ("shards", "2")): 2}
-    elected = global_server.query("shard:llm_aggregator_replica:elected")
-    assert sorted(dict(labels)["shard"] for labels in elected) == ["0", "1"]
+
+    def elected_replicas() -> list[tuple[str, str]]:
+        elected = global_server.query("shard:llm_aggregator_replica:elected")
+        return sorted((dict(labels)["shard"], dict(labels)["replica"]) for labels in elected)
+
+    # One elected replica per shard, and after the elected one of shard 0 stops, only its successor:
+    # the old one must not linger beside it in the global view (federated timestamps, no staleness).
+    first = wait_until(lambda: len(elected_replicas()) == 2 and elected_replicas(), 20, interval=0.5,
+                       what="one elected replica per shard")
+    assert [shard for shard, _ in first] == ["0", "1"]
+    stopped = first[0][1]
+    replicas[(0, stopped)].popen.kill()
+    replicas[(0, stopped)].popen.wait(10)
+    successor = [("0", "b" if stopped == "a" else "a"), first[1]]
+    wait_until(lambda: elected_replicas() == successor, 20, interval=0.5, what="only the successor elected")
