@@ -6,7 +6,8 @@ import pytest
 
 from fleet_demo.nats_server import NatsServer
 
-from .dynamo_runtime import DynamoWorker, WorkerSettings
+from .discovery_support import etcd_running
+from .dynamo_runtime import DynamoWorker, EtcdServer, WorkerSettings
 from .support import AggregatorProcess, Process
 
 
@@ -54,3 +55,10 @@ def dynamo_workers() -> Iterator[Callable[..., DynamoWorker]]:
     yield start
     for worker in reversed(started):
         worker.stop()
+
+
+@pytest.fixture
+def etcd_server() -> Iterator[EtcdServer]:
+    """A real etcd on loopback (Debian's etcd-server), stopped after the test; mark the test `needs_etcd`."""
+    with etcd_running() as server:
+        yield server

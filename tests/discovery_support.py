@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -109,6 +110,10 @@ async def running(config: DiscoveryConfig, namespace: str = "dynamo", **options)
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
+
+
+needs_etcd = pytest.mark.skipif(EtcdServer.binary() is None,
+                                reason="etcd is not installed (Debian: apt-get install etcd-server)")
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,21 +27,14 @@ from fleet_protocol import (
     ZmqTransport,
 )
 
-from ..discovery_support import Running, etcd_put, etcd_running, running
-from ..dynamo_runtime import DynamoWorker, EtcdServer
+from ..discovery_support import Running, etcd_put, needs_etcd, running
+from ..dynamo_runtime import DynamoWorker
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")
 pytest.importorskip("zmq", reason="the `dynamo` test extra (pyzmq) is not installed")
 
 RUNTIME_CONFIG = {"total_kv_blocks": 4096, "max_num_seqs": 256, "max_num_batched_tokens": 8192,
                   "data_parallel_start_rank": 2, "data_parallel_size": 2}
-needs_etcd = pytest.mark.skipif(EtcdServer.binary() is None, reason="etcd not installed (apt-get install etcd-server)")
-
-
-@pytest.fixture
-def etcd_server() -> Iterator[EtcdServer]:
-    with etcd_running() as server:
-        yield server
 
 
 def in_thread(function, *args, **kwargs):

@@ -10,7 +10,6 @@ import asyncio
 import os
 import shutil
 import signal
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -30,20 +29,13 @@ from ..discovery_support import (
     b64,
     etcd_call,
     etcd_put,
-    etcd_running,
+    needs_etcd,
     running,
     worker_entries,
 )
 from ..dynamo_runtime import EtcdServer
 
-pytestmark = pytest.mark.skipif(EtcdServer.binary() is None,
-                                reason="etcd not installed (apt-get install etcd-server)")
-
-
-@pytest.fixture
-def etcd_server() -> Iterator[EtcdServer]:
-    with etcd_running() as server:
-        yield server
+pytestmark = needs_etcd
 
 
 def put_all(server: EtcdServer, entries: dict[str, protocol.DiscoveryEntry], lease: int = 0) -> None:

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ..discovery_support import etcd_running
-from ..dynamo_runtime import DynamoWorker, EtcdServer, WorkerSettings
+from ..discovery_support import etcd_running, needs_etcd
+from ..dynamo_runtime import DynamoWorker, WorkerSettings
 from ..support import samples, scrape
 from .test_dynamo_v1_aggregator import IDLE_FPM, RUNTIME_CONFIG, by_rank, in_thread, until
 
@@ -158,7 +158,7 @@ async def test_real_workers_on_their_default_event_plane_through_file_discovery(
     assert stream(families, "lost_events", "kv_metrics") == 0
 
 
-@pytest.mark.skipif(EtcdServer.binary() is None, reason="etcd is not installed (Debian: etcd-server)")
+@needs_etcd
 async def test_real_workers_on_their_default_event_plane_through_etcd(nats_server, processes, zmq_workers):
     with etcd_running() as etcd:
         aggregator = processes.aggregator(*aggregator_args(nats_server.url, "--discovery-backend", "etcd",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import nats
@@ -22,7 +22,8 @@ import pytest
 import fleet_protocol as protocol
 from fleet_protocol import EventEnvelope
 
-from ..dynamo_runtime import DynamoWorker, EtcdServer
+from ..discovery_support import needs_etcd
+from ..dynamo_runtime import DynamoWorker
 from ..support import NatsCapture, wait_until
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")
@@ -30,17 +31,6 @@ zmq = pytest.importorskip("zmq", reason="the `dynamo` test extra (pyzmq) is not 
 
 LIMIT = 64 * 1024
 WAIT_S = 20.0
-needs_etcd = pytest.mark.skipif(EtcdServer.binary() is None, reason="etcd not installed (apt-get install etcd-server)")
-
-
-@pytest.fixture
-def etcd_server() -> Iterator[EtcdServer]:
-    server = EtcdServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class Capture(NatsCapture):
