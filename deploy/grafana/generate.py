@@ -103,7 +103,8 @@ class Panels:
                           .sort(common_model.SortOrder.DESCENDING)))
         self._add(panel, title, description, targets, unit, w, h, min_value, max_value)
 
-    def single(self, kind: str, title: str, description: str, expr: str, unit: str = "short", *,
+    def single(self, kind: str, title: str, description: str, expr: str | Sequence[prometheus.Dataquery],
+               unit: str = "short", *,
                thresholds: tuple[float, float] | None = None, max_value: float | None = None, w: int = 4,
                h: int = 5) -> None:
         steps = [model.Threshold(value=None, color="green")]
@@ -119,7 +120,8 @@ class Panels:
         else:
             panel = gauge.Panel().reduce_options(reduce).show_threshold_labels(False).show_threshold_markers(True)
         panel.thresholds(board.ThresholdsConfig().mode(model.ThresholdsMode.ABSOLUTE).steps(steps))
-        self._add(panel, title, description, [target(expr)], unit, w, h, 0, max_value)
+        self._add(panel, title, description, [target(expr)] if isinstance(expr, str) else expr, unit, w, h, 0,
+                  max_value)
 
     def _add(self, panel: Panel, title: str, description: str, targets: Sequence[prometheus.Dataquery], unit: str,
              w: int, h: int, min_value: float | None, max_value: float | None) -> None:
@@ -148,6 +150,39 @@ def dashboard(uid: str, title: str, description: str, variables: Sequence[board.
     return built
 
 
+HIT_RATE_SOURCES = ("Dynamo 0.x: overlapping blocks / ISL blocks of the router's decisions (kv-hit-rate events). "
+                    "Dynamo 1.x, which has no such events: prompt tokens read from the prefix cache / all prompt "
+                    "tokens of the engines' forward passes.")
+PREFILL_CACHED, PREFILL_COMPUTED = "llm_prefill_tokens_from_cache_total", "llm_prefill_tokens_computed_total"
+
+
+def legacy_hit_rate(labels: str, *, by: str | None = "") -> str:
+    """100 * overlap / ISL blocks over the rate interval: of the fleet (`by` its labels, "" for all) or, with
+    `by=None`, per worker (its own counters)."""
+    if by is None:
+        return (f"100 * rate(llm_kv_hit_rate_overlap_blocks_total{{{labels}}}[$__rate_interval]) "
+                f"/ rate(llm_kv_hit_rate_isl_blocks_total{{{labels}}}[$__rate_interval])")
+    group = f" by ({by})" if by else ""
+    return (f"100 * sum{group} (rate(llm_fleet_kv_hit_rate_overlap_blocks_total{{{labels}}}[$__rate_interval])) "
+            f"/ sum{group} (rate(llm_fleet_kv_hit_rate_isl_blocks_total{{{labels}}}[$__rate_interval]))")
+
+
+def legacy_hit_rate_total() -> str:
+    return (f"100 * sum(llm_fleet_kv_hit_rate_overlap_blocks_total{{{FLEET}}}) "
+            f"/ sum(llm_fleet_kv_hit_rate_isl_blocks_total{{{FLEET}}})")
+
+
+def engine_hit_rate(labels: str, *, by: str | None = "", total: bool = False) -> str:
+    """100 * prompt tokens from the cache / all prompt tokens of 1.x forward passes: over the rate interval, or
+    with `total` since the workers started; summed `by` (None: per worker)."""
+    def term(name: str) -> str:
+        series = f"{name}{{{labels}}}" if total else f"rate({name}{{{labels}}}[$__rate_interval])"
+        if by is None:
+            return series
+        return f"sum{f' by ({by})' if by else ''} ({series})"
+    return f"100 * {term(PREFILL_CACHED)} / ({term(PREFILL_CACHED)} + {term(PREFILL_COMPUTED)})"
+
+
 def llm_fleet() -> board.Dashboard:
     p = Panels()
     p.single("stat", "Live workers", "Workers heard from within the aggregator's --stale-after.",
@@ -162,13 +197,12 @@ def llm_fleet() -> board.Dashboard:
     p.single("gauge", "Request slot utilisation", "Active request slots as a share of all slots.",
              f"100 * sum(llm_requests_active_slots{{{WORKER}}}) / sum(llm_requests_total_slots{{{WORKER}}})",
              "percent", thresholds=(70, 90), max_value=100)
-    p.single("gauge", "KV hit rate (cumulative)",
-             "Overlapping blocks / ISL blocks of every routing decision since the aggregator started.",
-             f"100 * sum(llm_fleet_kv_hit_rate_overlap_blocks_total{{{FLEET}}}) "
-             f"/ sum(llm_fleet_kv_hit_rate_isl_blocks_total{{{FLEET}}})", "percent", max_value=100)
-    p.single("stat", "KV hit rate (recent)", "The same ratio over the last rate interval only.",
-             f"100 * sum(rate(llm_fleet_kv_hit_rate_overlap_blocks_total{{{FLEET}}}[$__rate_interval])) "
-             f"/ sum(rate(llm_fleet_kv_hit_rate_isl_blocks_total{{{FLEET}}}[$__rate_interval]))", "percent")
+    p.single("gauge", "KV hit rate (cumulative)", HIT_RATE_SOURCES + " Cumulative: since the aggregator started "
+             "(0.x) or since each live 1.x worker started.", [
+                 target(legacy_hit_rate_total(), "0.x routing"),
+                 target(engine_hit_rate(WORKER, total=True), "1.x engines")], "percent", max_value=100)
+    p.single("stat", "KV hit rate (recent)", "The same ratios over the last rate interval only.", [
+        target(legacy_hit_rate(FLEET), "0.x routing"), target(engine_hit_rate(WORKER), "1.x engines")], "percent")
     p.timeseries("KV cache utilisation by worker", "Active / total KV blocks per worker (data-parallel rank).", [
         target(f"100 * llm_kv_blocks_active{{{WORKER}}} / llm_kv_blocks_total{{{WORKER}}}", WORKER_LEGEND),
     ], "percent", min_value=0, max_value=100)
@@ -187,18 +221,22 @@ def llm_fleet() -> board.Dashboard:
         target(f"sum by (component, endpoint) (increase(llm_workers_expired_total{{{FLEET}}}[$__rate_interval]))",
                "expired " + GROUP_LEGEND),
     ], min_value=0)
-    p.timeseries("KV hit rate by worker", "Cumulative per worker (since it appeared) and over the rate interval.", [
-        target(f"llm_kv_hit_rate_percent{{{WORKER}}}", "cumulative " + WORKER_LEGEND),
-        target(f"100 * rate(llm_kv_hit_rate_overlap_blocks_total{{{WORKER}}}[$__rate_interval]) "
-               f"/ rate(llm_kv_hit_rate_isl_blocks_total{{{WORKER}}}[$__rate_interval])", "recent " + WORKER_LEGEND),
-    ], "percent", min_value=0, max_value=100)
-    p.timeseries("Fleet KV hit rate", "Per component endpoint: cumulative since the aggregator started (expired "
-                 "workers included) and over the rate interval.", [
-        target(f"llm_fleet_kv_hit_rate_percent{{{FLEET}}}", "cumulative " + GROUP_LEGEND),
-        target(f"100 * sum by (component, endpoint) (rate(llm_fleet_kv_hit_rate_overlap_blocks_total{{{FLEET}}}"
-               f"[$__rate_interval])) / sum by (component, endpoint) (rate(llm_fleet_kv_hit_rate_isl_blocks_total"
-               f"{{{FLEET}}}[$__rate_interval]))", "recent " + GROUP_LEGEND),
-    ], "percent", min_value=0, max_value=100)
+    p.timeseries("KV hit rate by worker", HIT_RATE_SOURCES + " Cumulative per worker (since it appeared) and over "
+                 "the rate interval.", [
+                     target(f"llm_kv_hit_rate_percent{{{WORKER}}}", "cumulative " + WORKER_LEGEND),
+                     target(legacy_hit_rate(WORKER, by=None), "recent " + WORKER_LEGEND),
+                     target(engine_hit_rate(WORKER, by=None, total=True), "cumulative 1.x " + WORKER_LEGEND),
+                     target(engine_hit_rate(WORKER, by=None), "recent 1.x " + WORKER_LEGEND),
+                 ], "percent", min_value=0, max_value=100)
+    p.timeseries("Fleet KV hit rate", HIT_RATE_SOURCES + " Per component endpoint: cumulative (0.x: since the "
+                 "aggregator started, expired workers included; 1.x: of the live workers) and over the rate "
+                 "interval.", [
+                     target(f"llm_fleet_kv_hit_rate_percent{{{FLEET}}}", "cumulative " + GROUP_LEGEND),
+                     target(legacy_hit_rate(FLEET, by="component, endpoint"), "recent " + GROUP_LEGEND),
+                     target(engine_hit_rate(WORKER, by="component, endpoint", total=True),
+                            "cumulative 1.x " + GROUP_LEGEND),
+                     target(engine_hit_rate(WORKER, by="component, endpoint"), "recent 1.x " + GROUP_LEGEND),
+                 ], "percent", min_value=0, max_value=100)
     p.timeseries("Waiting requests", "Requests queued for a slot, as each worker reports it; the fleet total.", [
         target(f"llm_requests_waiting{{{WORKER}}}", WORKER_LEGEND),
         target(f"sum(llm_requests_waiting{{{WORKER}}})", "total"),
@@ -230,17 +268,12 @@ def dynamo_v1() -> board.Dashboard:
                  f'component=~"$component"}}, endpoint)'),
         variable("worker", "Worker", f"label_values({{{V1_SERIES}, {FLEET}}}, worker_id)"),
     ]
-    computed, cached = "llm_prefill_tokens_computed_total", "llm_prefill_tokens_from_cache_total"
-
-    def hit_rate(by: str = "") -> str:
-        group = f" by ({by})" if by else ""
-        return (f"100 * sum{group} (rate({cached}{{{WORKER}}}[$__rate_interval])) / (sum{group} (rate({cached}"
-                f"{{{WORKER}}}[$__rate_interval])) + sum{group} (rate({computed}{{{WORKER}}}[$__rate_interval])))")
+    computed, cached = PREFILL_COMPUTED, PREFILL_CACHED
 
     p = Panels()
     p.single("stat", "Engine prefix-cache hit rate",
              "Prompt tokens read from the KV cache / all prompt tokens of the forward passes, over the rate interval "
-             "(earlier chunks of a chunked prefill count as read).", hit_rate(), "percent", max_value=100, w=5)
+             "(earlier chunks of a chunked prefill count as read).", engine_hit_rate(WORKER), "percent", max_value=100, w=5)
     p.single("stat", "Forward pass p99", "Wall time of the engines' iterations (idle heartbeats left out).",
              "histogram_quantile(0.99, sum by (le) (rate(llm_forward_pass_duration_seconds_bucket"
              f"{{{WORKER}}}[$__rate_interval])))", "s", w=5)
@@ -255,7 +288,7 @@ def dynamo_v1() -> board.Dashboard:
              w=5)
     p.timeseries("Engine prefix-cache hit rate by worker", "From the engines' own forward passes: the real prefix "
                  "reuse, where the router's dynamo_component_router_kv_hit_rate is its prediction.", [
-                     target(hit_rate("component, endpoint, worker_id, dp_rank"), WORKER_LEGEND)],
+                     target(engine_hit_rate(WORKER, by="component, endpoint, worker_id, dp_rank"), WORKER_LEGEND)],
                  "percent", min_value=0, max_value=100)
     p.timeseries("Prefill tokens", "Prompt tokens per second, computed and read from the KV cache.", [
         target(f"sum by (component, endpoint) (rate({computed}{{{WORKER}}}[$__rate_interval]))",
