@@ -296,12 +296,14 @@ FLAGS: tuple[Flag, ...] = (
          DISCOVERY),
     Flag("--zmq-max-publishers", "AGGREGATOR_ZMQ_MAX_PUBLISHERS", "zmq.max_publishers", int,
          "ZMQ event publishers found in the discovery store subscribed to at most (one per topic per worker "
-         "process); past it new ones are refused (counted); 0 turns the ZMQ event plane off", ZMQ),
+         "process; a broker found there counts once per XPUB endpoint); past it new ones are refused (counted); "
+         "0 turns the ZMQ event plane off", ZMQ),
     Flag("--zmq-receive-hwm", "AGGREGATOR_ZMQ_RECEIVE_HWM", "zmq.receive_hwm", int,
          "messages queued per ZMQ publisher before ZMQ drops them (counted as lost events)", ZMQ),
     Flag("--zmq-broker-url", "DYN_ZMQ_BROKER_URL", "zmq.broker_xpub", zmq_broker_xpub,
          "Dynamo's ZMQ broker, as its workers are told: 'xsub=URL;... , xpub=URL;...'; the aggregator "
-         "subscribes at the xpub side(s)", ZMQ),
+         "subscribes at the xpub side(s). Unset: the brokers the discovery store lists (what workers with "
+         "DYN_ZMQ_BROKER_ENABLED=true use), if any", ZMQ),
     Flag("--shards", "AGGREGATOR_SHARDS", "shard.count", int,
          "aggregators the fleet is split across, by component: each keeps the components that nats-server's "
          "partition function ({{partition(shards,component)}}) puts in its --shard; 1 means the whole fleet",

@@ -77,9 +77,13 @@ def parse_discovery_key(key: str) -> DiscoveryKey:
         raise MessageRejected(WRONG_TYPE, f"key {key[:256]!r} is not in a known discovery bucket")
     parts = path.split("/")
     if bucket in (EVENT_CHANNELS, EVENT_SOURCES):
+        if len(parts) == 7 and parts[0] == "namespace" and parts[2] == "component" and parts[4] == "topic":
+            # A component's own channel (no worker endpoint): Dynamo's ZMQ brokers register so.
+            return DiscoveryKey(bucket, _hex_id(parts[6], key), decode_event_segment(parts[1]),
+                                decode_event_segment(parts[3]), None, decode_event_segment(parts[5]))
         if (len(parts) != 9 or parts[0] != "namespace" or parts[2] != "component" or parts[4] != "endpoint"
                 or parts[6] != "topic"):
-            raise MessageRejected(WRONG_TYPE, f"key {key[:256]!r} is not an endpoint-scoped event key")
+            raise MessageRejected(WRONG_TYPE, f"key {key[:256]!r} is not an endpoint- or component-scoped event key")
         return DiscoveryKey(bucket, _hex_id(parts[8], key), decode_event_segment(parts[1]),
                             decode_event_segment(parts[3]), decode_event_segment(parts[5]),
                             decode_event_segment(parts[7]))
@@ -121,6 +125,23 @@ def event_channel_key(namespace: str, component: str, endpoint: str, topic: str,
     return (f"{KEY_ROOT}/{bucket}/namespace/{encode_event_segment(namespace)}/component/"
             f"{encode_event_segment(component)}/endpoint/{encode_event_segment(endpoint)}/topic/"
             f"{encode_event_segment(topic)}/{publisher_id:x}")
+
+
+ZMQ_BROKER_COMPONENT: Final = "zmq_broker"  # where Dynamo's ZMQ broker registers (`ZMQ_BROKER_NAMESPACE`)
+ZMQ_BROKER_TOPIC: Final = "broker"
+
+
+def component_channel_key(namespace: str, component: str, topic: str, instance_id: int) -> str:
+    """The key of a component-scoped event channel: `v1/event_channels/namespace/{ns}/component/{c}/topic/{t}/{id:x}`."""
+    return (f"{KEY_ROOT}/{EVENT_CHANNELS}/namespace/{encode_event_segment(namespace)}/component/"
+            f"{encode_event_segment(component)}/topic/{encode_event_segment(topic)}/{instance_id:x}")
+
+
+def zmq_broker_entry(namespace: str, instance_id: int, xsub: list[str], xpub: list[str]) -> tuple[str, EventChannelEntry]:
+    """(key, entry) of a ZMQ broker as Dynamo's broker registers it in `namespace`."""
+    scope = EventScope("component", namespace=namespace, component=ZMQ_BROKER_COMPONENT)
+    entry = EventChannelEntry(scope, ZMQ_BROKER_TOPIC, instance_id, ZmqBrokerTransport(ZmqBrokerConfig(xsub, xpub)))
+    return component_channel_key(namespace, ZMQ_BROKER_COMPONENT, ZMQ_BROKER_TOPIC, instance_id), entry
 
 
 # The file backend: every byte of the key after `v1/{bucket}/` that is not an ASCII letter
@@ -215,8 +236,13 @@ class EndpointScope(Struct, gc=False):
 
 
 class EventScope(Struct, omit_defaults=True, gc=False):
+    """Dynamo's scope of an event channel: `endpoint` (a worker's publishers) or `component` (its
+    `namespace` and `component` fields; Dynamo's ZMQ brokers register there, as component `zmq_broker`)."""
+
     kind: Text
     endpoint: EndpointScope | None = None
+    namespace: Name | None = None
+    component: Name | None = None
 
 
 class NatsConfig(Struct, gc=False):
@@ -227,6 +253,16 @@ class ZmqConfig(Struct, gc=False):
     endpoint: Annotated[str, Meta(min_length=1, max_length=1024)]  # tcp://ip:port of the publisher's PUB socket
 
 
+# Endpoints a broker lists: a broker is one process, HA is a few of them.
+MAX_BROKER_ENDPOINTS: Final = 16
+_Endpoint = Annotated[str, Meta(min_length=1, max_length=1024)]
+
+
+class ZmqBrokerConfig(Struct, gc=False):
+    xsub_endpoints: Annotated[list[_Endpoint], Meta(max_length=MAX_BROKER_ENDPOINTS)]  # where publishers connect
+    xpub_endpoints: Annotated[list[_Endpoint], Meta(min_length=1, max_length=MAX_BROKER_ENDPOINTS)]  # subscribers
+
+
 class NatsTransport(Struct, tag_field="kind", tag="Nats", gc=False):
     config: NatsConfig
 
@@ -235,13 +271,18 @@ class ZmqTransport(Struct, tag_field="kind", tag="Zmq", gc=False):
     config: ZmqConfig
 
 
+class ZmqBrokerTransport(Struct, tag_field="kind", tag="ZmqBroker", gc=False):
+    config: ZmqBrokerConfig
+
+
 class EventChannelEntry(Struct, tag_field="type", tag="EventChannel", gc=False):
-    """One event publisher (one topic of one worker process) and where to receive it."""
+    """One event publisher (one topic of one worker process) and where to receive it; or a ZMQ broker
+    (component `zmq_broker`, transport `ZmqBroker`) that workers with `DYN_ZMQ_BROKER_ENABLED` publish through."""
 
     scope: EventScope
     topic: Name
     instance_id: WorkerId  # the publisher_id of its envelopes
-    transport: NatsTransport | ZmqTransport
+    transport: NatsTransport | ZmqTransport | ZmqBrokerTransport
 
 
 class SourceWorker(Struct, gc=False):

@@ -84,16 +84,20 @@ def _names(entry: DiscoveryEntry) -> tuple[str | None, str | None, str | None, s
     if isinstance(entry, (EventChannelEntry, EventSourceEntry)):
         scope = entry.scope.endpoint
         if scope is None:
-            return None, None, None, entry.topic
+            return entry.scope.namespace, entry.scope.component, None, entry.topic
         return scope.namespace, scope.component, scope.name, entry.topic
     return entry.namespace, entry.component, entry.endpoint, None
 
 
-def _component_scoped(key: str) -> bool:
-    # `v1/{event bucket}/namespace/{ns}/component/{c}/topic/{t}/{id:x}`: a component's own publisher
-    # (no worker endpoint), a shape Dynamo has and this reader does not use.
+_BROKER_SEGMENT: Final = f"/component/{protocol.encode_event_segment(protocol.ZMQ_BROKER_COMPONENT)}/topic/"
+
+
+def _unused_component_scoped(key: str) -> bool:
+    # `v1/{event bucket}/namespace/{ns}/component/{c}/topic/{t}/{id:x}`: a component's own channel (no
+    # worker endpoint). Of those only the ZMQ brokers' (component `zmq_broker`) are read.
     parts = key.split("/")
-    return len(parts) == 9 and parts[1] in (EVENT_CHANNELS, EVENT_SOURCES) and parts[6] == "topic"
+    return (len(parts) == 9 and parts[1] in (EVENT_CHANNELS, EVENT_SOURCES) and parts[6] == "topic"
+            and not (parts[1] == EVENT_CHANNELS and _BROKER_SEGMENT in key))
 
 
 class DiscoveryView:
@@ -117,7 +121,7 @@ class DiscoveryView:
 
     def wants(self, key: str) -> bool:
         """Whether `key` may hold an entry of this namespace (a cheap test, before its value is read)."""
-        return key.startswith(self._prefix_tuple) and not _component_scoped(key)
+        return key.startswith(self._prefix_tuple) and not _unused_component_scoped(key)
 
     def decode(self, key: str, value: bytes) -> DiscoveryEntry | None:
         """The entry `value` holds, if it is one of this namespace's; a bad one is counted and logged rarely."""

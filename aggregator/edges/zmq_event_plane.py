@@ -11,17 +11,22 @@ message is being read, which a worker that stops while publishing can cause. A m
 first frame is the bare topic, so whose it is comes from its publisher id, which must be a
 channel the store lists for that topic.
 
-Broker mode (`DYN_ZMQ_BROKER_URL`, `--zmq-broker-url`): publishers connect to a broker's
-XSUB side and register nothing; the socket connects to the broker's XPUB side(s) and takes
-the namespace's subjects, which the first frame carries whole. With several brokers each
-event arrives once per broker: the publisher table drops the later copies (`duplicate`).
+Broker mode: publishers connect to a broker's XSUB side and register nothing; a socket
+connects to each of the broker's XPUB sides and takes the namespace's subjects, which the
+first frame carries whole. The brokers are the ones `DYN_ZMQ_BROKER_URL` (`--zmq-broker-url`)
+names or, without it, those the discovery store lists, as Dynamo's workers find them with
+`DYN_ZMQ_BROKER_ENABLED=true`: a component-scoped channel of component `zmq_broker` whose
+transport is `ZmqBroker`, followed like any entry (subscribed when it appears, left when it
+goes). With several brokers each event arrives once per broker: the publisher table drops
+the later copies (`duplicate`).
 
 Frames are decoded (fleet_protocol.decode_zmq_frames) into the envelope NATS carries, and go
 into the ingest pipeline as source `zmq`, under the event-plane subject they stand for: the
 same kinds, reasons, sequence tracking and fleet methods as NATS. PUB/SUB drops what a
 publisher sent before the subscriber connected: its first sequence seen is counted as unseen
 (`llm_aggregator_event_plane_unseen_events_total`), later gaps as lost (a full receive queue,
-a dropped connection). Bounded: publishers subscribed to (`--zmq-max-publishers`), frame size
+a dropped connection). Bounded: publishers subscribed to (`--zmq-max-publishers`; a discovered
+broker counts once per XPUB endpoint), frame size
 (ZMQ_MAXMSGSIZE from `--max-message-bytes`; ZMQ drops the connection of a peer that sends a
 larger one, and reconnects), messages queued per connection (`--zmq-receive-hwm`). Each
 endpoint costs three ZMQ sockets (its SUB socket and the two ends of its connection monitor)
@@ -47,7 +52,7 @@ import fleet_protocol as protocol
 from aggregator.collectors.zmq_telemetry import BAD_ENDPOINT, PUBLISHER_LIMIT, SOCKET_ERROR, ZmqTelemetry
 from aggregator.config import ZmqConfig, zmq_endpoint
 from aggregator.ingest.pipeline import ZMQ, Ingest
-from fleet_protocol import DiscoveryEntry, EventChannelEntry, MessageRejected, ZmqTransport
+from fleet_protocol import DiscoveryEntry, EventChannelEntry, MessageRejected, ZmqBrokerTransport, ZmqTransport
 
 log = structlog.get_logger("aggregator.zmq")
 
@@ -60,6 +65,8 @@ FDS_PER_ENDPOINT: Final = 4
 _FRAME_HEADER_BYTES: Final = 5
 _BROKER_FIRST: Final = b"namespace."
 _TOPICS: Final = tuple((topic.encode(), topic) for topic in protocol.EVENT_TOPICS)
+DIRECT: Final = "direct"  # the modes of a subscription (the `mode` label)
+BROKER: Final = "broker"
 
 
 def _allow_descriptors(wanted: int) -> None:
@@ -99,6 +106,19 @@ def zmq_channel(entry: DiscoveryEntry, namespace: str) -> ZmqChannel | None:
                       protocol.endpoint_event_subject(scope.namespace, scope.component, scope.name, entry.topic))
 
 
+def zmq_broker_xpub(entry: DiscoveryEntry, namespace: str) -> tuple[str, ...] | None:
+    """The XPUB endpoints of a ZMQ broker of `namespace` the entry describes; None for any other entry.
+
+    Raises ValueError for an endpoint that is not tcp://host:port.
+    """
+    if not isinstance(entry, EventChannelEntry) or not isinstance(entry.transport, ZmqBrokerTransport):
+        return None
+    scope = entry.scope
+    if scope.endpoint is not None or scope.namespace != namespace or scope.component != protocol.ZMQ_BROKER_COMPONENT:
+        return None
+    return tuple(dict.fromkeys(zmq_endpoint(endpoint) for endpoint in entry.transport.config.xpub_endpoints))
+
+
 class _Subscription:
     """One SUB socket connected to one endpoint (a publisher's PUB socket, or a broker's XPUB side)."""
 
@@ -106,7 +126,7 @@ class _Subscription:
 
     def __init__(self, endpoint: str, mode: str) -> None:
         self.endpoint = endpoint
-        self.mode = mode  # "direct" or "broker"
+        self.mode = mode  # DIRECT or BROKER
         self.socket: zmq.asyncio.Socket | None = None
         self.monitor: zmq.asyncio.Socket | None = None
         self.tasks: list[asyncio.Task] = []
@@ -124,43 +144,97 @@ class ZmqEventPlane:
         self.feed.count_unseen = True
         self.telemetry = ZmqTelemetry(registry)
         self.channels: dict[str, ZmqChannel] = {}  # by discovery key
+        self.brokers: dict[str, tuple[str, ...]] = {}  # XPUB endpoints of the brokers discovered, by key
         self._by_publisher: dict[int, ZmqChannel] = {}
         self._endpoints: dict[str, int] = {}  # endpoint -> channels using it
-        self._subscriptions: dict[str, _Subscription] = {}  # by endpoint, while running
+        self._broker_endpoints: dict[str, int] = {}  # XPUB endpoint -> discovered brokers listing it
+        self._subscriptions: dict[tuple[str, str], _Subscription] = {}  # by (mode, endpoint), while running
         self._context: zmq.asyncio.Context | None = None
 
     # The DiscoverySink side ----------------------------------------------------------
 
+    def _in_use(self) -> int:
+        """What counts against --zmq-max-publishers: the channels, and each discovered broker's XPUB endpoints."""
+        return len(self.channels) + sum(len(xpub) for xpub in self.brokers.values())
+
+    def _refuse_past_the_limit(self, key: str) -> None:
+        self.telemetry.refused.labels(PUBLISHER_LIMIT).inc()
+        log.warning("ZMQ publisher not subscribed to", key=key[:256], reason=PUBLISHER_LIMIT,
+                    max_publishers=self.config.max_publishers, rate_limit=PUBLISHER_LIMIT)
+
     def put(self, key: str, entry: DiscoveryEntry) -> None:
         try:
             channel = zmq_channel(entry, self.namespace)
+            xpub = zmq_broker_xpub(entry, self.namespace) if channel is None else None
         except ValueError as error:
             self.delete(key)
             self.telemetry.refused.labels(BAD_ENDPOINT).inc()
             log.warning("ZMQ publisher not subscribed to", key=key[:256], reason=BAD_ENDPOINT, detail=str(error),
                         rate_limit=BAD_ENDPOINT)
             return
+        if xpub is not None:
+            if key in self.channels:
+                self.delete(key)
+            self._put_broker(key, xpub)
+            return
+        self._delete_broker(key)
         if channel is None:
+            self.delete(key)  # no longer a ZMQ channel of ours, if it was one
             return
         known = self.channels.get(key)
         if known == channel:
             return
         if known is not None:
             self.delete(key)
-        elif len(self.channels) >= self.config.max_publishers:
-            self.telemetry.refused.labels(PUBLISHER_LIMIT).inc()
-            log.warning("ZMQ publisher not subscribed to", key=key[:256], reason=PUBLISHER_LIMIT,
-                        max_publishers=self.config.max_publishers, rate_limit=PUBLISHER_LIMIT)
+        elif self._in_use() >= self.config.max_publishers:
+            self._refuse_past_the_limit(key)
             return
         self.channels[key] = channel
         self._by_publisher[channel.publisher_id] = channel
         users = self._endpoints.get(channel.endpoint, 0)
         self._endpoints[channel.endpoint] = users + 1
         if not users and self._context is not None:
-            self._subscribe(channel.endpoint, "direct")
+            self._subscribe(channel.endpoint, DIRECT)
         self.telemetry.publishers.set(len(self.channels))
 
+    def _put_broker(self, key: str, xpub: tuple[str, ...]) -> None:
+        if self.config.broker_xpub:
+            return  # DYN_ZMQ_BROKER_URL names the brokers, for the aggregator as for Dynamo's workers
+        known = self.brokers.get(key)
+        if known == xpub:
+            return
+        if known is not None:
+            self.delete(key)
+        if self._in_use() + len(xpub) > self.config.max_publishers:
+            self._refuse_past_the_limit(key)
+            return
+        self.brokers[key] = xpub
+        for endpoint in xpub:
+            users = self._broker_endpoints.get(endpoint, 0)
+            self._broker_endpoints[endpoint] = users + 1
+            if not users and self._context is not None:
+                self._subscribe(endpoint, BROKER)
+        log.info("ZMQ broker found in discovery", key=key[:256], xpub=list(xpub))
+
+    def _delete_broker(self, key: str) -> bool:
+        xpub = self.brokers.pop(key, None)
+        if xpub is None:
+            return False
+        for endpoint in xpub:
+            users = self._broker_endpoints[endpoint] - 1
+            if users:
+                self._broker_endpoints[endpoint] = users
+                continue
+            del self._broker_endpoints[endpoint]
+            subscription = self._subscriptions.pop((BROKER, endpoint), None)
+            if subscription is not None:
+                self._unsubscribe(subscription)
+        log.info("ZMQ broker gone from discovery", key=key[:256])
+        return True
+
     def delete(self, key: str) -> None:
+        if self._delete_broker(key):
+            return
         channel = self.channels.pop(key, None)
         if channel is None:
             return
@@ -171,7 +245,7 @@ class ZmqEventPlane:
             self._endpoints[channel.endpoint] = users
         else:
             del self._endpoints[channel.endpoint]
-            subscription = self._subscriptions.pop(channel.endpoint, None)
+            subscription = self._subscriptions.pop((DIRECT, channel.endpoint), None)
             if subscription is not None:
                 self._unsubscribe(subscription)
         self.telemetry.publishers.set(len(self.channels))
@@ -241,7 +315,7 @@ class ZmqEventPlane:
         socket.setsockopt(zmq.RCVHWM, self.config.receive_hwm)
         socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + _FRAME_HEADER_BYTES)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
-        if mode == "broker":
+        if mode == BROKER:
             socket.setsockopt(zmq.SUBSCRIBE, f"namespace.{protocol.encode_event_segment(self.namespace)}.".encode())
         else:
             for topic in protocol.EVENT_TOPICS:
@@ -251,7 +325,7 @@ class ZmqEventPlane:
         subscription.socket = socket
         subscription.tasks = [asyncio.create_task(self._read(socket), name=f"zmq-read {endpoint}"),
                               asyncio.create_task(self._watch(subscription), name=f"zmq-monitor {endpoint}")]
-        self._subscriptions[endpoint] = subscription
+        self._subscriptions[(mode, endpoint)] = subscription
 
     def _unsubscribe(self, subscription: _Subscription) -> None:
         """Its tasks cancelled, its sockets closed (they close once the tasks have let go of them)."""
@@ -270,7 +344,7 @@ class ZmqEventPlane:
             self._set_connected()
 
     def _set_connected(self) -> None:
-        for mode in ("direct", "broker"):
+        for mode in (DIRECT, BROKER):
             self.telemetry.endpoints.labels(mode).set(
                 sum(1 for sub in self._subscriptions.values() if sub.mode == mode and sub.connected))
 
@@ -307,12 +381,13 @@ class ZmqEventPlane:
         self._context = zmq.asyncio.Context()
         self._context.set(zmq.MAX_SOCKETS, SOCKETS_PER_ENDPOINT * endpoints + 64)
         _allow_descriptors(FDS_PER_ENDPOINT * endpoints + 1024)
-        for endpoint in self.config.broker_xpub:
-            self._subscribe(endpoint, "broker")
+        for endpoint in (*self.config.broker_xpub, *self._broker_endpoints):
+            self._subscribe(endpoint, BROKER)
         for endpoint in self._endpoints:
-            self._subscribe(endpoint, "direct")
+            self._subscribe(endpoint, DIRECT)
         log.info("ZMQ event plane subscribed", publishers=len(self.channels),
-                 brokers=list(self.config.broker_xpub), max_publishers=self.config.max_publishers)
+                 brokers=[*self.config.broker_xpub, *self._broker_endpoints],
+                 max_publishers=self.config.max_publishers)
         try:
             await stop.wait()
         finally:

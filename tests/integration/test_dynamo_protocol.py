@@ -279,6 +279,26 @@ def test_keys_with_odd_names():
             protocol.parse_discovery_key(key)
 
 
+def test_a_zmq_broker_entry_as_dynamos_broker_registers_it():
+    """Component-scoped (`zmq_broker`, topic `broker`), transport ZmqBroker: the shape a real 1.6.1 worker
+    with DYN_ZMQ_BROKER_ENABLED accepts (tests/integration/test_dynamo_v1_zmq.py), bounded."""
+    key, entry = protocol.zmq_broker_entry("dynamo", 0xB0, ["tcp://10.0.0.1:5555"], ["tcp://10.0.0.1:5556"])
+    assert key == "v1/event_channels/namespace/dynamo/component/zmq_broker/topic/broker/b0"
+    value = protocol.encode_discovery_entry(entry)
+    assert json.loads(value) == {
+        "type": "EventChannel", "scope": {"kind": "component", "namespace": "dynamo", "component": "zmq_broker"},
+        "topic": "broker", "instance_id": 0xB0,
+        "transport": {"kind": "ZmqBroker", "config": {"xsub_endpoints": ["tcp://10.0.0.1:5555"],
+                                                      "xpub_endpoints": ["tcp://10.0.0.1:5556"]}}}
+    assert protocol.decode_keyed_entry(key, value, LIMIT) == (
+        protocol.DiscoveryKey("event_channels", 0xB0, "dynamo", "zmq_broker", None, "broker"), entry)
+    for xpub in ([], ["tcp://10.0.0.1:1"] * (protocol.discovery.MAX_BROKER_ENDPOINTS + 1), ["x" * 1025]):
+        _, bad = protocol.zmq_broker_entry("dynamo", 0xB0, [], xpub)
+        with pytest.raises(protocol.MessageRejected) as rejected:
+            protocol.decode_keyed_entry(key, protocol.encode_discovery_entry(bad), LIMIT)
+        assert rejected.value.reason in ("out_of_range", "wrong_type"), xpub
+
+
 def test_entry_and_key_must_name_the_same_id():
     value = next(v for p, v in RECORDED["file_backend"].items() if p.startswith("v1/instances/"))
     with pytest.raises(protocol.MessageRejected) as rejected:

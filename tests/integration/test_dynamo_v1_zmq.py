@@ -10,14 +10,20 @@ values whose exactness is checked published. Values on /metrics are parsed with 
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+
+import fleet_protocol as protocol
+from fleet_worker.file_kv_store import FileKvStore
 
 from ..discovery_support import etcd_running, needs_etcd
 from ..dynamo_runtime import DynamoWorker, WorkerSettings
 from ..support import samples, scrape
 from .test_dynamo_v1_aggregator import IDLE_FPM, RUNTIME_CONFIG, by_rank, in_thread, until
+from .test_zmq_event_plane import broker
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")
 pytest.importorskip("zmq", reason="pyzmq is not installed")
@@ -46,15 +52,19 @@ def stream(families: dict, name: str, topic: str) -> float:
         (*GROUP, ("topic", topic)), 0)
 
 
+def zmq_endpoints(families: dict, mode: str) -> float:
+    return samples(families, "llm_aggregator_zmq_endpoints").get((("mode", mode),), 0)
+
+
 def direct_endpoints(families: dict) -> float:
-    return samples(families, "llm_aggregator_zmq_endpoints").get((("mode", "direct"),), 0)
+    return zmq_endpoints(families, "direct")
 
 
-async def subscribed(aggregator, worker: DynamoWorker, endpoints: int) -> None:
-    """The worker's publishers made, the aggregator connected to `endpoints` of them, and a kv_metrics probe
-    through (so that every subscription has had time to reach its PUB socket)."""
+async def subscribed(aggregator, worker: DynamoWorker, endpoints: int, mode: str = "direct") -> None:
+    """The worker's publishers made, the aggregator connected to `endpoints` of them (or of brokers), and a
+    kv_metrics probe through (so that every subscription has had time to reach its PUB socket)."""
     await in_thread(worker.command, "publishers", kv_ranks=[0, 1], fpm=True)
-    await until(aggregator, lambda f: direct_endpoints(f) == endpoints, f"{endpoints} ZMQ endpoints connected")
+    await until(aggregator, lambda f: zmq_endpoints(f, mode) == endpoints, f"{endpoints} ZMQ endpoints connected")
     mine = {"worker_id": str(worker.worker_id)}
     for probe in range(1, 200):
         await in_thread(worker.command, "load", dp_rank=0, kv_used_blocks=1000 + probe)
@@ -173,3 +183,43 @@ async def test_real_workers_on_their_default_event_plane_through_etcd(nats_serve
                                and samples(f, "llm_workers") == {GROUP: 0}, "the stopped worker gone")
         assert samples(families, "llm_aggregator_zmq_publishers") == {(): 0}
         assert scrape(aggregator.url)  # still serving
+
+
+@contextlib.contextmanager
+def kept_alive(store: FileKvStore) -> Iterator[FileKvStore]:
+    """Its entries' files touched every second (Dynamo's processes delete one left 10 s), removed at the end."""
+    stop = threading.Event()
+
+    def touch() -> None:
+        while not stop.wait(1.0):
+            store.keep_alive()
+
+    thread = threading.Thread(target=touch, daemon=True)
+    thread.start()
+    try:
+        yield store
+    finally:
+        stop.set()
+        thread.join(5)
+        store.close()
+
+
+async def test_real_workers_through_a_broker_they_find_in_discovery(nats_server, processes, zmq_workers, tmp_path):
+    """DYN_ZMQ_BROKER_ENABLED=true: the workers look up the broker in the store (a channel of component
+    `zmq_broker`, as Dynamo's broker registers itself), publish through it and register no channel of
+    their own; the aggregator, given the store alone, reads the namespace from the same broker."""
+    with broker() as (xsub, xpub), kept_alive(FileKvStore(tmp_path)) as store:
+        key, entry = protocol.zmq_broker_entry("dynamo", 0xB0, [xsub], [xpub])
+        store.put(key, protocol.encode_discovery_entry(entry))
+        aggregator = processes.aggregator(*aggregator_args(
+            nats_server.url, "--discovery-backend", "file", "--discovery-file-kv", str(tmp_path),
+            "--discovery-file-scan-interval", "0.1"))
+        worker = await in_thread(zmq_workers, file_kv=str(tmp_path), extra_env={"DYN_ZMQ_BROKER_ENABLED": "true"})
+        await subscribed(aggregator, worker, 1, mode="broker")
+        await publish_values(worker, 7)
+        families = await exact_values(aggregator, worker, 7)
+        assert samples(families, "llm_aggregator_zmq_publishers") == {(): 0}  # no channel: all through the broker
+        assert direct_endpoints(families) == 0
+        # The broker's entry goes: the aggregator leaves it.
+        store.delete(key)
+        await until(aggregator, lambda f: zmq_endpoints(f, "broker") == 0, "the broker left")

@@ -128,6 +128,39 @@ def test_the_publisher_cap_and_bad_endpoints_are_refused_and_counted():
     assert samples(render_families(registry), "llm_aggregator_zmq_publishers") == {(): 1}
 
 
+def test_brokers_listed_in_discovery_are_followed_bounded_and_checked():
+    plane, registry = build(max_publishers=3)
+    key, entry = protocol.zmq_broker_entry("dynamo", 0xB1, ["tcp://127.0.0.1:5555"],
+                                           ["tcp://127.0.0.1:5556", "tcp://127.0.0.1:5557"])
+    plane.put(key, entry)
+    assert plane.brokers == {key: ("tcp://127.0.0.1:5556", "tcp://127.0.0.1:5557")}
+    plane.put(*channel(1, "tcp://127.0.0.1:5999"))  # two XPUB endpoints and one publisher: the cap of 3
+    plane.put(*channel(2, "tcp://127.0.0.1:6000"))  # past it
+    assert len(plane.channels) == 1
+    # Another namespace's broker, and a broker that is not a component-scoped `zmq_broker` channel: not ours.
+    plane.put(*protocol.zmq_broker_entry("other", 0xB2, [], ["tcp://127.0.0.1:7000"]))
+    other_key, other = protocol.zmq_broker_entry("dynamo", 0xB3, [], ["tcp://127.0.0.1:7001"])
+    other.scope.component = "not_a_broker"
+    plane.put(other_key, other)
+    # A broker whose XPUB endpoint is not tcp://host:port.
+    bad_key, bad = protocol.zmq_broker_entry("dynamo", 0xB4, [], ["ipc:///tmp/broker"])
+    plane.put(bad_key, bad)
+    assert list(plane.brokers) == [key]
+    refused = samples(render_families(registry), "llm_aggregator_zmq_publishers_refused",
+                      "llm_aggregator_zmq_publishers_refused_total")
+    assert refused == {(("reason", "publisher_limit"),): 1, (("reason", "bad_endpoint"),): 1,
+                       (("reason", "socket_error"),): 0}
+    # Its entry changes, then goes.
+    plane.put(*protocol.zmq_broker_entry("dynamo", 0xB1, [], ["tcp://127.0.0.1:5558"]))
+    assert plane.brokers == {key: ("tcp://127.0.0.1:5558",)}
+    plane.delete(key)
+    assert plane.brokers == {} and plane._broker_endpoints == {}
+    # With DYN_ZMQ_BROKER_URL the brokers are the ones it names, as for Dynamo's workers.
+    named = ZmqEventPlane(ZmqConfig(broker_xpub=("tcp://127.0.0.1:5600",)), plane.feed.ingest, CollectorRegistry())
+    named.put(key, entry)
+    assert named.brokers == {}
+
+
 # A real aggregator -----------------------------------------------------------------
 
 
