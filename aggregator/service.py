@@ -97,9 +97,10 @@ class Aggregator:
         # Dynamo's default event plane: ZMQ publishers found in the discovery store, or a broker.
         self.zmq: ZmqEventPlane | None = None
         if (config.discovery is not None and config.zmq.max_publishers) or config.zmq.broker_xpub:
-            self.zmq = ZmqEventPlane(config.zmq, self.ingest, self.registry)
+            self.zmq = ZmqEventPlane(config.zmq, self.ingest, self.registry,
+                                     keeps=shard.keeps if shard is not None else None)
         if config.discovery is not None:
-            self.discovery = DiscoveryIngest(self.ingest)
+            self.discovery = DiscoveryIngest(self.ingest, keeps=shard.keeps_component if shard is not None else None)
             sink = self.discovery if self.zmq is None else DiscoverySinks(self.discovery, self.zmq)
             self.discovery_watcher = discovery_watcher(config.discovery, config.namespace, sink, self.registry)
         # Opt-in: hit-rate events from a JetStream stream, sums restored from a snapshot.

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -136,8 +137,12 @@ class _Subscription:
 class ZmqEventPlane:
     """The `DiscoverySink` of ZMQ channels, and the SUB sockets reading them: `run` until stopped."""
 
-    def __init__(self, config: ZmqConfig, ingest: Ingest, registry: CollectorRegistry) -> None:
+    def __init__(self, config: ZmqConfig, ingest: Ingest, registry: CollectorRegistry,
+                 keeps: Callable[[str], bool] | None = None) -> None:
+        """`keeps`: whether an event subject is this shard's (ShardFilter.keeps): another shard's publishers
+        are not subscribed to, and its events from a broker are dropped unread; all are kept when None."""
         self.config = config
+        self.keeps = keeps
         self.namespace = ingest.namespace
         self.max_message_bytes = ingest.max_message_bytes
         self.feed = ingest.subject_feed(ZMQ)
@@ -178,8 +183,8 @@ class ZmqEventPlane:
             self._put_broker(key, xpub)
             return
         self._delete_broker(key)
-        if channel is None:
-            self.delete(key)  # no longer a ZMQ channel of ours, if it was one
+        if channel is None or (self.keeps is not None and not self.keeps(channel.subject)):
+            self.delete(key)  # no longer a ZMQ channel of ours (or of this shard), if it was one
             return
         known = self.channels.get(key)
         if known == channel:
@@ -284,6 +289,8 @@ class ZmqEventPlane:
         return self.feed.handle_envelope(channel.subject, event.envelope, frames[3])
 
     def _from_broker(self, frames: list[bytes], first: bytes) -> bool:
+        if self.keeps is not None and not self.keeps(first.decode(errors="replace")):
+            return False  # another shard's (the broker carries the whole namespace)
         try:
             event = protocol.decode_zmq_frames(frames, self.max_message_bytes, broker=True)
         except MessageRejected as error:

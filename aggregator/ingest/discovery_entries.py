@@ -19,11 +19,13 @@ ranks their capacity from `runtime_config` (`Fleet.put_model_card`). Rejected: a
 not a discovery key (wrong_type), a key whose id or names are not its entry's
 (inconsistent), ranks past 65535 (out_of_range), a new worker past a limit. Entries of
 another namespace, and the event buckets (event_channels, event_sources: for the ZMQ event
-plane), are passed over without a count.
+plane), are passed over without a count; so are another shard's components (`keeps`), counted
+as skipped by the shard.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final, Protocol
 
 import structlog
@@ -112,8 +114,10 @@ def _check_key(key: str, entry: InstanceEntry | ModelEntry) -> None:
 class DiscoveryIngest:
     """The `DiscoverySink` that feeds the fleet through the ingest pipeline."""
 
-    def __init__(self, ingest: Ingest) -> None:
+    def __init__(self, ingest: Ingest, keeps: Callable[[str], bool] | None = None) -> None:
+        """`keeps`: whether a component's workers are this shard's (ShardFilter.keeps_component); all when None."""
         self.namespace = ingest.namespace
+        self.keeps = keeps
         self.feed: Feed = ingest.feed(DISCOVERY)
         for kind in (INSTANCE, MODEL_CARD):
             self.feed.outcomes(kind)  # counted from 0
@@ -127,7 +131,7 @@ class DiscoveryIngest:
             kind, observe = MODEL_CARD, _put_model_card
         else:
             return  # event channels and sources: the ZMQ event plane's
-        if entry.namespace != self.namespace:
+        if entry.namespace != self.namespace or (self.keeps is not None and not self.keeps(entry.component)):
             return
         try:
             _check_key(key, entry)
@@ -137,6 +141,13 @@ class DiscoveryIngest:
         self.feed.take(kind, key, observe, entry.component, (key, entry))
 
     def delete(self, key: str) -> None:
+        if self.keeps is not None:
+            try:
+                component = protocol.parse_discovery_key(key).component
+            except MessageRejected:
+                component = None
+            if component is not None and not self.keeps(component):
+                return  # another shard's: never put here
         bucket = key.split("/", 2)[1] if key.count("/") >= 2 else ""
         if bucket == INSTANCES:
             self.feed.take(INSTANCE, key, _delete_instance, "", key)

@@ -5,11 +5,16 @@ own partition function over the component token), so the shards of a fleet never
 twice and never miss one. A shard that receives every subject drops the others' messages here,
 at the cost of a dictionary lookup; one that nats-server feeds its partition only
 (`subject_prefix`) receives none to drop.
+
+What is not a NATS message is split the same way: a discovery entry and a ZMQ channel by their
+component's event-plane subject token, so a 1.x worker lands in the shard its subjects do,
+whichever plane and store it is read from.
 """
 
 from __future__ import annotations
 
 from aggregator.config import ShardConfig
+from fleet_protocol import encode_event_segment
 from fleet_protocol.partitions import partition, partition_key
 
 _MAX_REMEMBERED = 100_000  # subjects whose answer is kept; a fleet has few
@@ -29,6 +34,14 @@ class ShardFilter:
             kept = partition(partition_key(subject, self.default_component), self.shard.count) == self.shard.index
             if len(self._kept) < _MAX_REMEMBERED:
                 self._kept[subject] = kept
+        if not kept:
+            self.skipped += 1
+        return kept
+
+    def keeps_component(self, component: str) -> bool:
+        """Whether the workers of `component` (a name, as discovery entries hold it) are this shard's; one
+        that is not is counted as skipped."""
+        kept = self.shard.owns(encode_event_segment(component))
         if not kept:
             self.skipped += 1
         return kept

@@ -272,6 +272,50 @@ def test_m_shards_hold_every_worker_exactly_once(nats_server, processes, count):
     assert samples(whole_scrape, "llm_aggregator_shard_info") == {(("shard", "0"), ("shards", "1")): 1.0}
 
 
+def test_shards_split_a_dynamo_1_fleet_on_zmq_found_through_discovery(nats_server, processes, tmp_path):
+    """Dynamo 1.x workers on their default event plane (ZMQ), in a file discovery store: each shard puts its
+    own components' instances and model cards only, and subscribes to their ZMQ publishers only."""
+    discovery = ("--discovery-backend", "file", "--discovery-file-kv", str(tmp_path),
+                 "--discovery-file-scan-interval", "0.1")
+    whole = processes.aggregator(nats_server.url, *discovery)
+    shards = [processes.aggregator(nats_server.url, *discovery, "--shards", "2", "--shard", str(index))
+              for index in (0, 1)]
+    for number, component in enumerate(COMPONENTS):
+        processes.add(mock_worker(nats_server.url, "--protocol", "dynamo-1", "--event-plane", "zmq",
+                                  "--discovery-file-kv", str(tmp_path), "--component", component,
+                                  "--workers", str(WORKERS), "--seed", str(number), "--interval", "0.2"))
+    publishers_per_worker = 3  # kv_metrics, kv-events, forward-pass-metrics
+
+    def publishers(families: dict) -> float:
+        return samples(families, "llm_aggregator_zmq_publishers")[()]
+
+    def everyone_everywhere():
+        rounds = [scrape(a.url) for a in (*shards, whole)]
+        *split, reference = rounds
+        ranks = set(samples(reference, "llm_kv_blocks_total"))
+        done = (len(worker_keys(reference)) == len(COMPONENTS) * WORKERS
+                and publishers(reference) == publishers_per_worker * len(COMPONENTS) * WORKERS
+                and set(samples(reference, "llm_kv_blocks_active")) == ranks
+                and sum(publishers(f) for f in split) == publishers(reference)
+                and all(set(samples(f, "llm_kv_blocks_active")) == set(samples(f, "llm_kv_blocks_total"))
+                        for f in split))
+        return done and rounds
+
+    *split, reference = wait_until(everyone_everywhere, 30, interval=0.5,
+                                   what="every worker, its capacity and its load over ZMQ, in the whole and the shards")
+    keys = [worker_keys(families) for families in split]
+    assert all(keys) and set().union(*keys) == worker_keys(reference)
+    assert sum(len(k) for k in keys) == len(worker_keys(reference)), "overlap: a worker is in two shards"
+    for index, families in enumerate(split):
+        owned = {c for c in COMPONENTS if partition(c, 2) == index}
+        assert {dict(labels)["component"] for labels in worker_keys(families)} == owned
+        assert publishers(families) == publishers_per_worker * WORKERS * len(owned)
+        assert skipped(families) > 0  # the other shard's entries and channels, passed over
+    # Capacity comes from the model cards: the shards' totals add up to the whole fleet's.
+    assert summed(split, "llm_kv_blocks_total_sum") == group_values(reference, "llm_kv_blocks_total_sum")
+    assert summed(split, "llm_workers") == group_values(reference, "llm_workers")
+
+
 @pytest.fixture
 def hub_and_shard_router(tmp_path):
     """The fleet's nats-server, and deploy/nats-server/shard-router.conf running as its leaf node."""

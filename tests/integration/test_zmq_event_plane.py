@@ -19,9 +19,10 @@ from aggregator import rejects
 from aggregator.collectors.dynamo_v1 import DynamoV1Collector
 from aggregator.collectors.fleet_kv import FleetCollector
 from aggregator.collectors.telemetry import Telemetry
-from aggregator.config import ZmqConfig
+from aggregator.config import ShardConfig, ZmqConfig
 from aggregator.edges.zmq_event_plane import ZmqEventPlane
 from aggregator.ingest.pipeline import Ingest
+from aggregator.ingest.shard_filter import ShardFilter
 from aggregator.state.fleet import Fleet
 from fleet_protocol import (
     ActiveLoad,
@@ -32,6 +33,7 @@ from fleet_protocol import (
     ZmqTransport,
 )
 from fleet_protocol import ZmqConfig as ZmqTransportConfig
+from fleet_protocol.partitions import partition
 
 from ..support import mock_worker, render_families, samples, scrape, wait_until
 
@@ -159,6 +161,26 @@ def test_brokers_listed_in_discovery_are_followed_bounded_and_checked():
     named = ZmqEventPlane(ZmqConfig(broker_xpub=("tcp://127.0.0.1:5600",)), plane.feed.ingest, CollectorRegistry())
     named.put(key, entry)
     assert named.brokers == {}
+
+
+def test_a_shard_subscribes_to_its_own_components_publishers_and_drops_the_others_from_a_broker():
+    plane, registry = build()
+    component = {partition(c, 2): c for c in ("backend", "decode", "x1", "router")}
+    shard = ShardFilter(ShardConfig(count=2, index=partition("backend", 2)), "backend")
+    plane.keeps = shard.keeps
+    other = component[1 - partition("backend", 2)]
+    scope = EventScope("endpoint", EndpointScope("dynamo", other, "generate"))
+    other_key = protocol.event_channel_key("dynamo", other, "generate", "kv_metrics", PUBLISHER + 1)
+    plane.put(other_key, EventChannelEntry(scope, "kv_metrics", PUBLISHER + 1,
+                                           ZmqTransport(ZmqTransportConfig("tcp://127.0.0.1:6001"))))
+    plane.put(*channel(PUBLISHER, "tcp://127.0.0.1:6000"))
+    assert [c.subject for c in plane.channels.values()] == [SUBJECT]  # the other shard's publisher: not subscribed
+    other_subject = SUBJECT.replace(".backend.", f".{other}.")
+    assert not plane.receive(load_frames(0, 5, publisher=PUBLISHER + 2, subject=other_subject))  # via a broker
+    assert plane.receive(load_frames(0, 6, publisher=PUBLISHER + 3, subject=SUBJECT))
+    families = render_families(registry)
+    assert set(samples(families, "llm_kv_blocks_active").values()) == {6}
+    assert shard.skipped == 2 and counted(families)[1] == {}
 
 
 # A real aggregator -----------------------------------------------------------------
