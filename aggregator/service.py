@@ -174,6 +174,8 @@ class Aggregator:
         if self.discovery_watcher is not None:
             # Reported, not part of `status`: while the store cannot be read its last view stands.
             health["discovery"] = self.discovery_watcher.state().health()
+        if self.zmq is not None:
+            health["zmq"] = self.zmq.health()  # reported, not part of `status`, like discovery
         return health
 
     async def _expire_periodically(self, stop: asyncio.Event) -> None:

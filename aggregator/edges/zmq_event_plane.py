@@ -258,6 +258,15 @@ class ZmqEventPlane:
     def snapshot_complete(self) -> None:
         pass  # every change came through put and delete
 
+    def health(self) -> dict[str, object]:
+        """What /health reports: publishers and brokers known, and how many of their endpoints are connected."""
+        connected = dict.fromkeys((DIRECT, BROKER), 0)
+        for subscription in self._subscriptions.values():
+            connected[subscription.mode] += subscription.connected
+        return {"publishers": len(self.channels),
+                "brokers": [*self.config.broker_xpub, *self._broker_endpoints],
+                "connected": connected}
+
     # Messages ------------------------------------------------------------------------
 
     def receive(self, frames: list[bytes]) -> bool:

@@ -4,6 +4,7 @@ PUB sockets found through file discovery, and a real XSUB/XPUB broker (zmq.proxy
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -35,7 +36,7 @@ from fleet_protocol import (
 from fleet_protocol import ZmqConfig as ZmqTransportConfig
 from fleet_protocol.partitions import partition
 
-from ..support import mock_worker, render_families, samples, scrape, wait_until
+from ..support import http_get, mock_worker, render_families, samples, scrape, wait_until
 
 WORKER = 0x5C2DB107CE3E712D
 PUBLISHER = 0x1D2C3B4A5968
@@ -209,6 +210,12 @@ def pub_socket() -> Iterator[tuple[object, str]]:
         context.term()
 
 
+def health(aggregator) -> dict:
+    status, _, body = http_get(f"{aggregator.url}/health")
+    assert status == 200, body
+    return json.loads(body)
+
+
 def connected(aggregator, mode: str = "direct") -> float:
     return samples(scrape(aggregator.url), "llm_aggregator_zmq_endpoints").get((("mode", mode),), 0)
 
@@ -233,6 +240,7 @@ def test_a_real_aggregator_follows_zmq_publishers_through_file_discovery(process
         key, entry = channel(PUBLISHER, endpoint)
         path = write_entry(tmp_path, key, entry)
         wait_until(lambda: connected(aggregator) == 1, 15, what="connected to the publisher")
+        assert health(aggregator)["zmq"] == {"publishers": 1, "brokers": [], "connected": {"direct": 1, "broker": 0}}
         sequence = publish_until_seen(aggregator, socket, 0)
         for used in (11, 12, 13):
             socket.send_multipart(load_frames(sequence, used))
@@ -284,6 +292,8 @@ def test_broker_mode_reads_the_namespace_from_two_brokers_and_applies_each_event
         aggregator = processes.aggregator(nats_server.url, env={
             "DYN_ZMQ_BROKER_URL": f"xsub={xsub1};{xsub2} , xpub={xpub1};{xpub2}"})
         wait_until(lambda: connected(aggregator, "broker") == 2, 15, what="connected to both brokers")
+        assert health(aggregator)["zmq"] == {"publishers": 0, "brokers": [xpub1, xpub2],
+                                             "connected": {"direct": 0, "broker": 2}}
         context = zmq.Context()
         socket = context.socket(zmq.PUB)  # a publisher in broker mode: connected to every XSUB
         socket.setsockopt(zmq.LINGER, 0)
