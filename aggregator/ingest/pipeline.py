@@ -81,6 +81,10 @@ EventObserve = Callable[[Fleet, str, str, int, Any, float], Any]
 _LIMIT_DETAIL = "cardinality limit reached; new worker refused"
 
 
+def _detail(error: protocol.MessageRejected | LimitExceeded) -> str:
+    return error.detail if isinstance(error, protocol.MessageRejected) else _LIMIT_DETAIL
+
+
 def _payload(payload: bytes, max_bytes: int) -> bytes:
     return payload
 
@@ -157,11 +161,8 @@ class Feed:
         tally.last_seen = now
         try:
             result = observe(self.ingest.fleet, component, item, now)
-        except protocol.MessageRejected as error:
-            self._rejected(outcomes, kind, error.reason, subject, error.detail, tally, _shown(item), now)
-            return False
-        except LimitExceeded as error:
-            self._rejected(outcomes, kind, error.reason, subject, _LIMIT_DETAIL, tally, _shown(item), now)
+        except (protocol.MessageRejected, LimitExceeded) as error:
+            self._rejected(outcomes, kind, error.reason, subject, _detail(error), tally, _shown(item), now)
             return False
         outcomes.accepted.inc()
         tally.accepted += 1
@@ -229,21 +230,10 @@ class SubjectFeed(Feed):
             if component is None:  # cannot happen for a subject matching the pattern
                 raise protocol.MessageRejected(protocol.WRONG_TYPE, "subject has no component")
             result = route.observe(self._fleet, component, route.decode(payload, route.max_bytes), now)
-        except protocol.MessageRejected as error:
-            self._rejected(route.counts, route.kind, error.reason, subject, error.detail, tally, payload, now)
+        except (protocol.MessageRejected, LimitExceeded) as error:
+            self._rejected(route.counts, route.kind, error.reason, subject, _detail(error), tally, payload, now)
             return False
-        except LimitExceeded as error:
-            self._rejected(route.counts, route.kind, error.reason, subject, _LIMIT_DETAIL, tally, payload, now)
-            return False
-        route.accepted.value += 1
-        tally.accepted += 1
-        if route.names_source:
-            result.source = self.source
-        elif route.partial:
-            # Parts dropped while the rest was used: the message counts as accepted, each part as a reject.
-            for reason, detail in result or ():
-                self._rejected(route.counts, route.kind, reason, subject, detail, tally, payload, now)
-        return True
+        return self._accepted(route, result, subject, tally, payload, now)
 
     def _handle_event(self, route: Route, subject: str, payload: bytes,
                       envelope: protocol.EventEnvelope | None = None) -> bool:
@@ -271,17 +261,19 @@ class SubjectFeed(Feed):
                                                                   f"{envelope.sequence} seen before")
             result = route.observe(self._fleet, scope.component, scope.endpoint, envelope.publisher_id,
                                    route.decode(envelope.payload, route.max_bytes), now)
-        except protocol.MessageRejected as error:
-            self._rejected(route.counts, route.kind, error.reason, subject, error.detail, tally, payload, now)
+        except (protocol.MessageRejected, LimitExceeded) as error:
+            self._rejected(route.counts, route.kind, error.reason, subject, _detail(error), tally, payload, now)
             return False
-        except LimitExceeded as error:
-            self._rejected(route.counts, route.kind, error.reason, subject, _LIMIT_DETAIL, tally, payload, now)
-            return False
+        return self._accepted(route, result, subject, tally, payload, now)
+
+    def _accepted(self, route: Route, result: Any, subject: str, tally: SubjectTally, payload: bytes,
+                  now: float) -> bool:
         route.accepted.value += 1
         tally.accepted += 1
         if route.names_source:
             result.source = self.source
         elif route.partial:
+            # Parts dropped while the rest was used: the message counts as accepted, each part as a reject.
             for reason, detail in result or ():
                 self._rejected(route.counts, route.kind, reason, subject, detail, tally, payload, now)
         return True
