@@ -184,8 +184,9 @@ class Feed:
                   tally: SubjectTally, payload: bytes, now: float) -> None:
         outcomes.reject(reason)
         tally.reject(reason, detail, payload, now)
+        # The subject's hash in the key: the limiter remembers up to 10,000 keys, and hostile subjects are long.
         log.warning("message rejected", source=self.source, **self._log_fields, subject=subject, kind=kind,
-                    reason=reason, detail=detail[:300], rate_limit=(self._key, kind, reason, subject))
+                    reason=reason, detail=detail[:300], rate_limit=(self._key, kind, reason, hash(subject)))
 
 
 class SubjectFeed(Feed):
@@ -285,7 +286,7 @@ class SubjectFeed(Feed):
         route = self.routes.get(pattern) if pattern is not None else None
         if route is None or route.topic is None:
             log.warning("message on a subject no route takes", source=self.source, subject=subject[:256],
-                        rate_limit=(self._key, "unrouted", subject))
+                        rate_limit=(self._key, "unrouted", hash(subject)))
             return False
         return self._handle_event(route, subject, shown, envelope)
 
@@ -311,7 +312,7 @@ class SubjectFeed(Feed):
         pattern = self.pattern_of(subject)
         if pattern is None:
             log.warning("message on a subject no route takes", source=self.source, subject=subject,
-                        rate_limit=(self._key, "unrouted", subject))
+                        rate_limit=(self._key, "unrouted", hash(subject)))
             return False
         return self.handle(pattern, subject, payload)
 
