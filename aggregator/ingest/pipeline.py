@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import msgspec
 import structlog
@@ -79,6 +79,18 @@ Apply = Callable[[Fleet, str, bytes, float], "list[tuple[str, str]] | None"]
 EventObserve = Callable[[Fleet, str, str, int, Any, float], Any]
 
 _LIMIT_DETAIL = "cardinality limit reached; new worker refused"
+
+
+# A fleet has few subjects, so each one's component, route and names are remembered rather than
+# worked out for every message; up to this many subjects of up to this length. Hostile subjects
+# are many and long: 2,000 of 1 KB a round kept 4 MB each time, up to 200 MB with 100,000 of
+# them. A longer subject (its names past the label limit, so rejected anyway) is worked out again.
+MAX_CACHED_SUBJECTS: Final = 10_000
+MAX_CACHED_SUBJECT_CHARS: Final = 512
+
+
+def _cacheable(cache: dict, subject: str) -> bool:
+    return len(cache) < MAX_CACHED_SUBJECTS and len(subject) <= MAX_CACHED_SUBJECT_CHARS
 
 
 def _detail(error: protocol.MessageRejected | LimitExceeded) -> str:
@@ -302,8 +314,7 @@ class SubjectFeed(Feed):
                                                                 f"{topic} in namespace {self.ingest.namespace!r}")
         scope = _EventScope(names.component, names.endpoint,
                             self._publishers.counts(StreamKey(names.component, names.endpoint, names.topic)))
-        # A fleet has few subjects: remember each one's names instead of decoding every time.
-        if len(self._scopes) < 100_000:
+        if _cacheable(self._scopes, subject):
             self._scopes[subject] = scope
         return scope
 
@@ -335,16 +346,15 @@ class SubjectFeed(Feed):
                 candidate = f"namespace.{parts[1]}.component.*.endpoint.*.{parts[6]}"
             if candidate is not None and candidate in self.routes:
                 pattern = candidate
-        if len(self._patterns) < 100_000:
+        if _cacheable(self._patterns, subject):
             self._patterns[subject] = pattern
         return pattern
 
     def _component_of(self, subject: str) -> str | None:
-        # A fleet has few subjects: remember each one's component instead of splitting every time.
         component = self._components.get(subject)
         if component is None:
             component = protocol.component_of(subject)
-            if len(self._components) < 100_000:
+            if _cacheable(self._components, subject):
                 self._components[subject] = component
         return component
 

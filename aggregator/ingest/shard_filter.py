@@ -17,7 +17,9 @@ from aggregator.config import ShardConfig
 from fleet_protocol import encode_event_segment
 from fleet_protocol.partitions import partition, partition_key
 
-_MAX_REMEMBERED = 100_000  # subjects whose answer is kept; a fleet has few
+# Subjects whose answer is kept, and their length at most: a fleet has few, hostile subjects are many and long.
+_MAX_REMEMBERED = 10_000
+_MAX_REMEMBERED_CHARS = 512
 
 
 class ShardFilter:
@@ -32,7 +34,7 @@ class ShardFilter:
         kept = self._kept.get(subject)
         if kept is None:
             kept = partition(partition_key(subject, self.default_component), self.shard.count) == self.shard.index
-            if len(self._kept) < _MAX_REMEMBERED:
+            if len(self._kept) < _MAX_REMEMBERED and len(subject) <= _MAX_REMEMBERED_CHARS:
                 self._kept[subject] = kept
         if not kept:
             self.skipped += 1

@@ -4,8 +4,8 @@ Two rounds of the same hostile traffic, each with names never seen before: disti
 ids past `--max-workers`, distinct components past the 10,000 group limit, labels far past
 128 characters, oversized messages. The first round fills every table to its limit; the
 second must be refused (or, for groups whose workers have expired, evicted) and counted
-without growing the process (its peak RSS, VmHWM, read from /proc). The absolute bound is
-stated below from what round one costs with the limits used here.
+without growing the process: its RSS once each round is handled, read from /proc. Its peak
+(VmHWM) has an absolute bound, stated below from what round one costs with the limits used here.
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ MAX_GROUPS = 10_000  # Fleet's fixed limit
 # The whole process, Python and libraries included, with 6000 workers and 10,000 groups stored
 # (measured ~90 MiB on the development machine).
 RSS_BOUND = 160 * 1024 * 1024
-# What a second round of never-seen names may add (allocator noise, log limiter keys).
-ROUND_GROWTH_BOUND = 16 * 1024 * 1024
+# What a second round of never-seen names may leave behind, read once the round is handled and the
+# heap trimmed (a large scrape trims it): allocator noise and bounded caches filling, not the names.
+# Measured -0.3 to +5 MiB over four runs (the allocator's: +9 to +23 MiB when the ingest caches kept
+# every hostile 1 KB subject). Too noisy to tell a few MiB apart, so this bound catches gross
+# growth; the exact check, in-process with tracemalloc, is tests/unit/test_ingest_pipeline.py.
+# The peak in between also holds transient buffers, which a loaded machine makes larger: it is
+# only bounded absolutely.
+LASTING_GROWTH_BOUND = 12 * 1024 * 1024
 
 FLOOD = """
 import asyncio, json, sys, time, urllib.request
@@ -88,6 +94,18 @@ def rss(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
 
 
+def settled_rss(pid: int) -> int:
+    """The current RSS once two readings 0.2 s apart agree to 256 KiB (the trim after a scrape is done)."""
+    previous = rss(pid)[0]
+    for _ in range(25):
+        time.sleep(0.2)
+        current = rss(pid)[0]
+        if abs(current - previous) < 256 * 1024:
+            return current
+        previous = current
+    return previous
+
+
 def test_hostile_cardinality_is_refused_counted_and_memory_stays_bounded(nats_server, processes):
     started = time.monotonic()
     aggregator = processes.aggregator(nats_server.url, "--max-workers", str(MAX_WORKERS),
@@ -104,7 +122,7 @@ def test_hostile_cardinality_is_refused_counted_and_memory_stays_bounded(nats_se
             totals[dict(labels)["reason"]] = totals.get(dict(labels)["reason"], 0) + value
         return totals
 
-    peaks = []
+    peaks, lasting = [], []
     for r in range(2):
         # Start from no live workers, so each limit is met in the order the flood is built for.
         wait_until(lambda: sum(samples(scrape(aggregator.url), "llm_workers").values()) == 0, 15, what="expiry")
@@ -116,7 +134,10 @@ def test_hostile_cardinality_is_refused_counted_and_memory_stays_bounded(nats_se
             f, "llm_aggregator_messages_received", "llm_aggregator_messages_received_total").values()) == (r + 1) * 41_020)(
             scrape(aggregator.url)), 30, what=f"round {r} handled")
         peaks.append(rss(pid)[1])
-        print(f"round {r}: rejected {rejected()}, RSS peak {peaks[-1] / 2**20:.1f} MiB")
+        scrape(aggregator.url)  # a large body: the heap is trimmed after it
+        lasting.append(settled_rss(pid))
+        print(f"round {r}: rejected {rejected()}, RSS peak {peaks[-1] / 2**20:.1f} MiB, "
+              f"after {lasting[-1] / 2**20:.1f} MiB")
 
     counted = rejected()
     # Every limit was hit and counted, in both rounds.
@@ -141,5 +162,5 @@ def test_hostile_cardinality_is_refused_counted_and_memory_stays_bounded(nats_se
     print(f"RSS at start {at_start / 2**20:.1f} MiB, peaks {[round(p / 2**20, 1) for p in peaks]} MiB, "
           f"{time.monotonic() - started:.1f} s")
     assert peaks[1] < RSS_BOUND
-    assert peaks[1] - peaks[0] < ROUND_GROWTH_BOUND  # a second round of new names costs nothing lasting
+    assert lasting[1] - lasting[0] < LASTING_GROWTH_BOUND  # a second round of new names costs nothing lasting
     assert aggregator.popen.poll() is None

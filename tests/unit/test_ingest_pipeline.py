@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import tracemalloc
 
+import structlog
 from prometheus_client import CollectorRegistry
 
 import fleet_protocol as protocol
@@ -168,3 +171,37 @@ def test_a_hit_rate_snapshot_restores_group_totals_and_worker_sums():
         GroupKey("a", "generate"): (16, 5, 2), GroupKey("backend", "generate"): (8, 8, 0)}
     assert {k: (s.isl_blocks, s.overlap_blocks) for k, s in after.workers.items()} == {
         WorkerKey("backend", "generate", 3, 0): (8, 8)}
+
+
+def test_distinct_hostile_subjects_leave_no_lasting_memory():
+    """Each message on a never-seen subject: what ingest remembers per subject is bounded in number and
+    size, so once its tables are full a round of new (and long) subjects leaves nothing behind."""
+    ingest, _, _ = build()
+    pattern = "namespace.dynamo.component.*.kv_metrics"
+
+    def flood(round_: int) -> None:
+        for i in range(6_000):
+            ingest.handle(pattern, f"namespace.dynamo.component.r{round_}x{i}.kv_metrics", b"{")
+        for i in range(2_000):
+            ingest.handle(pattern, f"namespace.dynamo.component.r{round_}-{i}-{'c' * 1000}.kv_metrics", b"{")
+
+    def dropped(logger, method, event):  # 24,000 reject lines: not this test's subject
+        raise structlog.DropEvent
+
+    config = structlog.get_config()
+    structlog.configure(processors=[dropped])
+    tracemalloc.start()
+    try:
+        flood(0)
+        flood(1)  # every table full by now
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        flood(2)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        structlog.configure(**config)
+    assert grown < 256 * 1024, f"{grown / 2**20:.1f} MiB kept from a round of 8,000 new subjects"
+    received = ingest.counts.of("nats", "kv_metrics").received.value
+    assert received == 3 * 8_000
