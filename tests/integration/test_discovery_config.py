@@ -83,8 +83,8 @@ def test_the_file_backend_defaults_to_dynamos_temporary_directory(monkeypatch):
     ([], {"DYN_DISCOVERY_BACKEND": "kubernetes"},
      "argument --discovery-backend: 'kubernetes' is not one of file, etcd (env DYN_DISCOVERY_BACKEND)"),
     (["--discovery-backend", "etcd"], {"ETCD_ENDPOINTS": "http://user:secret@etcd:2379"},
-     "argument --etcd-endpoints: 'http://***@etcd:2379' holds credentials; etcd authentication is not supported "
-     "(env ETCD_ENDPOINTS)"),
+     "argument --etcd-endpoints: 'http://***@etcd:2379' holds credentials; give etcd's user and password apart "
+     "(ETCD_AUTH_USERNAME, ETCD_AUTH_PASSWORD) (env ETCD_ENDPOINTS)"),
     (["--discovery-backend", "file", "--discovery-file-scan-interval", "12"], {},
      "argument --discovery-file-scan-interval: 12 must be below --discovery-file-ttl 10, or live entries would "
      "expire between scans (env AGGREGATOR_DISCOVERY_FILE_SCAN_INTERVAL)"),
