@@ -397,9 +397,10 @@ def parse_config(argv: list[str] | None = None) -> AggregatorConfig:
     if problem:
         parser.error(problem)
     if config.discovery is not None and config.discovery.backend == "etcd":
-        problem = etcd_gateway.check(config.discovery)
-        if problem:
-            parser.error(problem)
+        tls_problem = etcd_gateway.check(config.discovery)
+        if tls_problem is not None:
+            field, message = tls_problem
+            config_error(parser, ConfigError(f"discovery.{field}", message), FIELD_FLAGS)
     if config.http.web_config_file is not None:
         try:
             web_config.load(config.http.web_config_file)

@@ -89,7 +89,14 @@ def tls_context(config: DiscoveryConfig) -> ssl.SSLContext | None:
     """The context for https endpoints; None (aiohttp's own: the system's CAs) when no certificate is given."""
     if not config.etcd_tls:
         return None
-    ca = config.etcd_ca
+    context = _verifying(config.etcd_ca)
+    if config.etcd_client_cert is not None and config.etcd_client_key is not None:
+        _load_client_certificate(context, config.etcd_client_cert, config.etcd_client_key)
+    return context
+
+
+def _verifying(ca: str | None) -> ssl.SSLContext:
+    """A client context that trusts `ca` alone, or the system's CAs when None."""
     if ca is None:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     elif is_pem(ca):
@@ -97,8 +104,6 @@ def tls_context(config: DiscoveryConfig) -> ssl.SSLContext | None:
     else:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if config.etcd_client_cert is not None and config.etcd_client_key is not None:
-        _load_client_certificate(context, config.etcd_client_cert, config.etcd_client_key)
     return context
 
 
@@ -128,12 +133,20 @@ def _as_file(directory: str, name: str, value: str) -> str:
     return path
 
 
-def check(config: DiscoveryConfig) -> str | None:
-    """One line saying why the TLS settings cannot make a context, or None."""
+def check(config: DiscoveryConfig) -> tuple[str, str] | None:
+    """(the field, why) when the TLS settings cannot make a context, else None; read now, so that a bad
+    certificate stops the start rather than every attempt to read the store."""
+    if not config.etcd_tls:
+        return None
     try:
-        tls_context(config)
+        context = _verifying(config.etcd_ca)
     except (ssl.SSLError, OSError, ValueError) as error:
-        return f"etcd TLS: {error}"
+        return "etcd_ca", f"not a CA certificate: {error}"
+    if config.etcd_client_cert is not None and config.etcd_client_key is not None:
+        try:
+            _load_client_certificate(context, config.etcd_client_cert, config.etcd_client_key)
+        except (ssl.SSLError, OSError, ValueError) as error:
+            return "etcd_client_cert", f"not a certificate and its private key: {error}"
     return None
 
 
