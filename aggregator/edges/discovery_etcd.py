@@ -133,6 +133,7 @@ class EtcdDiscovery(DiscoveryWatcher):
         # A page of entries at their size limit, base64-encoded, with room for keys and JSON.
         self.max_page_bytes = page_keys * (config.max_entry_bytes * 4 // 3 + 4096) + 65536
         self.revision = 0  # of the store as the view last saw it
+        self.watch_created = False  # the watch being followed was accepted (its token with it)
         self.gateway = EtcdGateway(config, request_timeout)
         self.protection = etcd_gateway.describe(config)
 
@@ -215,15 +216,17 @@ class EtcdDiscovery(DiscoveryWatcher):
                 task.result()  # raises what ended it
 
     async def _watch(self, session: aiohttp.ClientSession, base: str) -> None:
-        """Follow the watch; raises WatchEnded. A token refused is renewed once, the watch made again."""
+        """Follow the watch; raises WatchEnded. A token refused is renewed, the watch made again from where
+        it was; a new token refused before a watch was accepted with it ends the watch (`auth`)."""
         renewed = False
         while True:
             token = await self.gateway.token(session, base)
+            self.watch_created = False
             try:
                 await self._watch_with(session, base, token)
             except TokenRefused as refused:
                 self.gateway.forget(token)
-                if renewed:
+                if renewed and not self.watch_created:
                     raise WatchEnded(AUTH, f"watch refused a token issued just before: {refused}") from None
                 renewed = True
 
@@ -261,6 +264,8 @@ class EtcdDiscovery(DiscoveryWatcher):
         result = message.result
         if result is None:
             return
+        if result.created and not result.canceled:
+            self.watch_created = True
         if result.canceled:
             if result.compact_revision:
                 raise WatchEnded(COMPACTED, f"revision {self.revision + 1} compacted (now {result.compact_revision})")

@@ -39,7 +39,7 @@ from msgspec import Struct
 from aggregator.collectors.discovery_telemetry import AUTH, TLS, UNREACHABLE
 from aggregator.config import DiscoveryConfig, is_pem
 
-__all__ = ["EtcdGateway", "EtcdUnavailable", "TokenRefused", "check", "tls_context"]
+__all__ = ["EtcdGateway", "EtcdUnavailable", "TokenRefused", "check", "describe", "read_bounded", "tls_context"]
 
 AUTHENTICATE: Final = "/v3/auth/authenticate"
 ANSWER_LIMIT: Final = 65536  # bytes of an authenticate or error answer read at most
@@ -300,6 +300,6 @@ async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
     async for chunk in content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise EtcdUnavailable(f"an answer over {limit} bytes")
+            raise EtcdUnavailable(f"a response over {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
