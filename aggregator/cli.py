@@ -31,9 +31,10 @@ from aggregator.config import (
     ScrapeTarget,
     ShardConfig,
     ZmqConfig,
+    is_pem,
     zmq_broker_xpub,
 )
-from aggregator.edges import nats_auth, web_config
+from aggregator.edges import etcd_gateway, nats_auth, web_config
 from fleet_runtime.config_checks import check_field, field_named
 from fleet_runtime.flags import (
     Flag,
@@ -68,6 +69,7 @@ NATS_AUTH = "NATS authentication and TLS"
 HTTP_LIMITS = "HTTP limits"
 JOURNAL = "hit-rate history across restarts (JetStream)"
 DISCOVERY = "Dynamo's discovery store (worker instances, model cards, event channels)"
+ETCD_AUTH = "etcd authentication and TLS (Dynamo's ETCD_AUTH_* variables: set the workers' values)"
 ZMQ = "Dynamo's ZMQ event plane (its default since 1.3)"
 PUSH = "push where nothing can scrape (Pushgateway, remote write)"
 SHARDING = "sharding: several aggregators split the fleet by component (docs/sharding.md)"
@@ -112,6 +114,21 @@ def _optional_path(value: str) -> str | None:
     return value or None  # an empty variable means none
 
 
+def _optional_text(value: str) -> str | None:
+    return value or None  # an empty variable means none
+
+
+def _pem_or_file(value: str) -> str | None:
+    """PEM text, as Dynamo's workers take ETCD_AUTH_CA/_CLIENT_CERT/_CLIENT_KEY, or a readable file's path."""
+    if not value.strip():
+        return None  # an empty variable means none
+    if is_pem(value):
+        return value
+    if "\n" in value or len(value) > 4096:
+        raise ValueError("is neither PEM text (-----BEGIN ...) nor a file's path")  # not quoted: it may be a key
+    return _readable_file(value)
+
+
 def _optional_token(value: str) -> str | None:
     return value.strip() or None  # an empty variable means none
 
@@ -132,6 +149,8 @@ def dynamo_file_kv(environ: Mapping[str, str] = os.environ) -> str:
 
 def _file_kv(value: str) -> str:
     return value or dynamo_file_kv()  # an empty variable means Dynamo's default
+
+
 def _optional_url(value: str) -> str | None:
     return value or None  # an empty variable means off
 
@@ -285,6 +304,19 @@ FLAGS: tuple[Flag, ...] = (
          "directory of Dynamo's file discovery backend (default: $TMPDIR/dynamo_store_kv, as Dynamo's)", DISCOVERY),
     Flag("--etcd-endpoints", "ETCD_ENDPOINTS", "discovery.etcd_endpoints", _etcd_endpoints,
          "etcd client URLs, comma-separated (http://host:2379), read through etcd's JSON gateway", DISCOVERY),
+    Flag("--etcd-username", "ETCD_AUTH_USERNAME", "discovery.etcd_username", _optional_text,
+         "etcd user: the aggregator authenticates and sends etcd's token with every request", ETCD_AUTH),
+    Flag("--etcd-password", "ETCD_AUTH_PASSWORD", "discovery.etcd_password", _secret,
+         "the etcd user's password (or @FILE); prefer the env variable to the flag", ETCD_AUTH),
+    Flag("--etcd-ca", "ETCD_AUTH_CA", "discovery.etcd_ca", _pem_or_file,
+         "CA certificate(s) that signed etcd's server certificate: PEM text, as Dynamo's workers take it, or a "
+         "file; needs https:// endpoints (without it the system's CAs verify them)", ETCD_AUTH),
+    Flag("--etcd-client-cert", "ETCD_AUTH_CLIENT_CERT", "discovery.etcd_client_cert", _pem_or_file,
+         "client certificate for an etcd started with --client-cert-auth: PEM text or a file; needs https:// "
+         "endpoints", ETCD_AUTH),
+    Flag("--etcd-client-key", "ETCD_AUTH_CLIENT_KEY", "discovery.etcd_client_key", _pem_or_file,
+         "the client certificate's private key, unencrypted: PEM text or a file; prefer the env variable to the "
+         "flag", ETCD_AUTH),
     Flag("--discovery-file-ttl", "AGGREGATOR_DISCOVERY_FILE_TTL", "discovery.file_ttl", float,
          "seconds after its last keep-alive (the file's mtime) that a file entry counts as gone", DISCOVERY),
     Flag("--discovery-file-scan-interval", "AGGREGATOR_DISCOVERY_FILE_SCAN_INTERVAL", "discovery.file_scan_interval",
@@ -364,6 +396,11 @@ def parse_config(argv: list[str] | None = None) -> AggregatorConfig:
     problem = nats_auth.check(config.nats)
     if problem:
         parser.error(problem)
+    if config.discovery is not None and config.discovery.backend == "etcd":
+        tls_problem = etcd_gateway.check(config.discovery)
+        if tls_problem is not None:
+            field, message = tls_problem
+            config_error(parser, ConfigError(f"discovery.{field}", message), FIELD_FLAGS)
     if config.http.web_config_file is not None:
         try:
             web_config.load(config.http.web_config_file)

@@ -59,6 +59,7 @@ __all__ = [
     "check_prefix",
     "check_stream_name",
     "etcd_url",
+    "is_pem",
     "without_credentials",
     "zmq_broker_xpub",
     "zmq_endpoint",
@@ -274,7 +275,8 @@ def etcd_url(url: str) -> str:
         raise ValueError(f"{redact_url(url)!r} is not an etcd URL like http://host:2379")
     if "@" in parts.netloc:
         # The JSON gateway takes no credentials in the URL; refused rather than sent in the clear.
-        raise ValueError(f"{redact_url(url)!r} holds credentials; etcd authentication is not supported")
+        raise ValueError(f"{redact_url(url)!r} holds credentials; give etcd's user and password apart "
+                         "(ETCD_AUTH_USERNAME, ETCD_AUTH_PASSWORD)")
     try:
         _ = parts.port
     except ValueError:
@@ -282,12 +284,24 @@ def etcd_url(url: str) -> str:
     return url
 
 
-@dataclass(frozen=True, slots=True)
+def is_pem(value: str) -> bool:
+    """PEM text (`-----BEGIN ...`) rather than a file's path: Dynamo's workers take ETCD_AUTH_CA,
+    ETCD_AUTH_CLIENT_CERT and ETCD_AUTH_CLIENT_KEY as the PEM itself."""
+    return value.lstrip().startswith("-----BEGIN")
+
+
+_ETCD_PAIRS: Final = (("etcd_username", "etcd_password"), ("etcd_password", "etcd_username"),
+                      ("etcd_client_cert", "etcd_client_key"), ("etcd_client_key", "etcd_client_cert"))
+
+
+@dataclass(frozen=True, slots=True, repr=False)
 class DiscoveryConfig:
     """Dynamo's discovery store, read for worker instances, model cards and event channels.
 
     `backend` is Dynamo's `DYN_DISCOVERY_BACKEND`; the file backend reads `file_kv`
-    (`DYN_FILE_KV`), etcd reads `etcd_endpoints` (`ETCD_ENDPOINTS`).
+    (`DYN_FILE_KV`), etcd reads `etcd_endpoints` (`ETCD_ENDPOINTS`), authenticated as Dynamo's
+    workers are (`ETCD_AUTH_*`): a user and password, and TLS with a CA and a client
+    certificate, each PEM text or a file's path. `repr()` never shows the password nor PEM text.
     """
 
     backend: str = field(metadata=checked(one_of(DISCOVERY_BACKENDS)))
@@ -302,6 +316,14 @@ class DiscoveryConfig:
     max_entry_bytes: int = field(default=256 * 1024, metadata=checked(within(1024, 64 * 1024 * 1024)))
     # Entries of the aggregator's namespace kept at most; past it new ones are dropped (reason=entry_limit).
     max_entries: int = field(default=100_000, metadata=checked(within(1, 10_000_000)))
+    # etcd's user and password (`ETCD_AUTH_USERNAME`, `ETCD_AUTH_PASSWORD`), both or neither.
+    etcd_username: str | None = field(default=None, metadata=checked(optional(text)))
+    etcd_password: str | None = field(default=None, metadata=checked(optional(text)))
+    # The CA of etcd's server certificate (`ETCD_AUTH_CA`); without it, the system's CAs verify https endpoints.
+    etcd_ca: str | None = field(default=None, metadata=checked(optional(text)))
+    # A client certificate and its key, for an etcd started with --client-cert-auth; both or neither.
+    etcd_client_cert: str | None = field(default=None, metadata=checked(optional(text)))
+    etcd_client_key: str | None = field(default=None, metadata=checked(optional(text)))
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -311,6 +333,35 @@ class DiscoveryConfig:
         if self.file_ttl <= protocol.FILE_KEEP_ALIVE_S:
             raise ConfigError("file_ttl", f"{shown(self.file_ttl)} must be above Dynamo's keep-alive period "
                               f"({protocol.FILE_KEEP_ALIVE_S:.1f}s), or live workers would expire")
+        if self.backend != "etcd":
+            return  # the etcd settings of a file-backend deployment are not used, so not a reason to stop
+        for one, other in _ETCD_PAIRS:
+            if getattr(self, one) is not None and getattr(self, other) is None:
+                raise ConfigError(other, "needed with {0}", (one,))
+        plain = [url for url in self.etcd_endpoints if not url.startswith("https://")]
+        for name in ("etcd_ca", "etcd_client_cert"):
+            if getattr(self, name) is not None and plain:
+                # Refused rather than ignored: certificates given mean the store was meant to be reached over TLS.
+                raise ConfigError(name, f"needs https:// endpoints in {{0}}, not {redact_url(plain[0])!r}",
+                                  ("etcd_endpoints",))
+
+    @property
+    def etcd_tls(self) -> bool:
+        return self.etcd_ca is not None or self.etcd_client_cert is not None
+
+    def __repr__(self) -> str:
+        shown = []
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name == "etcd_password" and value is not None:
+                value = "***"
+            elif item.name in ("etcd_ca", "etcd_client_cert", "etcd_client_key") and value is not None \
+                    and is_pem(value):
+                value = "<PEM>"
+            shown.append(f"{item.name}={value!r}")
+        return f"DiscoveryConfig({', '.join(shown)})"
+
+
 def http_url(url: str) -> str:
     """An http(s) URL with a host; credentials (user:password@) allowed, never shown in an error."""
     if not isinstance(url, str):

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import os
 import signal
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -117,9 +115,10 @@ needs_etcd = pytest.mark.skipif(EtcdServer.binary() is None,
 
 
 @contextlib.contextmanager
-def etcd_running() -> Iterator[EtcdServer]:
-    """A real etcd on loopback for the block; stopped (and resumed first, should a test have frozen it)."""
-    server = EtcdServer()
+def etcd_running(**options) -> Iterator[EtcdServer]:
+    """A real etcd on loopback for the block (EtcdServer's `options`: TLS, client certificates, the token TTL);
+    stopped (and resumed first, should a test have frozen it)."""
+    server = EtcdServer(**options)
     server.start()
     try:
         yield server
@@ -149,9 +148,7 @@ def worker_entries(namespace: str = "dynamo", worker: int = WORKER, publisher: i
 
 def etcd_call(server: EtcdServer, path: str, body: dict) -> dict:
     """One request to etcd's JSON gateway, as Dynamo's etcd client would send it over gRPC."""
-    request = urllib.request.Request(f"{server.url}{path}", data=json.dumps(body).encode(), method="POST")
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.loads(response.read())
+    return server.call(path, body)
 
 
 def b64(data: str | bytes) -> str:

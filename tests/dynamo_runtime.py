@@ -2,7 +2,7 @@
 
 `DynamoWorker` runs tests/dynamo_worker.py in a child process and drives it with JSON
 commands; `EtcdServer` runs Debian's etcd on loopback and reads it through etcd's own JSON
-gateway. Only loopback: every worker gets `DYN_EVENT_PLANE_HOST`, `DYN_TCP_RPC_HOST`,
+gateway, with TLS (and client certificates) and with etcd's auth when asked. Only loopback: every worker gets `DYN_EVENT_PLANE_HOST`, `DYN_TCP_RPC_HOST`,
 `DYN_TCP_RESPONSE_STREAM_HOST` = 127.0.0.1 and `DYN_SYSTEM_PORT` = -1 (Dynamo binds other
 addresses by default). Each process is stopped by the fixture that started it.
 """
@@ -15,11 +15,13 @@ import os
 import queue
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,15 +166,32 @@ class DynamoWorker:
 
 
 class EtcdServer:
-    """Debian's etcd (`apt-get install etcd-server`) on loopback, in a temporary data directory."""
+    """Debian's etcd (`apt-get install etcd-server`) on loopback, in a temporary data directory.
 
-    def __init__(self) -> None:
+    `pki` (tests/pki.py's files) serves the client port over TLS with its server certificate;
+    `client_cert_auth` then requires a client certificate signed by its CA (etcd's
+    `--client-cert-auth`). `enable_auth` turns etcd's auth on (user root); this helper's own
+    requests then authenticate as root, as its requests over TLS present pki's client certificate
+    without a CommonName (the one etcd's gateway takes while its auth is on).
+    """
+
+    def __init__(self, *, pki: dict | None = None, client_cert_auth: bool = False,
+                 auth_token_ttl: int | None = None) -> None:
         self.client_port = free_port()
         self.peer_port = free_port()
-        self.url = f"http://{LOOPBACK}:{self.client_port}"
+        self.pki = pki
+        self.client_cert_auth = client_cert_auth
+        self.auth_token_ttl = auth_token_ttl  # etcd's --auth-token-ttl: seconds a simple token lives unused
+        self.url = f"{'https' if pki else 'http'}://{LOOPBACK}:{self.client_port}"
         self.data_dir = tempfile.mkdtemp(prefix="etcd-")
         self.popen: subprocess.Popen | None = None
         self.log_path = os.path.join(self.data_dir, "etcd.log")
+        self.root_password: str | None = None
+        self._token: str | None = None
+        self.ssl: ssl.SSLContext | None = None
+        if pki is not None:
+            self.ssl = ssl.create_default_context(cafile=pki["ca"][0])
+            self.ssl.load_cert_chain(*pki["anonymous_client"])  # taken with etcd's auth on too
 
     @staticmethod
     def binary() -> str | None:
@@ -182,18 +201,25 @@ class EtcdServer:
         binary = self.binary()
         assert binary is not None, "etcd not installed"
         peer = f"http://{LOOPBACK}:{self.peer_port}"
+        options = []
+        if self.pki is not None:
+            options += ["--cert-file", self.pki["server"][0], "--key-file", self.pki["server"][1]]
+            if self.client_cert_auth:
+                options += ["--client-cert-auth", "--trusted-ca-file", self.pki["ca"][0]]
+        if self.auth_token_ttl is not None:
+            options += ["--auth-token-ttl", str(self.auth_token_ttl)]
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(
                 [binary, "--name", "test", "--data-dir", os.path.join(self.data_dir, "data"),
                  "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                  "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", f"test={peer}"],
+                 "--initial-cluster", f"test={peer}", *options],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 20
         while True:
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1, context=self.ssl) as response:
                     if json.loads(response.read()).get("health") == "true":
                         return
             except OSError:
@@ -207,10 +233,48 @@ class EtcdServer:
             terminate(self.popen, 10)
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def _post(self, path: str, body: dict) -> dict:
-        request = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(), method="POST")
-        with urllib.request.urlopen(request, timeout=5) as response:
+    def enable_auth(self, root_password: str) -> None:
+        """etcd's auth on, through its gateway (as `etcdctl user add root` and `auth enable` do): user root,
+        with the root role, may do anything; a request without a valid token is refused from now on."""
+        self.call("/v3/auth/user/add", {"name": "root", "password": root_password})
+        self.call("/v3/auth/role/add", {"name": "root"})
+        self.call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        self.call("/v3/auth/enable", {})
+        self.root_password = root_password
+
+    def revoke_tokens(self) -> None:
+        """Every token issued so far refused from now on: etcd's auth turned off and on again."""
+        self.call("/v3/auth/disable", {})
+        self._token = None  # a token sent while auth is off is refused (code 9) rather than ignored
+        self._request("/v3/auth/enable", {}, None)
+
+    def add_user(self, name: str, password: str) -> None:
+        """A user with no role: authenticates, but may read no key."""
+        self.call("/v3/auth/user/add", {"name": name, "password": password})
+
+    def _request(self, path: str, body: dict, token: str | None) -> dict:
+        headers = {"Authorization": token} if token else {}
+        request = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(), method="POST",
+                                         headers=headers)
+        with urllib.request.urlopen(request, timeout=5, context=self.ssl) as response:
             return json.loads(response.read())
+
+    def call(self, path: str, body: dict) -> dict:
+        """One request to etcd's JSON gateway; as root once auth is on (a token renewed once if refused)."""
+        if self.root_password is None:
+            return self._request(path, body, None)
+        for attempt in (1, 2):
+            if self._token is None:
+                self._token = self._request("/v3/auth/authenticate",
+                                            {"name": "root", "password": self.root_password}, None)["token"]
+            try:
+                return self._request(path, body, self._token)
+            except urllib.error.HTTPError as error:
+                if error.code != 401 or attempt == 2:
+                    raise
+                self._token = None  # expired, or etcd restarted since
+        raise AssertionError("unreachable")
+
 
     def entries(self, prefix: str = "") -> dict[str, tuple[bytes, int]]:
         """{key: (value, lease id)} of every key under `prefix` (all keys when empty)."""
@@ -218,14 +282,14 @@ class EtcdServer:
         end = _prefix_end(prefix.encode()) if prefix else b"\0"
         body = {"key": base64.b64encode(start).decode(), "range_end": base64.b64encode(end).decode()}
         found = {}
-        for kv in self._post("/v3/kv/range", body).get("kvs", []):
+        for kv in self.call("/v3/kv/range", body).get("kvs", []):
             key = base64.b64decode(kv["key"]).decode()
             found[key] = (base64.b64decode(kv.get("value", "")), int(kv.get("lease", 0)))
         return found
 
     def lease_ttl(self, lease: int) -> tuple[int, int]:
         """(granted TTL, remaining TTL) in seconds; remaining is -1 once the lease is gone."""
-        answer = self._post("/v3/lease/timetolive", {"ID": lease})
+        answer = self.call("/v3/lease/timetolive", {"ID": lease})
         return int(answer.get("grantedTTL", 0)), int(answer.get("TTL", -1))
 
 

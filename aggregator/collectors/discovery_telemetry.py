@@ -18,8 +18,12 @@ UNREACHABLE: Final = "unreachable"  # the store could not be reached or answered
 UNREADABLE: Final = "unreadable"  # a directory or file of the file backend could not be read
 WATCH_LOST: Final = "watch_lost"  # an etcd watch ended or stopped answering
 COMPACTED: Final = "compacted"  # etcd compacted the revision a watch needed: relisted
+# etcd refused the user and password, or a token renewed just before, or the user may not read the keys,
+# or it requires a user and none is configured. A token that expired and was renewed is not an error.
+AUTH: Final = "auth"
+TLS: Final = "tls"  # the TLS handshake with etcd failed: its certificate not trusted, or the client's refused
 # Why an entry or the store is not read: the decoders' reasons, then the store's own.
-ERROR_REASONS: Final = (*REJECT_REASONS, ENTRY_LIMIT, UNREACHABLE, UNREADABLE, WATCH_LOST, COMPACTED)
+ERROR_REASONS: Final = (*REJECT_REASONS, ENTRY_LIMIT, UNREACHABLE, UNREADABLE, WATCH_LOST, COMPACTED, AUTH, TLS)
 
 
 class DiscoveryTelemetry:

@@ -16,7 +16,8 @@ time (bounded responses), then one watch of `v1/` from the next revision. A watc
 is compacted away, or whose endpoint stops answering a probe (a watch stream is silent
 when nothing changes, so silence alone says nothing) is followed by a new listing, diffed
 against the view. A failed endpoint gives way to the next one of `ETCD_ENDPOINTS`, with a
-growing delay.
+growing delay. TLS and etcd's auth token, as Dynamo's workers are told them (`ETCD_AUTH_*`), are
+`etcd_gateway`'s: a token etcd no longer takes is renewed there, or here for a watch.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ import msgspec
 import structlog
 from msgspec import Struct
 
-from aggregator.collectors.discovery_telemetry import COMPACTED, UNREACHABLE, WATCH_LOST, DiscoveryTelemetry
+from aggregator.collectors.discovery_telemetry import AUTH, COMPACTED, UNREACHABLE, WATCH_LOST, DiscoveryTelemetry
 from aggregator.config import DiscoveryConfig
+from aggregator.edges import etcd_gateway
 from aggregator.edges.discovery_store import Backoff, DiscoveryView, DiscoveryWatcher
+from aggregator.edges.etcd_gateway import EtcdGateway, EtcdUnavailable, TokenRefused
 from fleet_protocol.discovery import KEY_ROOT
 
 log = structlog.get_logger("aggregator.discovery")
@@ -95,10 +98,6 @@ _range_decoder: Final = msgspec.json.Decoder(_RangeResponse, strict=False)
 _watch_decoder: Final = msgspec.json.Decoder(_WatchLine, strict=False)
 
 
-class EtcdUnavailable(Exception):
-    """An endpoint did not answer, or answered with something other than what was asked."""
-
-
 class WatchEnded(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -134,14 +133,17 @@ class EtcdDiscovery(DiscoveryWatcher):
         # A page of entries at their size limit, base64-encoded, with room for keys and JSON.
         self.max_page_bytes = page_keys * (config.max_entry_bytes * 4 // 3 + 4096) + 65536
         self.revision = 0  # of the store as the view last saw it
+        self.watch_created = False  # the watch being followed was accepted (its token with it)
+        self.gateway = EtcdGateway(config, request_timeout)
+        self.protection = etcd_gateway.describe(config)
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
         endpoint = 0
         log.info("reading Dynamo's discovery store", backend=self.backend, endpoints=self.endpoints,
-                 namespace=self.view.namespace)
+                 namespace=self.view.namespace, auth=self.protection)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with self.gateway.session(timeout) as session:
             loop = asyncio.get_running_loop()
             while not stop.is_set():
                 base = self.endpoints[endpoint % len(self.endpoints)]
@@ -162,22 +164,12 @@ class EtcdDiscovery(DiscoveryWatcher):
                         self._failed(ended.reason, f"{base}: {ended}")
                 except EtcdUnavailable as error:
                     self.view.abandon_listing()
-                    self._failed(UNREACHABLE, f"{base}: {error}")
+                    self._failed(error.reason, f"{base}: {error}")
                     endpoint += 1
                 except Exception as error:  # noqa: BLE001 - a bug here must not end discovery for good
                     self.view.abandon_listing()
                     self._bug(error)
                 await backoff.wait(stop)
-
-    async def _post(self, session: aiohttp.ClientSession, url: str, body: dict, limit: int) -> bytes:
-        try:
-            async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=self.request_timeout)) as r:
-                data = await _read_bounded(r.content, limit)
-                if r.status != 200:
-                    raise EtcdUnavailable(f"HTTP {r.status}: {data[:200].decode(errors='replace')}")
-                return data
-        except (TimeoutError, aiohttp.ClientError, OSError) as error:
-            raise EtcdUnavailable(str(error) or type(error).__name__) from None
 
     async def _list(self, session: aiohttp.ClientSession, base: str) -> None:
         """Every key of the namespace at one revision into the view; keys it no longer holds deleted."""
@@ -190,7 +182,7 @@ class EtcdDiscovery(DiscoveryWatcher):
                 body: dict = {"key": _b64(start), "range_end": _b64(end), "limit": self.page_keys}
                 if revision:
                     body["revision"] = revision  # every page of the listing at the first one's revision
-                data = await self._post(session, f"{base}/v3/kv/range", body, self.max_page_bytes)
+                data = await self.gateway.post(session, base, "/v3/kv/range", body, self.max_page_bytes)
                 try:
                     page = _range_decoder.decode(data)
                 except msgspec.DecodeError as error:
@@ -224,11 +216,26 @@ class EtcdDiscovery(DiscoveryWatcher):
                 task.result()  # raises what ended it
 
     async def _watch(self, session: aiohttp.ClientSession, base: str) -> None:
+        """Follow the watch; raises WatchEnded. A token refused is renewed, the watch made again from where
+        it was; a new token refused before a watch was accepted with it ends the watch (`auth`)."""
+        renewed = False
+        while True:
+            token = await self.gateway.token(session, base)
+            self.watch_created = False
+            try:
+                await self._watch_with(session, base, token)
+            except TokenRefused as refused:
+                self.gateway.forget(token)
+                if renewed and not self.watch_created:
+                    raise WatchEnded(AUTH, f"watch refused a token issued just before: {refused}") from None
+                renewed = True
+
+    async def _watch_with(self, session: aiohttp.ClientSession, base: str, token: str | None) -> None:
         root = f"{KEY_ROOT}/".encode()
         body = {"create_request": {"key": _b64(root), "range_end": _b64(prefix_end(root)),
                                    "start_revision": self.revision + 1}}
         try:
-            async with session.post(f"{base}/v3/watch", json=body) as response:
+            async with self.gateway.stream(session, base, "/v3/watch", body, token) as response:
                 if response.status != 200:
                     raise WatchEnded(WATCH_LOST, f"watch refused: HTTP {response.status}")
                 buffer = bytearray()  # one response per line
@@ -257,9 +264,16 @@ class EtcdDiscovery(DiscoveryWatcher):
         result = message.result
         if result is None:
             return
+        if result.created and not result.canceled:
+            self.watch_created = True
         if result.canceled:
             if result.compact_revision:
                 raise WatchEnded(COMPACTED, f"revision {self.revision + 1} compacted (now {result.compact_revision})")
+            refusal = self.gateway.watch_refusal(result.cancel_reason)
+            if isinstance(refusal, TokenRefused):
+                raise refusal
+            if refusal is not None:
+                raise WatchEnded(AUTH, f"watch canceled: {refusal}")
             raise WatchEnded(WATCH_LOST, f"watch canceled: {result.cancel_reason[:200]}")
         for event in result.events:
             key = event.kv.key.decode(errors="replace")
@@ -274,17 +288,7 @@ class EtcdDiscovery(DiscoveryWatcher):
         while True:
             await asyncio.sleep(self.probe_interval)
             try:
-                await self._post(session, f"{base}/v3/maintenance/status", {}, 65536)
+                await self.gateway.post(session, base, "/v3/maintenance/status", {}, 65536)
             except EtcdUnavailable as error:
-                raise WatchEnded(WATCH_LOST, f"the endpoint stopped answering: {error}") from None
-
-
-async def _read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
-    chunks = []
-    size = 0
-    async for chunk in content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise EtcdUnavailable(f"a response over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+                reason = WATCH_LOST if error.reason == UNREACHABLE else error.reason
+                raise WatchEnded(reason, f"the endpoint stopped answering: {error}") from None

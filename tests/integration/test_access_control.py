@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import datetime
-import ipaddress
 import json
 import os
 import ssl
@@ -13,13 +11,10 @@ import urllib.request
 import bcrypt
 import nkeys
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from fleet_demo.nats_server import NatsServer
 
+from ..pki import write_pki
 from ..support import ROOT, http_get, samples, scrape, wait_until
 
 PERMISSIONS = ROOT / "deploy" / "nats-server" / "permissions.conf"
@@ -107,45 +102,10 @@ def test_nkey_seed(processes, tmp_path):
 # TLS -----------------------------------------------------------------------------------
 
 
-def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool, usage):
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-               .issuer_name(issuer_name or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     """A throwaway CA with a server and a client certificate (files)."""
-    from cryptography.x509.oid import ExtendedKeyUsageOID
-
-    directory = tmp_path_factory.mktemp("pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("test-ca", ca_key, None, ca_key, ca=True, usage=[])
-    files = {}
-
-    def write(name, cert, key):
-        (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        if key is not None:
-            (directory / f"{name}.key").write_bytes(key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        files[name] = (str(directory / f"{name}.crt"), str(directory / f"{name}.key"))
-
-    write("ca", ca, None)
-    for name, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        write(name, _cert(name, key, ca.subject, ca_key, ca=False, usage=[usage]), key)
-    files["dir"] = directory
-    return files
+    return write_pki(tmp_path_factory.mktemp("pki"))
 
 
 def test_mutual_tls_to_nats(processes, pki, tmp_path):

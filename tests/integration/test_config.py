@@ -239,6 +239,9 @@ def test_no_flags_give_the_default_config():
     assert demo_config([]) == DemoConfig()
 
 
+PEM_KEY = "-----BEGIN PRIVATE KEY-----\nkey-secret\n-----END PRIVATE KEY-----\n"
+
+
 @pytest.fixture
 def given(tmp_path):
     """A value other than the default for every flag: its text and the field value it must give."""
@@ -303,6 +306,11 @@ def given(tmp_path):
         "--discovery-backend": ("etcd", "etcd"),
         "--discovery-file-kv": ("/var/lib/dynamo", "/var/lib/dynamo"),
         "--etcd-endpoints": ("http://a:2379, b:2379", ("http://a:2379", "http://b:2379")),
+        "--etcd-username": ("root", "root"),
+        "--etcd-password": (f"@{secret}", "from-file"),
+        "--etcd-ca": (path, path),
+        "--etcd-client-cert": (path, path),
+        "--etcd-client-key": (PEM_KEY, PEM_KEY),  # PEM text, as Dynamo's workers take it
         "--discovery-file-ttl": ("20", 20.0),
         "--discovery-file-scan-interval": ("0.5", 0.5),
         "--discovery-max-entry-bytes": ("4096", 4096),

@@ -43,11 +43,19 @@ INVALID = [
     ("mistyped-flag", ["--nats-pasword", "LeakPw18"], {}, "LeakPw18"),
     ("mistyped-flag-equals", ["--nats-tokn=LeakTok19"], {}, "LeakTok19"),
     ("ambiguous-flag", ["--nats=LeakTok20"], {}, "LeakTok20"),
+    # etcd's password and client key (Dynamo's ETCD_AUTH_PASSWORD, ETCD_AUTH_CLIENT_KEY: a key is PEM text).
+    ("etcd-password-flag", ["--etcd-username", "u", "--etcd-password", "@LeakPw27"], {}, "LeakPw27"),
+    ("etcd-password-env", ["--etcd-username", "u"], {"ETCD_AUTH_PASSWORD": "@LeakPw28"}, "LeakPw28"),
+    ("etcd-password-without-user", ["--discovery-backend", "etcd"], {"ETCD_AUTH_PASSWORD": "LeakPw29"}, "LeakPw29"),
+    ("etcd-key-not-pem", [], {"ETCD_AUTH_CLIENT_KEY": "LeakKey30\nLeakKey30"}, "LeakKey30"),
+    ("etcd-key-bad-pem", ["--discovery-backend", "etcd", "--etcd-endpoints", "https://127.0.0.1:2379"],
+     {"ETCD_AUTH_CLIENT_CERT": "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
+      "ETCD_AUTH_CLIENT_KEY": "-----BEGIN PRIVATE KEY-----\nLeakKey31\n-----END PRIVATE KEY-----\n"}, "LeakKey31"),
 ]
 
 
 def run(program: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "AGGREGATOR_"))}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "AGGREGATOR_", "ETCD_", "DYN_"))}
     return subprocess.run([sys.executable, "-m", program, *args], check=False, capture_output=True, text=True,
                           timeout=30, env={**clean, **env}, cwd=ROOT)
 
