@@ -154,7 +154,9 @@ async def test_a_token_revoked_mid_watch_is_renewed_and_changes_still_arrive(aut
         finally:
             os.kill(auth_etcd.popen.pid, signal.SIGCONT)
         await run.until(lambda: run.watcher.state().connected, "read again with a new token")
-        assert run.watcher.gateway.tokens_issued == 2
+        # At least one new token (a loaded machine can time out a request after SIGCONT, and a reconnection
+        # to the member starts with a token of its own).
+        assert run.watcher.gateway.tokens_issued >= 2
         put_all(auth_etcd, worker_entries(worker=WORKER + 2, publisher=PUBLISHER + 4))
         await run.until(lambda: len(run.sink.entries) == 12, "a change after the renewal, watched")
         assert run.metric("llm_aggregator_discovery_errors_total", reason="auth") == 0  # renewal is no error

@@ -3,9 +3,9 @@
 Two rounds of the same hostile traffic, each with names never seen before: distinct worker
 ids past `--max-workers`, distinct components past the 10,000 group limit, labels far past
 128 characters, oversized messages. The first round fills every table to its limit; the
-second must be refused (or, for groups whose workers have expired, evicted) and counted
-without growing the process: its RSS once each round is handled, read from /proc. Its peak
-(VmHWM) has an absolute bound, stated below from what round one costs with the limits used here.
+second must be refused (or, for groups whose workers have expired, evicted) and counted,
+with the process's peak RSS (VmHWM, read from /proc) under an absolute bound stated below
+from what round one costs with the limits used here.
 """
 
 from __future__ import annotations
@@ -22,14 +22,12 @@ MAX_GROUPS = 10_000  # Fleet's fixed limit
 # The whole process, Python and libraries included, with 6000 workers and 10,000 groups stored
 # (measured ~90 MiB on the development machine).
 RSS_BOUND = 160 * 1024 * 1024
-# What a second round of never-seen names may leave behind, read once the round is handled and the
-# heap trimmed (a large scrape trims it): allocator noise and bounded caches filling, not the names.
-# Measured -0.3 to +5 MiB over four runs (the allocator's: +9 to +23 MiB when the ingest caches kept
-# every hostile 1 KB subject). Too noisy to tell a few MiB apart, so this bound catches gross
-# growth; the exact check, in-process with tracemalloc, is tests/unit/test_ingest_pipeline.py.
-# The peak in between also holds transient buffers, which a loaded machine makes larger: it is
-# only bounded absolutely.
-LASTING_GROWTH_BOUND = 12 * 1024 * 1024
+# What a second round of never-seen names leaves behind is not asserted here: read once the round
+# is handled and the heap trimmed, it was -0.3 to +5 MiB on a quiet machine and +12 MiB with the
+# whole suite running beside it (a backlog of messages fragments the heap), against +9 to +23 MiB
+# when the ingest caches kept every hostile 1 KB subject: the process's RSS cannot tell those apart.
+# The exact check, in-process with tracemalloc, is tests/unit/test_ingest_pipeline.py; here both
+# rounds are bounded absolutely, and the figures are printed.
 
 FLOOD = """
 import asyncio, json, sys, time, urllib.request
@@ -162,5 +160,4 @@ def test_hostile_cardinality_is_refused_counted_and_memory_stays_bounded(nats_se
     print(f"RSS at start {at_start / 2**20:.1f} MiB, peaks {[round(p / 2**20, 1) for p in peaks]} MiB, "
           f"{time.monotonic() - started:.1f} s")
     assert peaks[1] < RSS_BOUND
-    assert lasting[1] - lasting[0] < LASTING_GROWTH_BOUND  # a second round of new names costs nothing lasting
     assert aggregator.popen.poll() is None
