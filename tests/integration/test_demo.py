@@ -32,8 +32,13 @@ def test_demo_serves_live_fleet_metrics_and_stops_cleanly(processes):
     assert samples(families, "llm_kv_hit_rate_percent") == {}  # the legacy hit-rate events: none
     # simulated GPUs, 2 per worker by default
     wait_until(lambda: len(samples(scrape(url), "DCGM_FI_DEV_GPU_UTIL")) == 6, 20, what="demo GPUs")
-    lines = [json.loads(line) for line in demo.output().splitlines() if line.startswith("{")]
-    (discovery,) = {line["discovery"] for line in lines if "discovery" in line}
+
+    def discovery_directories() -> set[str]:
+        """The directory its "demo running" line names (logged a moment after the workers start)."""
+        lines = [json.loads(line) for line in demo.output().splitlines() if line.startswith("{")]
+        return {line["discovery"] for line in lines if "discovery" in line}
+
+    (discovery,) = wait_until(discovery_directories, 10, what=f"the demo's running line\n{demo.output()}")
     assert Path(discovery).is_dir() and any(Path(discovery).rglob("*"))
     assert demo.stop() == 0  # SIGTERM (like Ctrl-C) stops nats-server, aggregator and workers
     assert "Traceback" not in demo.output()
