@@ -11,8 +11,9 @@ The bottom layer of the aggregator: it imports nothing from the rest of it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Final
+from typing import Any, Final
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import fleet_protocol as protocol
@@ -135,15 +136,7 @@ class NatsConfig:
         return self.tls_ca is not None or self.tls_cert is not None
 
     def __repr__(self) -> str:
-        shown = []
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if item.name == "urls":
-                value = tuple(redact_url(url) for url in value)
-            elif item.name in ("password", "token") and value is not None:
-                value = "***"
-            shown.append(f"{item.name}={value!r}")
-        return f"NatsConfig({', '.join(shown)})"
+        return _repr_hiding(self, _nats_field_shown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,16 +343,7 @@ class DiscoveryConfig:
         return self.etcd_ca is not None or self.etcd_client_cert is not None
 
     def __repr__(self) -> str:
-        shown = []
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if item.name == "etcd_password" and value is not None:
-                value = "***"
-            elif item.name in ("etcd_ca", "etcd_client_cert", "etcd_client_key") and value is not None \
-                    and is_pem(value):
-                value = "<PEM>"
-            shown.append(f"{item.name}={value!r}")
-        return f"DiscoveryConfig({', '.join(shown)})"
+        return _repr_hiding(self, _discovery_field_shown)
 
 
 def http_url(url: str) -> str:
@@ -408,13 +392,34 @@ def label_pairs(*, reserved: tuple[str, ...] = ()) -> Check:
     return check
 
 
+def _repr_hiding(config: object, shown: Callable[[str, object], object]) -> str:
+    """The dataclass's repr, each field's value as `shown(name, value)` gives it: secrets hidden."""
+    values = (f"{item.name}={shown(item.name, getattr(config, item.name))!r}"
+              for item in fields(config))  # type: ignore[arg-type]
+    return f"{type(config).__name__}({', '.join(values)})"
+
+
+def _nats_field_shown(name: str, value: Any) -> object:
+    if name == "urls":
+        return tuple(redact_url(url) for url in value)
+    return "***" if name in ("password", "token") and value is not None else value
+
+
+def _discovery_field_shown(name: str, value: Any) -> object:
+    if name == "etcd_password" and value is not None:
+        return "***"
+    if name in ("etcd_ca", "etcd_client_cert", "etcd_client_key") and value is not None and is_pem(value):
+        return "<PEM>"
+    return value
+
+
+def _url_field_shown(name: str, value: Any) -> object:
+    return redact_url(value) if name == "url" else value
+
+
 def _redacted_repr(config: object) -> str:
     """The dataclass's repr with the credentials of its `url` field hidden."""
-    shown = []
-    for item in fields(config):  # type: ignore[arg-type]
-        value = getattr(config, item.name)
-        shown.append(f"{item.name}={redact_url(value) if item.name == 'url' else value!r}")
-    return f"{type(config).__name__}({', '.join(shown)})"
+    return _repr_hiding(config, _url_field_shown)
 
 
 @dataclass(frozen=True, slots=True, repr=False)
