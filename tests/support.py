@@ -20,6 +20,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from fleet_demo.nats_server import free_port, terminate
+from fleet_runtime.nats_settle import settle
 
 ROOT = Path(__file__).resolve().parent.parent
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
@@ -173,7 +174,7 @@ class NatsCapture:
             self.messages.append((message.subject, message.data))
 
         await self.client.subscribe("namespace.>", cb=keep)
-        await self.client.flush()
+        await settle(self.client)  # one flush can return before the server holds the subscription
         return self
 
     async def close(self) -> None:

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 import fleet_protocol as protocol
 from fleet_demo.nats_server import free_port
+from fleet_runtime.nats_settle import settle
 
 from ..support import ROOT, Process, http_get, wait_until
 
@@ -143,7 +144,7 @@ async def test_a_worker_only_mock_worker_publishes_and_serves_its_status(nats_se
     nc = await nats.connect(nats_server.url, connect_timeout=5)
     try:
         subscription = await nc.subscribe(prefix + ">")
-        await nc.flush()
+        await settle(nc)
         status_port = free_port()
         worker = processes.add(worker_only(
             "--nats-url", nats_server.url, "--workers", "1", "--interval", "0.1", "--metrics-interval", "0.2",

@@ -13,6 +13,7 @@ import nats
 import pytest
 
 from fleet_protocol.service_stats import endpoint_name, service_name
+from fleet_runtime.nats_settle import settle
 from mock_worker.fleet import build_engines
 
 from ..support import mock_worker, samples, scrape, wait_until
@@ -139,7 +140,7 @@ async def test_exact_subjects_and_one_bad_endpoint_spoil_nothing_else(nats_serve
 
         await nc.subscribe(f"$SRV.STATS.{service}", cb=broken_entries)
         await nc.subscribe(f"$SRV.STATS.{service}", cb=not_json)
-        await nc.flush()
+        await settle(nc)
 
         def error_counts():
             families = scrape(aggregator.url)

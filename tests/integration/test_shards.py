@@ -26,6 +26,7 @@ from aggregator.state.fleet import Fleet
 from fleet_demo.nats_server import NatsServer, free_port
 from fleet_protocol import ForwardPassMetrics, KvHitRateEvent, KvStats, LoadEvent, WorkerStats
 from fleet_protocol.partitions import partition, partition_key
+from fleet_runtime.nats_settle import settle
 
 from ..support import ROOT, mock_worker, render_families, samples, scrape, wait_until
 
@@ -72,7 +73,7 @@ def test_partition_is_nats_servers_partition_mapping(tmp_path):
         await nc.subscribe("p2.>", cb=got)
         await nc.subscribe("p3.>", cb=got)
         await nc.subscribe("p7.>", cb=got)
-        await nc.flush()
+        await settle(nc)
         for m in (2, 3, 7):
             for name in names:
                 await nc.publish(f"m{m}.{name}", b"")
