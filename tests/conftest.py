@@ -8,7 +8,7 @@ from fleet_demo.nats_server import NatsServer
 
 from .discovery_support import etcd_running
 from .dynamo_runtime import DynamoWorker, EtcdServer, WorkerSettings
-from .support import AggregatorProcess, Process
+from .support import AggregatorProcess, Process, wait_until
 
 
 @pytest.fixture
@@ -28,10 +28,19 @@ def processes():
     started: list[Process] = []
 
     class Starter:
-        def aggregator(self, nats_url: str, *extra: str, env: dict | None = None) -> AggregatorProcess:
+        def aggregator(self, nats_url: str, *extra: str, env: dict | None = None,
+                       ready: bool = True) -> AggregatorProcess:
+            """Started and live; with `ready`, also subscribed (/health 200), so that nothing published
+            from then on is missed. `ready=False` for a test whose aggregator must not reach NATS."""
             process = AggregatorProcess(nats_url, *extra, env=env)
             started.append(process)
-            return process.wait_live()
+            process.wait_live()
+            if ready:
+                try:
+                    wait_until(lambda: process.health() == 200, 15, what="aggregator subscribed")
+                except AssertionError:
+                    raise AssertionError(f"aggregator not ready:\n{process.output()[-4000:]}") from None
+            return process
 
         def add(self, process: Process) -> Process:
             started.append(process)

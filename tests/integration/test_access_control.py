@@ -66,7 +66,7 @@ def test_user_password_with_least_permissions_from_deploy_config(processes):
         assert_no_secret(aggregator, "aggregator-secret-1")
 
         # Wrong password in a URL: not ready, and neither the password nor the URL's userinfo is logged.
-        wrong = processes.aggregator(server.url.replace("nats://", "nats://aggregator:wrong-secret-9@"))
+        wrong = processes.aggregator(server.url.replace("nats://", "nats://aggregator:wrong-secret-9@"), ready=False)
         wait_until(lambda: "Authorization Violation" in wrong.output(), 10, what="auth failure logged")
         assert wrong.health() == 503
         assert_no_secret(wrong, "wrong-secret-9")
@@ -78,7 +78,7 @@ def test_token(processes, tmp_path):
     secret_file = tmp_path / "token"
     secret_file.write_text("tok-s3cret-42\n")
     with NatsServer(config=str(config)) as server:
-        refused = processes.aggregator(server.url)
+        refused = processes.aggregator(server.url, ready=False)
         aggregator = processes.aggregator(server.url, "--nats-token", f"@{secret_file}")
         wait_until(lambda: aggregator.health() == 200, 15, what="token accepted")
         wait_until(lambda: "Authorization Violation" in refused.output(), 10, what="no token refused")
@@ -116,7 +116,7 @@ def test_mutual_tls_to_nats(processes, pki, tmp_path):
     client_cert, client_key = pki["client"]
     with NatsServer(config=str(config)) as server:
         url = server.url.replace("nats://", "tls://")
-        without_cert = processes.aggregator(url, "--nats-tls-ca", ca)
+        without_cert = processes.aggregator(url, "--nats-tls-ca", ca, ready=False)
         aggregator = processes.aggregator(url, env={"NATS_TLS_CA": ca, "NATS_TLS_CERT": client_cert,
                                                     "NATS_TLS_KEY": client_key})
         wait_until(lambda: aggregator.health() == 200, 15, what="mutual TLS")

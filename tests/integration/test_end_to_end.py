@@ -198,7 +198,7 @@ def test_bad_input_is_counted_logged_once_and_harms_no_one(nats_server, processe
 def test_starts_without_nats_then_follows_its_restarts(processes):
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
-    aggregator = processes.aggregator(url, "--stale-after", "30")
+    aggregator = processes.aggregator(url, "--stale-after", "30", ready=False)
     assert aggregator.health() == 503
     status, _, body = http_get(f"{aggregator.url}/health")
     assert json.loads(body)["nats"]["connected"] is False
@@ -227,7 +227,7 @@ def test_starts_without_nats_then_follows_its_restarts(processes):
 
 
 def test_live_is_always_ok(processes):
-    aggregator = processes.aggregator(f"nats://127.0.0.1:{free_port()}")
+    aggregator = processes.aggregator(f"nats://127.0.0.1:{free_port()}", ready=False)
     status, _, body = http_get(f"{aggregator.url}/live")
     assert (status, json.loads(body)) == (200, {"status": "live"})
 

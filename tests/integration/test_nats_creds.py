@@ -94,7 +94,7 @@ def test_the_aggregator_connects_with_a_creds_file_and_receives_a_workers_messag
 def test_wrong_or_missing_creds_are_refused_with_a_clear_log_line_and_503(operator_mode, processes, case):
     server, files = operator_mode
     extra = [] if case == "missing" else ["--nats-creds", str(files[case][0])]
-    refused = processes.aggregator(server.url, *extra)
+    refused = processes.aggregator(server.url, *extra, ready=False)
     wait_until(lambda: "Authorization Violation" in refused.output(), 15, what="the refusal logged")
     lines = [x for x in refused.output().splitlines() if "Authorization Violation" in x]
     assert "[warning" in lines[0] and "NATS error" in lines[0], lines[0]

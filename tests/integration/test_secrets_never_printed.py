@@ -97,7 +97,7 @@ def test_a_web_config_error_does_not_print_the_credentials(tmp_path, content, se
 
 
 def test_a_valid_url_with_credentials_is_not_logged_while_nats_is_unreachable(processes):
-    aggregator = processes.aggregator(f"nats://u:LeakPw27@127.0.0.1:{free_port()}")
+    aggregator = processes.aggregator(f"nats://u:LeakPw27@127.0.0.1:{free_port()}", ready=False)
     wait_until(lambda: "NATS" in aggregator.output().split("serving metrics", 1)[-1], 15, what="a NATS warning")
     assert aggregator.health() == 503
     assert "LeakPw27" not in aggregator.output()
