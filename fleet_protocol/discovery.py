@@ -249,13 +249,15 @@ class NatsConfig(Struct, gc=False):
     subject_prefix: Annotated[str, Meta(min_length=1, max_length=1024)]
 
 
+_Endpoint = Annotated[str, Meta(min_length=1, max_length=1024)]  # a ZMQ endpoint, tcp://ip:port
+
+
 class ZmqConfig(Struct, gc=False):
-    endpoint: Annotated[str, Meta(min_length=1, max_length=1024)]  # tcp://ip:port of the publisher's PUB socket
+    endpoint: _Endpoint  # of the publisher's PUB socket
 
 
 # Endpoints a broker lists: a broker is one process, HA is a few of them.
 MAX_BROKER_ENDPOINTS: Final = 16
-_Endpoint = Annotated[str, Meta(min_length=1, max_length=1024)]
 
 
 class ZmqBrokerConfig(Struct, gc=False):

@@ -196,10 +196,7 @@ class ZmqEventPlane:
             return
         self.channels[key] = channel
         self._by_publisher[channel.publisher_id] = channel
-        users = self._endpoints.get(channel.endpoint, 0)
-        self._endpoints[channel.endpoint] = users + 1
-        if not users and self._context is not None:
-            self._subscribe(channel.endpoint, DIRECT)
+        self._hold(self._endpoints, channel.endpoint, DIRECT)
         self.telemetry.publishers.set(len(self.channels))
 
     def _put_broker(self, key: str, xpub: tuple[str, ...]) -> None:
@@ -215,10 +212,7 @@ class ZmqEventPlane:
             return
         self.brokers[key] = xpub
         for endpoint in xpub:
-            users = self._broker_endpoints.get(endpoint, 0)
-            self._broker_endpoints[endpoint] = users + 1
-            if not users and self._context is not None:
-                self._subscribe(endpoint, BROKER)
+            self._hold(self._broker_endpoints, endpoint, BROKER)
         log.info("ZMQ broker found in discovery", key=key[:256], xpub=list(xpub))
 
     def _delete_broker(self, key: str) -> bool:
@@ -226,14 +220,7 @@ class ZmqEventPlane:
         if xpub is None:
             return False
         for endpoint in xpub:
-            users = self._broker_endpoints[endpoint] - 1
-            if users:
-                self._broker_endpoints[endpoint] = users
-                continue
-            del self._broker_endpoints[endpoint]
-            subscription = self._subscriptions.pop((BROKER, endpoint), None)
-            if subscription is not None:
-                self._unsubscribe(subscription)
+            self._release(self._broker_endpoints, endpoint, BROKER)
         log.info("ZMQ broker gone from discovery", key=key[:256])
         return True
 
@@ -245,27 +232,44 @@ class ZmqEventPlane:
             return
         if self._by_publisher.get(channel.publisher_id) is channel:
             del self._by_publisher[channel.publisher_id]
-        users = self._endpoints[channel.endpoint] - 1
-        if users:
-            self._endpoints[channel.endpoint] = users
-        else:
-            del self._endpoints[channel.endpoint]
-            subscription = self._subscriptions.pop((DIRECT, channel.endpoint), None)
-            if subscription is not None:
-                self._unsubscribe(subscription)
+        self._release(self._endpoints, channel.endpoint, DIRECT)
         self.telemetry.publishers.set(len(self.channels))
+
+    def _hold(self, users: dict[str, int], endpoint: str, mode: str) -> None:
+        """One more user of `endpoint` (channels or brokers listing it); the first one subscribes, if running."""
+        held = users.get(endpoint, 0)
+        users[endpoint] = held + 1
+        if not held and self._context is not None:
+            self._subscribe(endpoint, mode)
+
+    def _release(self, users: dict[str, int], endpoint: str, mode: str) -> None:
+        """One user fewer of `endpoint`; the last one closes its subscription."""
+        left = users[endpoint] - 1
+        if left:
+            users[endpoint] = left
+            return
+        del users[endpoint]
+        subscription = self._subscriptions.pop((mode, endpoint), None)
+        if subscription is not None:
+            self._unsubscribe(subscription)
 
     def snapshot_complete(self) -> None:
         pass  # every change came through put and delete
 
     def health(self) -> dict[str, object]:
         """What /health reports: publishers and brokers known, and how many of their endpoints are connected."""
+        return {"publishers": len(self.channels), "brokers": self._brokers(), "connected": self._connected()}
+
+    def _brokers(self) -> list[str]:
+        """The XPUB endpoints read: DYN_ZMQ_BROKER_URL's, or those the discovery store lists."""
+        return [*self.config.broker_xpub, *self._broker_endpoints]
+
+    def _connected(self) -> dict[str, int]:
+        """Endpoints whose handshake is done, by mode."""
         connected = dict.fromkeys((DIRECT, BROKER), 0)
         for subscription in self._subscriptions.values():
             connected[subscription.mode] += subscription.connected
-        return {"publishers": len(self.channels),
-                "brokers": [*self.config.broker_xpub, *self._broker_endpoints],
-                "connected": connected}
+        return connected
 
     # Messages ------------------------------------------------------------------------
 
@@ -360,9 +364,8 @@ class ZmqEventPlane:
             self._set_connected()
 
     def _set_connected(self) -> None:
-        for mode in (DIRECT, BROKER):
-            self.telemetry.endpoints.labels(mode).set(
-                sum(1 for sub in self._subscriptions.values() if sub.mode == mode and sub.connected))
+        for mode, connected in self._connected().items():
+            self.telemetry.endpoints.labels(mode).set(connected)
 
     async def _read(self, socket: zmq.asyncio.Socket) -> None:
         # The asyncio socket waits; the plain one it shadows drains a batch without a future per message.
@@ -397,12 +400,11 @@ class ZmqEventPlane:
         self._context = zmq.asyncio.Context()
         self._context.set(zmq.MAX_SOCKETS, SOCKETS_PER_ENDPOINT * endpoints + 64)
         _allow_descriptors(FDS_PER_ENDPOINT * endpoints + 1024)
-        for endpoint in (*self.config.broker_xpub, *self._broker_endpoints):
+        for endpoint in self._brokers():
             self._subscribe(endpoint, BROKER)
         for endpoint in self._endpoints:
             self._subscribe(endpoint, DIRECT)
-        log.info("ZMQ event plane subscribed", publishers=len(self.channels),
-                 brokers=[*self.config.broker_xpub, *self._broker_endpoints],
+        log.info("ZMQ event plane subscribed", publishers=len(self.channels), brokers=self._brokers(),
                  max_publishers=self.config.max_publishers)
         try:
             await stop.wait()

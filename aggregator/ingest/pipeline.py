@@ -89,7 +89,8 @@ MAX_CACHED_SUBJECTS: Final = 10_000
 MAX_CACHED_SUBJECT_CHARS: Final = 512
 
 
-def _cacheable(cache: dict, subject: str) -> bool:
+def cacheable_subject(cache: dict, subject: str) -> bool:
+    """Whether `subject` may join `cache` (the shard filter's too)."""
     return len(cache) < MAX_CACHED_SUBJECTS and len(subject) <= MAX_CACHED_SUBJECT_CHARS
 
 
@@ -314,7 +315,7 @@ class SubjectFeed(Feed):
                                                                 f"{topic} in namespace {self.ingest.namespace!r}")
         scope = _EventScope(names.component, names.endpoint,
                             self._publishers.counts(StreamKey(names.component, names.endpoint, names.topic)))
-        if _cacheable(self._scopes, subject):
+        if cacheable_subject(self._scopes, subject):
             self._scopes[subject] = scope
         return scope
 
@@ -346,7 +347,7 @@ class SubjectFeed(Feed):
                 candidate = f"namespace.{parts[1]}.component.*.endpoint.*.{parts[6]}"
             if candidate is not None and candidate in self.routes:
                 pattern = candidate
-        if _cacheable(self._patterns, subject):
+        if cacheable_subject(self._patterns, subject):
             self._patterns[subject] = pattern
         return pattern
 
@@ -354,7 +355,7 @@ class SubjectFeed(Feed):
         component = self._components.get(subject)
         if component is None:
             component = protocol.component_of(subject)
-            if _cacheable(self._components, subject):
+            if cacheable_subject(self._components, subject):
                 self._components[subject] = component
         return component
 

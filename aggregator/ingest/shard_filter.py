@@ -14,12 +14,9 @@ whichever plane and store it is read from.
 from __future__ import annotations
 
 from aggregator.config import ShardConfig
+from aggregator.ingest.pipeline import cacheable_subject
 from fleet_protocol import encode_event_segment
 from fleet_protocol.partitions import partition, partition_key
-
-# Subjects whose answer is kept, and their length at most: a fleet has few, hostile subjects are many and long.
-_MAX_REMEMBERED = 10_000
-_MAX_REMEMBERED_CHARS = 512
 
 
 class ShardFilter:
@@ -34,7 +31,7 @@ class ShardFilter:
         kept = self._kept.get(subject)
         if kept is None:
             kept = partition(partition_key(subject, self.default_component), self.shard.count) == self.shard.index
-            if len(self._kept) < _MAX_REMEMBERED and len(subject) <= _MAX_REMEMBERED_CHARS:
+            if cacheable_subject(self._kept, subject):  # bounded as the pipeline's own caches
                 self._kept[subject] = kept
         if not kept:
             self.skipped += 1
