@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import nats
 import pytest
 
 from fleet_demo.nats_server import NatsServer
@@ -20,6 +21,14 @@ def nats_server():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server):
+    """A nats-py client of `nats_server`, closed after the test."""
+    client = await nats.connect(nats_server.url)
+    yield client
+    await client.close()
 
 
 @pytest.fixture

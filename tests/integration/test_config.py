@@ -375,11 +375,13 @@ def test_scrape_targets_come_from_the_flag_or_the_variable(monkeypatch):
     (["--scrape", "a/b", "--poll-interval", "3", "--stale-after", "2"], {},
      ("argument --poll-interval: 3 must be below --stale-after 2, or every scraped worker would expire between "
      "polls (env AGGREGATOR_POLL_INTERVAL)")),
-    # Dynamo's Kubernetes discovery backend is not read: refused, not silently off.
-    ([], {"DYN_DISCOVERY_BACKEND": "kubernetes"},
-     "argument --discovery-backend: 'kubernetes' is not one of file, etcd (env DYN_DISCOVERY_BACKEND)"),
 ])
 def test_a_bad_config_is_one_line_naming_the_flag_and_variable(argv, env, line, monkeypatch, capsys):
+    assert_refused_in_one_line(argv, env, line, monkeypatch, capsys)
+
+
+def assert_refused_in_one_line(argv: list[str], env: dict[str, str], line: str, monkeypatch, capsys) -> None:
+    """`python -m aggregator argv` with `env` exits 2 with exactly `line` on stderr."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as exit_:

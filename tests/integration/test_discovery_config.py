@@ -11,6 +11,7 @@ from aggregator import cli
 from aggregator.config import ConfigError, DiscoveryConfig
 
 from ..pki import write_pki
+from .test_config import assert_refused_in_one_line
 
 DISCOVERY_ENV = ["DYN_DISCOVERY_BACKEND", "DYN_FILE_KV", "ETCD_ENDPOINTS", "TMPDIR",
                  *(flag.env for flag in cli.FLAGS if flag.field.startswith("discovery.") and flag.env)]
@@ -104,12 +105,7 @@ def test_the_file_backend_defaults_to_dynamos_temporary_directory(monkeypatch):
      "argument --discovery-max-entries: 0 is outside 1..10000000 (env AGGREGATOR_DISCOVERY_MAX_ENTRIES)"),
 ])
 def test_a_bad_setting_is_one_line_naming_the_flag_and_variable(argv, env, line, monkeypatch, capsys):
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    with pytest.raises(SystemExit) as exit_:
-        cli.parse_config(argv)
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err == f"aggregator: error: {line}\n"
+    assert_refused_in_one_line(argv, env, line, monkeypatch, capsys)
 
 
 ETCD_ENV = ["ETCD_AUTH_USERNAME", "ETCD_AUTH_PASSWORD", "ETCD_AUTH_CA", "ETCD_AUTH_CLIENT_CERT", "ETCD_AUTH_CLIENT_KEY"]

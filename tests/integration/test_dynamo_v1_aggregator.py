@@ -47,11 +47,6 @@ def by_rank(families: dict, name: str, sample: str | None = None, **labels: str)
     return found
 
 
-def ready(aggregator) -> None:
-    """Subscribed: a 1.6.1 worker publishes kv_metrics only on change, so nothing sent before is seen again."""
-    wait_until(lambda: aggregator.health() == 200, 15, what="aggregator subscribed")
-
-
 async def until(aggregator, check: Callable[[dict], bool], what: str, timeout: float = WAIT_S) -> dict:
     def attempt():
         families = scrape(aggregator.url)
@@ -67,7 +62,6 @@ async def test_a_real_worker_shows_its_exact_values_and_capacity_survives_idle_a
         nats_server, processes, dynamo_workers, tmp_path):
     aggregator = processes.aggregator(nats_server.url, "--stale-after", "2", "--discovery-backend", "file",
                                       "--discovery-file-kv", str(tmp_path), "--discovery-file-scan-interval", "0.2")
-    ready(aggregator)
     worker = await in_thread(dynamo_workers, nats_url=nats_server.url, file_kv=str(tmp_path))
     command = worker.command
     await in_thread(command, "register", **RUNTIME_CONFIG)
@@ -133,7 +127,6 @@ async def test_a_real_worker_shows_its_exact_values_and_capacity_survives_idle_a
 async def test_without_discovery_stale_after_decides_and_forward_pass_heartbeats_keep_a_worker(
         nats_server, processes, dynamo_workers, tmp_path):
     aggregator = processes.aggregator(nats_server.url, "--stale-after", "2")
-    ready(aggregator)
     worker = await in_thread(dynamo_workers, nats_url=nats_server.url, file_kv=str(tmp_path))
     await in_thread(worker.command, "load", dp_rank=1, kv_used_blocks=3)  # and then nothing: change-only
     await in_thread(worker.command, "fpm", worker_id=str(worker.worker_id), dp_rank=0, **{

@@ -83,7 +83,6 @@ def test_groups_restored_from_a_snapshot_are_evictable_until_a_worker_comes_back
 
 def test_ten_thousand_expired_junk_components_do_not_keep_a_new_component_out(nats_server, processes):
     aggregator = processes.aggregator(nats_server.url, "--stale-after", "1")
-    wait_until(lambda: aggregator.health() == 200, 15, what="subscribed")
     event = json.dumps({"worker_id": 1, "data": {"worker_stats": {"request_active_slots": 1,
                                                                   "request_total_slots": 8},
                                                  "kv_stats": {"kv_active_blocks": 1, "kv_total_blocks": 100}}})

@@ -229,7 +229,6 @@ def test_connections_past_the_cap_wait_in_the_backlog(nats_server, processes):
 
 def test_running_out_of_file_descriptors_is_logged_once_in_a_while_and_the_service_recovers(nats_server, processes):
     aggregator = processes.aggregator(nats_server.url, env={"AGGREGATOR_HTTP_HEADER_TIMEOUT": "60"})
-    wait_until(lambda: aggregator.health() == 200, 15, what="subscribed")
     pid = aggregator.popen.pid
     limit = open_fds(pid) + 30
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))

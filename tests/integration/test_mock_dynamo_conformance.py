@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
-import nats
 import pytest
 
 import fleet_protocol as protocol
@@ -76,13 +75,6 @@ async def capture(nats_server):
     capturing = await Capture().start(nats_server.url)
     yield capturing
     await capturing.close()
-
-
-@pytest.fixture
-async def nc(nats_server):
-    client = await nats.connect(nats_server.url)
-    yield client
-    await client.close()
 
 
 def in_thread(function, *args, **kwargs):

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import nats
 import pytest
 import zmq
 
@@ -77,13 +76,6 @@ async def capture(nats_server):
     capturing = await Capture().start(nats_server.url)
     yield capturing
     await capturing.close()
-
-
-@pytest.fixture
-async def nc(nats_server):
-    client = await nats.connect(nats_server.url)
-    yield client
-    await client.close()
 
 
 @pytest.fixture

@@ -86,7 +86,6 @@ def publish_exactly(url: str, aggregator_url: str, count: int, first_worker: int
 
 def test_killing_the_node_the_aggregator_is_on_fails_over_within_2s(nats_cluster, processes, record_property):
     aggregator = processes.aggregator(nats_cluster.urls, "--stale-after", "600")
-    wait_until(lambda: aggregator.health() == 200, 15, what="connected")
     first = nats_cluster.node_of_client("llm-aggregator")
     assert first is not None
     survivors = [i for i in range(3) if i != first]

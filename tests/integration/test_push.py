@@ -128,7 +128,6 @@ def publish_known_fleet(nats_url: str, aggregator) -> dict:
 def test_the_pushgateway_gets_every_fleet_series_with_exact_values(nats_server, processes, pushgateway):
     aggregator = processes.aggregator(nats_server.url, "--stale-after", "600", "--push-gateway", pushgateway.url,
                                       "--push-gateway-interval", "0.2", "--push-gateway-grouping", "instance=agg-a")
-    wait_until(lambda: aggregator.health() == 200, 15, what="connected")
     want = publish_known_fleet(nats_server.url, aggregator)
     # The same series, the same values, under the group's labels.
     wait_until(lambda: exact(fleet_series(pushgateway.families(), GROUP)) == exact(want), 10,
@@ -148,9 +147,8 @@ def test_the_pushgateway_gets_every_fleet_series_with_exact_values(nats_server, 
 @needs_pushgateway
 def test_expired_workers_leave_the_pushgateway_too(nats_server, processes, pushgateway):
     """Each push replaces the group's series: a worker that expired here is gone there at the next push."""
-    aggregator = processes.aggregator(nats_server.url, "--stale-after", "1", "--push-gateway", pushgateway.url,
-                                      "--push-gateway-interval", "0.2", "--push-gateway-grouping", "instance=agg-a")
-    wait_until(lambda: aggregator.health() == 200, 15, what="connected")
+    processes.aggregator(nats_server.url, "--stale-after", "1", "--push-gateway", pushgateway.url,
+                         "--push-gateway-interval", "0.2", "--push-gateway-grouping", "instance=agg-a")
     publish(nats_server.url, [(LOAD_SUBJECT, load(1)), (LOAD_SUBJECT, load(2))])
     wait_until(lambda: len(samples(pushgateway.families(), "llm_kv_blocks_active")) == 2, 10, what="2 workers pushed")
     # Nothing more is published: both expire, and the next push no longer has them.
@@ -168,7 +166,6 @@ def test_a_failing_pushgateway_is_counted_and_holds_up_neither_ingest_nor_scrape
         url = receiver.url if receiver is not None else f"http://127.0.0.1:{free_port()}"
         aggregator = processes.aggregator(nats_server.url, "--stale-after", "600", "--push-gateway", url,
                                           "--push-gateway-interval", "0.2", "--push-gateway-timeout", "3")
-        wait_until(lambda: aggregator.health() == 200, 15, what="connected")
         wait_until(lambda: push_counters(aggregator.url)[reason] >= 1, 15, what=f"failures ({reason}) counted")
         # While pushes fail, or hang for their 3 s timeout, every message is taken and /metrics answers at once.
         publish(nats_server.url, [(LOAD_SUBJECT, load(i)) for i in range(100)])
@@ -201,7 +198,6 @@ def test_credentials_in_the_url_become_basic_auth_and_are_never_shown(nats_serve
                                       env={"AGGREGATOR_PUSH_GATEWAY": authorised})
     refused = processes.aggregator(nats_server.url, "--push-gateway-interval", "0.2",
                                    env={"AGGREGATOR_PUSH_GATEWAY": gateway.url.replace("http://", "http://pusher:no@")})
-    wait_until(lambda: aggregator.health() == 200, 15, what="connected")
     publish(nats_server.url, [(LOAD_SUBJECT, load(7))])
     wait_until(lambda: len(samples(gateway.families(), "llm_kv_blocks_active")) == 1, 10, what="pushed with auth")
     wait_until(lambda: push_counters(refused.url)["status_4xx"] >= 1, 10, what="a wrong password refused (401)")

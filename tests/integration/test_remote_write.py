@@ -93,7 +93,6 @@ FLEET_QUERY = '{__name__=~"llm_.+", __name__!~"llm_aggregator_.+", replica="r1"}
 def test_prometheus_receives_every_fleet_series_with_exact_values(nats_server, processes, prometheus):
     aggregator = processes.aggregator(nats_server.url, "--stale-after", "600", "--remote-write", prometheus.write_url,
                                       "--remote-write-interval", "0.2", "--remote-write-labels", "replica=r1")
-    wait_until(lambda: aggregator.health() == 200, 15, what="connected")
     want = publish_known_fleet(nats_server.url, aggregator)
     # Every series, labelled replica="r1" (no series of the aggregator has that label of its own).
     want = {(name, tuple(sorted((*labels, ("replica", "r1"))))): value for (name, labels), value in want.items()}
@@ -113,9 +112,8 @@ def test_prometheus_receives_every_fleet_series_with_exact_values(nats_server, p
 @needs_prometheus
 def test_expired_workers_end_with_a_stale_marker(nats_server, processes, prometheus):
     """Without one, Prometheus would keep returning a gone worker's last value for 5 minutes."""
-    aggregator = processes.aggregator(nats_server.url, "--stale-after", "1", "--remote-write", prometheus.write_url,
-                                      "--remote-write-interval", "0.2", "--remote-write-labels", "replica=r1")
-    wait_until(lambda: aggregator.health() == 200, 15, what="connected")
+    processes.aggregator(nats_server.url, "--stale-after", "1", "--remote-write", prometheus.write_url,
+                         "--remote-write-interval", "0.2", "--remote-write-labels", "replica=r1")
     publish(nats_server.url, [(LOAD_SUBJECT, load(1)), (LOAD_SUBJECT, load(2))])
     wait_until(lambda: len(prometheus.query("llm_kv_blocks_active")) == 2, 15, what="2 workers in Prometheus")
     wait_until(lambda: prometheus.query("llm_kv_blocks_active") == {}, 15, what="both gone once expired")
@@ -178,7 +176,6 @@ def test_a_receiver_that_is_away_fills_a_bounded_queue_and_holds_up_neither_inge
                                           "--remote-write-interval", "0.2", "--remote-write-timeout", "3",
                                           "--remote-write-max-samples-per-send", "50",
                                           "--remote-write-queue-samples", "400")
-        wait_until(lambda: aggregator.health() == 200, 15, what="connected")
         wait_until(lambda: write_counters(aggregator.url)[reason] >= 1, 15, what=f"failures ({reason}) counted")
         publish(nats_server.url, [(LOAD_SUBJECT, load(i)) for i in range(100)])
         wait_until(lambda: sum(samples(scrape(aggregator.url), "llm_workers").values()) == 100, 10, what="100 workers")

@@ -83,7 +83,6 @@ def test_sigkill_mid_stream_loses_no_hit_rate_history(jetstream_server, processe
     if with_snapshot:
         extra += ["--hit-rate-snapshot", str(snapshot)]
     first = processes.aggregator(url, *extra)
-    wait_until(lambda: first.health() == 200, 15, what="connected")
     wait_until(lambda: "consuming hit-rate events" in first.output(), 15, what="stream consumer")
 
     total = 400
@@ -133,7 +132,6 @@ def test_sigterm_drains_writes_final_state_and_closes_http(jetstream_server, pro
 
 def test_without_the_flag_hit_rate_events_come_from_core_nats(jetstream_server, processes):
     aggregator = processes.aggregator(jetstream_server.url)
-    wait_until(lambda: aggregator.health() == 200, 15, what="connected")
     from ..support import publish
 
     publish(jetstream_server.url, [("namespace.dynamo.kv-hit-rate",

@@ -363,7 +363,6 @@ def test_dockerfile_healthcheck_follows_the_aggregators_health(processes):
 
     with NatsServer() as nats:
         healthy = processes.aggregator(nats.url)
-        wait_until(lambda: healthy.health() == 200, 15, what="aggregator healthy")
         assert check(healthy.port) == 0
     # NATS gone: /health answers 503 and the check fails; nothing listening fails too.
     wait_until(lambda: healthy.health() == 503, 15, what="aggregator unhealthy without NATS")
