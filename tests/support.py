@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Self
 
 import nats
+import pytest
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
@@ -39,6 +41,23 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval:
             last_error = error
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: {last_error}")
+
+
+def in_thread(function, *args, **kwargs):
+    """`function(*args, **kwargs)` run in a thread, awaited (a blocking helper inside an async test)."""
+    return asyncio.to_thread(function, *args, **kwargs)
+
+
+def capture_fixture(kind: type[NatsCapture]):
+    """A `capture` fixture of `kind` (a NatsCapture with its own readers) on `nats_server`, closed after."""
+
+    @pytest.fixture
+    async def capture(nats_server):
+        capturing = await kind().start(nats_server.url)
+        yield capturing
+        await capturing.close()
+
+    return capture
 
 
 def http_get(url: str, headers: dict | None = None, timeout: float = 5.0) -> tuple[int, dict, bytes]:

@@ -29,16 +29,13 @@ from fleet_protocol import (
 
 from ..discovery_support import Running, etcd_put, needs_etcd, running
 from ..dynamo_runtime import DynamoWorker
+from ..support import in_thread
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")
 pytest.importorskip("zmq", reason="the `dynamo` test extra (pyzmq) is not installed")
 
 RUNTIME_CONFIG = {"total_kv_blocks": 4096, "max_num_seqs": 256, "max_num_batched_tokens": 8192,
                   "data_parallel_start_rank": 2, "data_parallel_size": 2}
-
-
-def in_thread(function, *args, **kwargs):
-    return asyncio.to_thread(function, *args, **kwargs)
 
 
 async def registered(worker: DynamoWorker) -> None:

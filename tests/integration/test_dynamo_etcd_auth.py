@@ -15,7 +15,8 @@ import pytest
 
 from ..discovery_support import etcd_running, needs_etcd
 from ..pki import write_pki
-from .test_dynamo_v1_aggregator import RUNTIME_CONFIG, by_rank, in_thread, until
+from ..support import in_thread
+from .test_dynamo_v1_aggregator import RUNTIME_CONFIG, by_rank, until
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")
 pytest.importorskip("zmq", reason="the `dynamo` test extra (pyzmq) is not installed")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 
-from ..support import http_get, samples, scrape, wait_until
+from ..support import http_get, in_thread, samples, scrape, wait_until
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")
 pytest.importorskip("zmq", reason="the `dynamo` test extra (pyzmq) is not installed")
@@ -31,10 +31,6 @@ IDLE_FPM = {"scheduled_num_prefill_requests": 0, "scheduled_sum_prefill_tokens":
             "queued_num_decode_requests": 0, "queued_sum_decode_kv_tokens": 0, "wall_time_secs": 0.0}
 RUNTIME_CONFIG = {"total_kv_blocks": 4096, "max_num_seqs": 256, "max_num_batched_tokens": 8192,
                   "data_parallel_start_rank": 0, "data_parallel_size": 2}
-
-
-def in_thread(function, *args, **kwargs):
-    return asyncio.to_thread(function, *args, **kwargs)
 
 
 def by_rank(families: dict, name: str, sample: str | None = None, **labels: str) -> dict[int, float]:

@@ -21,8 +21,8 @@ from fleet_worker.file_kv_store import FileKvStore
 
 from ..discovery_support import etcd_running, needs_etcd
 from ..dynamo_runtime import DynamoWorker, WorkerSettings
-from ..support import samples, scrape
-from .test_dynamo_v1_aggregator import IDLE_FPM, RUNTIME_CONFIG, by_rank, in_thread, until
+from ..support import in_thread, samples, scrape
+from .test_dynamo_v1_aggregator import IDLE_FPM, RUNTIME_CONFIG, by_rank, until
 from .test_zmq_event_plane import broker
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")

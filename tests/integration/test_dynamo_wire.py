@@ -24,7 +24,7 @@ from fleet_protocol import EventEnvelope
 
 from ..discovery_support import needs_etcd
 from ..dynamo_runtime import DynamoWorker
-from ..support import NatsCapture, wait_until
+from ..support import NatsCapture, capture_fixture, in_thread, wait_until
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")
 zmq = pytest.importorskip("zmq", reason="the `dynamo` test extra (pyzmq) is not installed")
@@ -54,15 +54,7 @@ class Capture(NatsCapture):
         return next(data for _, data in self.messages if protocol.decode_envelope(data, LIMIT) == envelope)
 
 
-@pytest.fixture
-async def capture(nats_server):
-    capturing = await Capture().start(nats_server.url)
-    yield capturing
-    await capturing.close()
-
-
-def in_thread(function, *args, **kwargs):
-    return asyncio.to_thread(function, *args, **kwargs)
+capture = capture_fixture(Capture)
 
 
 def assert_same_bytes(raw: bytes, envelope: EventEnvelope, payload: bytes) -> None:

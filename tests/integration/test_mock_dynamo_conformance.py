@@ -37,7 +37,7 @@ from mock_worker.engine import EngineConfig
 from mock_worker.fleet import MockFleet
 
 from ..dynamo_runtime import DynamoWorker
-from ..support import NatsCapture, wait_until
+from ..support import NatsCapture, capture_fixture, in_thread, wait_until
 
 pytest.importorskip("dynamo.llm", reason="the `dynamo` test extra (ai-dynamo-runtime) is not installed")
 zmq = pytest.importorskip("zmq", reason="pyzmq (the `worker` extra) is not installed")
@@ -70,15 +70,7 @@ class Capture(NatsCapture):
         return found
 
 
-@pytest.fixture
-async def capture(nats_server):
-    capturing = await Capture().start(nats_server.url)
-    yield capturing
-    await capturing.close()
-
-
-def in_thread(function, *args, **kwargs):
-    return asyncio.to_thread(function, *args, **kwargs)
+capture = capture_fixture(Capture)
 
 
 def same_envelope(ours: EventEnvelope, ours_raw: bytes, theirs: EventEnvelope) -> None:

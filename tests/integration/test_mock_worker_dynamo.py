@@ -42,7 +42,7 @@ from mock_worker.engine import EngineConfig, SimulatedEngine
 from mock_worker.fleet import MockFleet
 from mock_worker.kv_blocks import DeviceBlocks
 
-from ..support import NatsCapture, Process, wait_until
+from ..support import NatsCapture, Process, capture_fixture, wait_until
 
 LIMIT = 1 << 20
 WAIT_S = 20.0
@@ -71,11 +71,7 @@ class Capture(NatsCapture):
         return found
 
 
-@pytest.fixture
-async def capture(nats_server):
-    capturing = await Capture().start(nats_server.url)
-    yield capturing
-    await capturing.close()
+capture = capture_fixture(Capture)
 
 
 @pytest.fixture
